@@ -1,0 +1,16 @@
+"""sgdrank: the helper library of the book *Why mini-batch SGD with weight decay learns
+low-rank weight matrices*.
+
+Submodules are imported explicitly by the chapters (``from sgdrank import models, metrics``),
+so that importing the package itself stays cheap and each chapter's dependencies are visible.
+
+- :mod:`sgdrank.profiles`  -- run profiles (smoke / book / paper) and their settings tables
+- :mod:`sgdrank.runtime`   -- device selection, seeding, data and results folders
+- :mod:`sgdrank.data`      -- datasets by name, as tensors
+- :mod:`sgdrank.models`    -- MLP-L-H, MLP-BN-L-H, RES-BN-L-H, small ReLU conv nets
+- :mod:`sgdrank.metrics`   -- singular values, threshold / stable rank, convergence distance
+- :mod:`sgdrank.gradients` -- per-sample and batch gradients and their ranks (Chapter 1)
+- :mod:`sgdrank.plotting`  -- the book's one plot style
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""Execute chapters top to bottom on a fresh kernel with papermill and stamp their metadata.
+
+    python tools/run_chapters.py [--profile book] [chapters/NN_name.ipynb ...]
+
+With no paths, every chapter runs. The notebook is executed in place from its committed code
+(its working directory is ``chapters/``); ``SGDRANK_PROFILE`` is set for the kernel, so the
+chapter's ``parameters`` cell (``profile = None``) picks the profile up. After a clean run the
+metadata records the profile and the hashes that tests/test_notebooks.py compares.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import booktools  # noqa: E402
+
+
+def run(path: Path, profile: str, kernel: str) -> float:
+    import papermill as pm
+
+    os.environ["SGDRANK_PROFILE"] = profile
+    t0 = time.time()
+    pm.execute_notebook(
+        str(path), str(path), kernel_name=kernel, cwd=str(path.parent), progress_bar=False,
+        request_save_on_cell_execute=False, log_output=False,
+    )
+    seconds = time.time() - t0
+    nb = booktools.load(path)
+    bad = booktools.problems({**nb, "metadata": {**nb["metadata"], booktools.META_KEY: booktools.stamp(nb, profile)}}, profile)
+    if bad:
+        raise SystemExit(f"{path.name}: ran, but: {'; '.join(bad)}")
+    nb["metadata"][booktools.META_KEY] = booktools.stamp(nb, profile)
+    nb["metadata"][booktools.META_KEY]["seconds"] = round(seconds, 1)
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="*", type=Path)
+    ap.add_argument("--profile", default="book", choices=["smoke", "book", "paper"])
+    ap.add_argument("--kernel", default="python3")
+    ap.add_argument("--stale-only", action="store_true", help="skip chapters that are already fresh")
+    args = ap.parse_args()
+    paths = [p.resolve() for p in args.paths] or booktools.chapter_paths()
+    for p in paths:
+        if not p.exists():
+            raise SystemExit(f"no such chapter: {p}")
+        if args.stale_only and not booktools.problems(booktools.load(p), args.profile):
+            print(f"{p.name}: fresh, skipped", flush=True)
+            continue
+        print(f"{p.name}: executing in profile {args.profile} ...", flush=True)
+        secs = run(p, args.profile, args.kernel)
+        print(f"{p.name}: done in {secs:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
