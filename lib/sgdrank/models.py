@@ -85,20 +85,22 @@ class BatchNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """``MLP-L-H`` / ``MLP-BN-L-H``: ``depth`` hidden layers of width ``width``, then ``head``."""
+    """``MLP-L-H`` / ``MLP-BN-L-H``: ``depth`` hidden layers of width ``width`` (an int, or one
+    width per layer), then a linear ``head``."""
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int, width: int, *, bn: bool = False,
-                 bias: bool = True, detach_var: bool = False, activation: str = "relu"):
+    def __init__(self, in_dim: int, out_dim: int, depth: int, width: int | Sequence[int], *,
+                 bn: bool = False, bias: bool = True, detach_var: bool = False, activation: str = "relu"):
         super().__init__()
-        if depth < 1 or width < 1:
-            raise ValueError(f"MLP needs depth >= 1 and width >= 1, got depth={depth}, width={width}")
+        widths = [width] * depth if isinstance(width, int) else list(width)
+        if depth < 1 or len(widths) != depth or min(widths) < 1:
+            raise ValueError(f"MLP needs depth >= 1 and positive widths, got depth={depth}, width={width}")
         self.act = _activation(activation)
-        dims = [in_dim] + [width] * depth
+        dims = [in_dim] + widths
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:]))
         self.norms = nn.ModuleList(
-            BatchNorm(width, detach_var=detach_var) if bn else nn.Identity() for _ in range(depth)
+            BatchNorm(w, detach_var=detach_var) if bn else nn.Identity() for w in widths
         )
-        self.head = nn.Linear(width, out_dim, bias=bias)
+        self.head = nn.Linear(widths[-1], out_dim, bias=bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
@@ -189,6 +191,50 @@ class ConvNet(nn.Module):
 
     def rank_layers(self) -> list[tuple[str, nn.Module]]:
         return [(f"conv{i + 1}", conv) for i, conv in enumerate(self.convs)]
+
+
+class TiedMLP(nn.Module):
+    """A weight used twice: ``f(x) = head(act(W act(W U x)))`` with one square ``W`` (d x d).
+
+    A counterexample for the rank-one lemma: ``W`` multiplies two vectors per sample, so the
+    per-sample gradient has rank <= 2."""
+
+    def __init__(self, in_dim: int, out_dim: int, width: int, *, bias: bool = False, activation: str = "relu"):
+        super().__init__()
+        self.act = _activation(activation)
+        self.inp = nn.Linear(in_dim, width, bias=bias)
+        self.W = nn.Linear(width, width, bias=bias)
+        self.head = nn.Linear(width, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.act(self.inp(x.flatten(1)))
+        return self.head(self.act(self.W(self.act(self.W(z)))))
+
+    def rank_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("inp", self.inp), ("W (tied)", self.W)]
+
+
+class TinyAttention(nn.Module):
+    """One self-attention layer over ``T`` tokens of dimension ``d``, mean-pooled, then a head:
+    ``f(X) = head(mean_t softmax(Q K^T / sqrt(d)) V)`` with ``Q = X Wq^T``, ``K = X Wk^T``,
+    ``V = X Wv^T``. Each of Wq, Wk, Wv multiplies T token vectors per sample: per-sample
+    gradient rank <= T, and the softmax makes f non-piecewise-linear in Wq, Wk."""
+
+    def __init__(self, tokens: int, dim: int, out_dim: int, *, bias: bool = False):
+        super().__init__()
+        self.tokens, self.dim = tokens, dim
+        self.Wq = nn.Linear(dim, dim, bias=bias)
+        self.Wk = nn.Linear(dim, dim, bias=bias)
+        self.Wv = nn.Linear(dim, dim, bias=bias)
+        self.head = nn.Linear(dim, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.tokens, self.dim)
+        att = torch.softmax(self.Wq(x) @ self.Wk(x).transpose(1, 2) / math.sqrt(self.dim), dim=-1)
+        return self.head((att @ self.Wv(x)).mean(1))
+
+    def rank_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("Wq", self.Wq), ("Wk", self.Wk), ("Wv", self.Wv)]
 
 
 FAMILIES = ("MLP-L-H", "MLP-BN-L-H", "RES-L-H", "RES-BN-L-H", "CONV-L-C")

@@ -1,0 +1,45 @@
+# sgdrank: the book and its tests. `make book` and `make test` are the two commands of README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export SGDRANK_OFFLINE ?= 1
+export SGDRANK_DATA ?= $(CURDIR)/.cache/data
+export SGDRANK_RESULTS ?= $(CURDIR)/.cache/results
+export PYTHONHASHSEED := 0
+PY := $(CURDIR)/.venv/bin/python
+
+.PHONY: help setup book execute chapter html test unit smoke clean lock
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+setup:  ## install system packages, the pinned .venv and MathJax (idempotent)
+	bash tools/setup.sh
+
+book: setup execute html  ## the main job: execute every chapter (book profile), build the HTML
+
+execute:  ## execute every chapter in the book profile with papermill, in place
+	$(PY) tools/run_chapters.py --profile book
+
+chapter:  ## execute one chapter in the book profile: make chapter NB=chapters/01_....ipynb
+	@test -n "$(NB)" || { echo "usage: make chapter NB=chapters/NN_name.ipynb"; exit 2; }
+	$(PY) tools/run_chapters.py --profile book $(NB)
+
+html:  ## build the web book into _build/html (warnings are errors)
+	rm -rf _build/html
+	jupyter-book build . -W -n --keep-going
+
+test: setup  ## the test command: unit tests, smoke nbval, book build, browser, freshness, Colab-alone
+	bash tools/test.sh
+
+unit:  ## library unit tests only
+	$(PY) -m pytest -q tests -m "not slow"
+
+smoke:  ## execute every chapter in the smoke profile and check marked outputs (nbval)
+	SGDRANK_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider chapters
+
+clean:  ## remove builds and caches (not the .venv)
+	rm -rf _build .cache/results .pytest_cache
+
+lock:  ## re-pin requirements.txt from the current .venv
+	{ head -3 requirements.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^sgdrank'; } > requirements.lock.tmp && mv requirements.lock.tmp requirements.txt
