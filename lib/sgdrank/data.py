@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -242,7 +243,8 @@ def _downloads_allowed(download: bool | None) -> bool:
 
 def _why_no_download(download: bool | None) -> str:
     if runtime.offline():
-        return "downloads are off (SGDRANK_OFFLINE=1 is set; it overrides download=True)"
+        extra = "; it overrides download=True" if download else ""
+        return f"downloads are off (SGDRANK_OFFLINE=1 is set{extra})"
     return "downloads are off (download=False was passed)"
 
 
@@ -399,11 +401,15 @@ def _filter_classes(part: _Part, classes: Sequence[int]) -> _Part:
     return x[keep], new[keep], idx[keep]
 
 
-def _check_size(n, what: str, name: str, lo: int, hi: int | None) -> None:
-    ok = isinstance(n, int) and not isinstance(n, bool) and n >= lo and (hi is None or n <= hi)
-    if not ok:
+def _is_int(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def _check_size(n, what: str, name: str, lo: int, hi: int | None) -> int:
+    if not (_is_int(n) and n >= lo and (hi is None or n <= hi)):
         span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ValueError(f"{what}={n!r} for {name!r}: must be an int in {span}")
+    return int(n)
 
 
 def _subset(part: _Part, n: int | None, g: torch.Generator, what: str, name: str) -> _Part:
@@ -413,7 +419,7 @@ def _subset(part: _Part, n: int | None, g: torch.Generator, what: str, name: str
     perm = torch.randperm(x.shape[0], generator=g)
     if n is None:
         return part
-    _check_size(n, what, name, 1 if what == "n_train" else 0, x.shape[0])
+    n = _check_size(n, what, name, 1 if what == "n_train" else 0, x.shape[0])
     keep = perm[:n].sort().values
     return x[keep], y[keep], idx[keep]
 
@@ -468,13 +474,13 @@ def _check_classes(info: DatasetInfo, classes: Sequence[int] | None) -> tuple[in
 def _synthetic(n_train, n_test, g, d=20, noise=0.1, w_seed=0) -> tuple[_Part, _Part]:
     """``w_star = v / ||v||`` with ``v ~ N(0, I_d)`` from ``w_seed`` (fixed across ``seed``);
     ``x ~ N(0, I_d)`` and the noise from ``g``; ``y = x @ w_star + noise * N(0, 1)``."""
-    _check_size(d, "options['d']", "synthetic-regression", 1, None)
+    d = _check_size(d, "options['d']", "synthetic-regression", 1, None)
     w = torch.randn(d, generator=torch.Generator().manual_seed(int(w_seed)), dtype=torch.float64)
     w = w / w.norm()
     n_train = 1000 if n_train is None else n_train
     n_test = 1000 if n_test is None else n_test
-    _check_size(n_train, "n_train", "synthetic-regression", 1, None)
-    _check_size(n_test, "n_test", "synthetic-regression", 0, None)
+    n_train = _check_size(n_train, "n_train", "synthetic-regression", 1, None)
+    n_test = _check_size(n_test, "n_test", "synthetic-regression", 0, None)
     parts = []
     for n in (n_train, n_test):
         x = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -547,8 +553,9 @@ def load_dataset(
     info = _info(name)
     options = _check_options(info, options)
     classes = _check_classes(info, classes)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not _is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
     root = Path(root).expanduser() if root is not None else runtime.data_root()
     g = torch.Generator().manual_seed(seed)
 
