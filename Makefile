@@ -6,6 +6,7 @@ export SGDRANK_OFFLINE ?= 1
 export SGDRANK_DATA ?= $(CURDIR)/.cache/data
 export SGDRANK_RESULTS ?= $(CURDIR)/.cache/results
 export PYTHONHASHSEED := 0
+export SGDRANK_PROGRESS ?= summary
 PY := $(CURDIR)/.venv/bin/python
 
 .PHONY: help setup book execute chapter html test unit smoke clean lock

@@ -24,6 +24,7 @@ def run(path: Path, profile: str, kernel: str) -> float:
     import papermill as pm
 
     os.environ["SGDRANK_PROFILE"] = profile
+    os.environ["SGDRANK_PROGRESS"] = "summary"  # one line per loop in committed outputs
     t0 = time.time()
     pm.execute_notebook(
         str(path), str(path), kernel_name=kernel, cwd=str(path.parent), progress_bar=False,

@@ -200,8 +200,9 @@ def check_ranks(model: nn.Module, draw: Callable[[torch.Generator, int], torch.T
                 batch: int, trials: int, seed: int = 0) -> list[dict]:
     """Measure the largest gradient rank of every weight matrix over ``trials`` random batches
     ``x = draw(generator, batch)``, for the per-sample gradient of ``c . f(x_j; X)`` and for the
-    weighted batch sum with random ``beta``; return one row per (matrix, quantity) with the
-    chain-rule bound next to the measured maximum."""
+    weighted batch sum with random ``beta``; return one row per matrix with ``M`` (vectors it
+    multiplies per sample) and, for both quantities, the chain-rule bound next to the measured
+    maximum rank."""
     g = torch.Generator().manual_seed(seed)
     per, tot = {}, {}
     x = draw(g, batch)
@@ -217,11 +218,10 @@ def check_ranks(model: nn.Module, draw: Callable[[torch.Generator, int], torch.T
             tot[n] = max(tot.get(n, 0), r)
     rows = []
     for n, mod in weight_modules(model).items():
-        shape = tuple(as_matrix(mod.weight).shape)
-        rows.append(dict(layer=n, shape=shape, M=m_per_sample[n], quantity="per-sample",
-                         bound=bound_sample[n], measured=per[n]))
-        rows.append(dict(layer=n, shape=shape, M=m_per_sample[n], quantity=f"batch sum (B={batch})",
-                         bound=bound_batch[n], measured=tot[n]))
+        d_out, d_in = as_matrix(mod.weight).shape
+        rows.append({"layer": n, "shape": f"{d_out}x{d_in}", "M": m_per_sample[n],
+                     "bound (1 sample)": bound_sample[n], "rank (1 sample)": per[n],
+                     f"bound (B={batch})": bound_batch[n], f"rank (B={batch})": tot[n]})
     return rows
 
 
@@ -282,3 +282,56 @@ def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[t
         return torch.randn(batch, dim, generator=gen, dtype=torch.float64)
 
     return desc, model, draw
+
+
+def linearity_residual(model: nn.Module, x: torch.Tensor, layer: nn.Module, ts, seed: int = 0) -> list[float]:
+    """``|f(W + t E) - f(W) - t <grad_W f, E>|`` for a random direction ``E`` (``||E||_F = ||W||_F``)
+    of ``layer.weight``, one sample ``x`` (``(1, ...)``), scalar output summed. Zero to rounding
+    while the activation pattern stays fixed (ReLU: f is linear in each layer there); of order
+    ``t^2`` for a smooth activation."""
+    g = torch.Generator().manual_seed(seed)
+    w = layer.weight
+    e = torch.randn(w.shape, generator=g, dtype=w.dtype)
+    e = e * (w.detach().norm() / e.norm())
+    f0 = model(x).sum()
+    (grad,) = torch.autograd.grad(f0, w)
+    lin = float((grad * e).sum())
+    out = []
+    w0 = w.detach().clone()
+    with torch.no_grad():
+        for t in ts:
+            w.copy_(w0 + t * e)
+            out.append(abs(float(model(x).sum()) - float(f0) - t * lin))
+        w.copy_(w0)
+    return out
+
+
+def pattern_flip_rate(deltas, draws: int, *, in_dim: int = 10, width: int = 32, depth: int = 3,
+                      seed: int = 0, progress: bool = False) -> list[float]:
+    """Fraction of random (network, input) draws whose ReLU activation pattern changes when every
+    hidden weight matrix is perturbed by a random ``E_l`` with ``||E_l||_F = delta ||W_l||_F``.
+
+    WD2L Lemma 2.1 says the pattern is locally constant off a null set, so the fraction should
+    vanish as ``delta -> 0`` (linearly: the pre-activations have a bounded density near 0)."""
+    from .models import MLP
+
+    g = torch.Generator().manual_seed(seed)
+    flips = [0] * len(deltas)
+    it = range(draws)
+    if progress:
+        from .progress import progress as bar
+        it = bar(it, desc="pattern draws")
+    for _ in it:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        model = MLP(in_dim, 1, depth, width).double()
+        x = torch.randn(1, in_dim, generator=g, dtype=torch.float64)
+        p0 = activation_pattern(model, x)
+        w0 = [l.weight.detach().clone() for l in model.layers]
+        es = [torch.randn(w.shape, generator=g, dtype=w.dtype) for w in w0]
+        es = [e * (w.norm() / e.norm()) for e, w in zip(es, w0)]
+        with torch.no_grad():
+            for k, delta in enumerate(deltas):
+                for l, w, e in zip(model.layers, w0, es):
+                    l.weight.copy_(w + delta * e)
+                flips[k] += int(not torch.equal(activation_pattern(model, x), p0))
+    return [f / draws for f in flips]

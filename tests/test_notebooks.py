@@ -1,0 +1,104 @@
+"""Committed chapters are clean, fresh, top-to-bottom runs of the book profile, and the
+mechanisms that check them really catch a stale notebook or a changed checked output."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+import booktools
+
+CHAPTERS = booktools.chapter_paths()
+
+
+def test_there_are_chapters_and_all_are_in_the_toc():
+    assert CHAPTERS, "no chapters/NN_*.ipynb found"
+    toc = (booktools.ROOT / "_toc.yml").read_text()
+    for p in CHAPTERS:
+        assert f"chapters/{p.stem}" in toc, f"{p.name} is not in _toc.yml"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_chapter_is_fresh_book_run(path):
+    bad = booktools.problems(booktools.load(path), "book")
+    assert not bad, f"{path.name}: " + "; ".join(bad) + f" -> run: make chapter NB=chapters/{path.name}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_chapter_layout(path):
+    nb = booktools.load(path)
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "".join(cells[0]["source"]).startswith("# ")
+    code = booktools.code_cells(nb)
+    assert booktools.REPO_URL in "".join(code[0]["source"]), "first code cell must be the Colab install cell"
+    assert "parameters" in code[1]["metadata"].get("tags", []), "second code cell must be tagged 'parameters'"
+    assert "profile = None" in "".join(code[1]["source"])
+    assert "profiles.select(" in "".join(code[2]["source"]), "third code cell must show the profile table"
+    text = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert "What this shows" in text, "a chapter closes with a 'What this shows' section"
+    assert "NBVAL_CHECK_OUTPUT" in "".join("".join(c["source"]) for c in code), "no nbval-checked cell"
+
+
+def test_one_repository_url_everywhere():
+    cfg = (booktools.ROOT / "_config.yml").read_text()
+    assert f"url: {booktools.REPO_URL}" in cfg
+    for p in CHAPTERS:
+        src = "".join(booktools.code_cells(booktools.load(p))[0]["source"])
+        assert f"{booktools.REPO_URL}.git" in src, p.name
+
+
+def _stale_copy(nb):
+    nb = copy.deepcopy(nb)
+    nb["metadata"][booktools.META_KEY] = booktools.stamp(nb, "book")
+    assert booktools.problems(nb, "book") == []
+    return nb
+
+
+def test_freshness_check_catches_changes():
+    nb = _stale_copy(booktools.load(CHAPTERS[0]))
+    edited = copy.deepcopy(nb)
+    booktools.code_cells(edited)[-1]["source"] = "".join(booktools.code_cells(edited)[-1]["source"]) + "\n# edited"
+    assert any("code cells changed" in p for p in booktools.problems(edited, "book"))
+    lib_changed = copy.deepcopy(nb)
+    lib_changed["metadata"][booktools.META_KEY]["lib_sha256"] = "0" * 64
+    assert any("library changed" in p for p in booktools.problems(lib_changed, "book"))
+    smoke = copy.deepcopy(nb)
+    smoke["metadata"][booktools.META_KEY]["profile"] = "smoke"
+    assert any("profile 'smoke'" in p for p in booktools.problems(smoke, "book"))
+    reordered = copy.deepcopy(nb)
+    cells = booktools.code_cells(reordered)
+    cells[0]["execution_count"], cells[1]["execution_count"] = 2, 1
+    assert any("top-to-bottom" in p for p in booktools.problems(reordered, "book"))
+    errored = copy.deepcopy(nb)
+    booktools.code_cells(errored)[-1]["outputs"] = [{"output_type": "error", "ename": "ValueError", "evalue": "x", "traceback": []}]
+    assert any("error output" in p for p in booktools.problems(errored, "book"))
+
+
+def test_lib_dependencies_follow_imports():
+    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": "from sgdrank import gradients, plotting\n"}]}
+    deps = booktools.lib_dependencies(nb)
+    # gradients imports metrics (and models lazily); __init__ always counts
+    assert {"__init__.py", "gradients.py", "metrics.py", "models.py", "plotting.py"} <= set(deps)
+    assert "linear.py" not in deps
+
+
+def test_nbval_fails_on_a_changed_checked_output(tmp_path):
+    """A deliberately wrong committed output in a '# NBVAL_CHECK_OUTPUT' cell makes nbval fail,
+    and the right one passes: the smoke run really compares checked cells."""
+    def notebook(text):
+        return {
+            "cells": [{"cell_type": "code", "execution_count": 1, "metadata": {}, "id": "c1",
+                       "source": "# NBVAL_CHECK_OUTPUT\nprint(6 * 7)",
+                       "outputs": [{"output_type": "stream", "name": "stdout", "text": text}]}],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5,
+        }
+    good, bad = tmp_path / "good.ipynb", tmp_path / "bad.ipynb"
+    good.write_text(json.dumps(notebook("42\n")))
+    bad.write_text(json.dumps(notebook("43\n")))
+    run = lambda p: subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider", str(p)],
+                                   capture_output=True, text=True, cwd=tmp_path)
+    assert run(good).returncode == 0
+    r = run(bad)
+    assert r.returncode == 1 and "43" in r.stdout
