@@ -1,0 +1,665 @@
+"""Overparameterised linear regression with weight decay: closed forms and a batched SGD/GD
+simulator (Chapter 2, JANUS Theorem 1).
+
+Conventions (the book's; see CONTRIBUTING.md and :mod:`sgdrank.conventions`)
+-----------------------------------------------------------------------------
+- Data ``X`` of shape ``(d, N)`` (column ``x_i`` is sample ``i``), targets ``Y`` of shape
+  ``(m, N)``, weights ``W`` of shape ``(m, d)``; the model is ``x -> W x``.
+- Loss ``L(W) = (1/N) sum_i ||W x_i - y_i||^2 + lam ||W||_F^2`` (mean over samples, no 1/2).
+  A batch ``b`` (a multiset of sample indices) has ``L_b(W) = (1/|b|) sum_{i in b} ||W x_i - y_i||^2
+  + lam ||W||_F^2``.
+- One step with learning rate ``eta`` on batch ``b``::
+
+      W <- W - eta grad L_b(W) = (1 - 2 eta lam) W - (2 eta / |b|) sum_{i in b} (W x_i - y_i) x_i^T.
+
+  GD is the batch ``b = {1..N}``. The data term's gradient ``(W x_i - y_i) x_i^T`` has its rows in
+  ``span(X)``, so the component of ``W`` in the null space of the data is multiplied by exactly
+  ``1 - 2 eta lam`` per step (:func:`null_decay`), whatever the batch.
+- ``MSE`` is the data term ``(1/N) sum_i ||W x_i - y_i||^2`` (squared Euclidean norm over the ``m``
+  outputs, mean over samples).
+- The ridge solution ``W_lam = Y X^T (X X^T + N lam I)^{-1} = Y (X^T X + N lam I)^{-1} X^T`` is the
+  unique minimiser of ``L``; its rows lie in ``span(X)``.
+
+The simulator (:func:`simulate`) advances ``R`` runs at once -- methods x inits x seeds x settings --
+as one ``(R, m, d)`` array in float64. Each step is the affine map ``W <- W M_t + C_t`` with
+``M_t = (1 - 2 eta lam) I - (2 eta/|b|) X_b X_b^T`` and ``C_t = (2 eta/|b|) Y_b X_b^T``; the maps of
+a block of steps are built with vectorised array operations and the loop over steps is one
+batched matrix product per step. NumPy is used (not torch): for these tiny matrices the loop is
+dominated by per-call overhead, which is several times lower in NumPy. Batch orders come from one
+``numpy.random.Generator`` per run (``default_rng(run.seed)``), drawn in fixed blocks of epochs, so
+a run's trajectory does not depend on which other runs it is batched with.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import conventions
+
+SCHEMES = ("gd", "cyclic", "reshuffle", "replacement")
+_SCHEDULE_BLOCK = 64  # epochs of batch orders drawn per call to a run's generator (fixed: reproducibility)
+
+
+# --------------------------------------------------------------------------------------------
+# Closed forms
+# --------------------------------------------------------------------------------------------
+def mse(W: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """``(1/N) sum_i ||W x_i - y_i||^2`` for ``W`` of shape ``(..., m, d)``; returns shape ``(...)``."""
+    R = np.matmul(W, X) - Y
+    return (R**2).sum(axis=(-2, -1)) / X.shape[1]
+
+
+def loss(W: np.ndarray, X: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
+    """The book's regularised loss ``mse + lam ||W||_F^2`` (batched over leading dims of ``W``)."""
+    return mse(W, X, Y) + lam * (W**2).sum(axis=(-2, -1))
+
+
+def gradient(W: np.ndarray, X: np.ndarray, Y: np.ndarray, lam: float, batch: Sequence[int] | None = None) -> np.ndarray:
+    """``grad L_b(W) = (2/|b|) sum_{i in b} (W x_i - y_i) x_i^T + 2 lam W`` (``batch=None``: all samples)."""
+    if batch is not None:
+        idx = np.asarray(batch)
+        X, Y = X[:, idx], Y[:, idx]
+    return 2.0 / X.shape[1] * (W @ X - Y) @ X.T + 2.0 * lam * W
+
+
+def ridge(X: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
+    """The minimiser ``W_lam = Y (X^T X + N lam I)^{-1} X^T`` of the book's loss (``lam > 0``)."""
+    N = X.shape[1]
+    if lam <= 0:
+        return Y @ np.linalg.pinv(X)  # minimum-norm interpolant, the lam -> 0 limit
+    return np.linalg.solve(X.T @ X + N * lam * np.eye(N), Y.T).T @ X.T
+
+
+def span_bases(X: np.ndarray, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal bases ``(Q, Q_perp)`` of ``span(X)`` (``d x r``) and of its orthogonal complement,
+    the null space of ``X^T`` (``d x (d - r)``); ``r`` counts singular values above ``rtol * s_1``."""
+    U, s, _ = np.linalg.svd(X, full_matrices=True)
+    r = int((s > rtol * s[0]).sum()) if s.size and s[0] > 0 else 0
+    return U[:, :r], U[:, r:]
+
+
+def split(W: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(W_par, W_perp) = (W Pi, W (I - Pi))`` with ``Pi`` the orthogonal projector onto ``span(X)``."""
+    Q, Qp = span_bases(X)
+    return W @ Q @ Q.T, W @ Qp @ Qp.T
+
+
+def null_norm(W: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``||W (I - Pi)||_F = ||W Q_perp||_F`` (batched over leading dims of ``W``)."""
+    _, Qp = span_bases(X)
+    return np.sqrt(((W @ Qp) ** 2).sum(axis=(-2, -1)))
+
+
+def null_decay(lrs: Sequence[float] | np.ndarray, lam: float) -> float:
+    """``prod_t (1 - 2 eta_t lam)``: the exact factor by which ``||W_perp||`` shrinks over steps
+    with learning rates ``lrs`` (one entry per step, whatever the batch)."""
+    f = 1.0
+    for eta in np.asarray(lrs, dtype=float).ravel():
+        f *= conventions.decay_factor(float(eta), lam)
+    return f
+
+
+def steps_per_epoch(N: int, B: int | None, scheme: str = "reshuffle", drop_last: bool = False) -> int:
+    """Steps in one epoch: 1 for GD (``scheme="gd"`` or ``B >= N``), otherwise ``ceil(N/B)``
+    (the last batch has ``N mod B`` samples) or ``floor(N/B)`` with ``drop_last``. For sampling
+    with replacement an "epoch" is, by the same convention, ``ceil(N/B)`` (or ``floor``) batches."""
+    _check_scheme(scheme)
+    if scheme == "gd" or B is None or B >= N:
+        return 1
+    return N // B if drop_last else -(-N // B)
+
+
+def epoch_log_slope(lr: float, lam: float, N: int, B: int | None, scheme: str = "reshuffle", drop_last: bool = False) -> float:
+    """Predicted slope of ``log ||W_perp||`` per epoch at constant ``lr``: ``S log(1 - 2 lr lam)``."""
+    return steps_per_epoch(N, B, scheme, drop_last) * math.log(conventions.decay_factor(lr, lam))
+
+
+def data_moments(X: np.ndarray) -> np.ndarray:
+    """Eigenvalues (descending) of ``X X^T / N``, the data part of the Hessian of ``L`` divided by 2."""
+    return np.sort(np.linalg.eigvalsh(X @ X.T / X.shape[1]))[::-1]
+
+
+def hessian_max(X: np.ndarray, lam: float) -> float:
+    """Largest eigenvalue of the Hessian of ``L`` (acting on each row of ``W``): ``2 (mu_max + lam)``."""
+    return 2.0 * (data_moments(X)[0] + lam)
+
+
+def janus_gd_lr(X: np.ndarray, lam: float, c: float = 0.5) -> float:
+    """JANUS sec. 3.3 "eta = 0.5 max(svd)", read as ``c / lambda_max(Hessian of L)`` (a quarter of
+    GD's stability limit). The paper does not say which matrix's singular value it means."""
+    return c / hessian_max(X, lam)
+
+
+def gd_max_lr(X: np.ndarray, lam: float) -> float:
+    """GD is stable iff ``eta < 1 / (mu_max + lam)`` (every factor ``1 - 2 eta (mu + lam)`` in (-1, 1))."""
+    return 1.0 / (data_moments(X)[0] + lam)
+
+
+def epoch_map(X: np.ndarray, lam: float, lr: float, B: int = 1, order: Sequence[int] | None = None) -> np.ndarray:
+    """The linear part ``M_1 M_2 ... M_S`` of one cyclic epoch (``W <- W M + C``), ``d x d``."""
+    d, N = X.shape
+    order = np.arange(N) if order is None else np.asarray(order)
+    M = np.eye(d)
+    for s in range(0, N, B):
+        xb = X[:, order[s:s + B]]
+        M = M @ ((1 - 2 * lr * lam) * np.eye(d) - 2 * lr / xb.shape[1] * xb @ xb.T)
+    return M
+
+
+def cyclic_sgd_max_lr(X: np.ndarray, lam: float, B: int = 1, order: Sequence[int] | None = None, tol: float = 1e-6) -> float:
+    """Largest ``eta`` below which cyclic SGD is stable: spectral radius of :func:`epoch_map` < 1
+    (found by a scan from small ``eta`` up, then bisection)."""
+    rho = lambda eta: np.abs(np.linalg.eigvals(epoch_map(X, lam, eta, B, order))).max()
+    hi = gd_max_lr(X, lam)
+    lo = 0.0
+    eta = hi / 1024
+    while eta < 64 * hi:  # scan geometrically for the first unstable value
+        if rho(eta) >= 1.0:
+            break
+        lo, eta = eta, eta * 1.25
+    hi = eta
+    while hi - lo > tol * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if rho(mid) < 1.0 else (lo, mid)
+    return lo
+
+
+def lr_schedule(kind: str, lr0: float, epochs: int) -> np.ndarray:
+    """Per-epoch learning rates: ``"constant"`` or ``"inv_sqrt"`` (``lr0 / sqrt(e + 1)``, epoch
+    ``e = 0, 1, ...``; JANUS sec. 3.3's SGD schedule "decays as 1/sqrt(t), t in epochs")."""
+    e = np.arange(epochs, dtype=float)
+    if kind == "constant":
+        return np.full(epochs, float(lr0))
+    if kind == "inv_sqrt":
+        return lr0 / np.sqrt(e + 1.0)
+    raise ValueError(f"unknown learning-rate schedule {kind!r}: use 'constant' or 'inv_sqrt'")
+
+
+def flow_time_ratio(N: int, B: int, epochs: int) -> float:
+    """``tau_SGD / tau_GD`` after ``epochs`` epochs, ``tau = sum_t eta_t``, when GD runs at ``eta_0``
+    and SGD (``ceil(N/B)`` steps per epoch) at ``eta_0 / sqrt(e + 1)``: ``S * sum_{e<E} (e+1)^{-1/2} / E``.
+    To first order in ``eta lam`` this is also the ratio of ``log ||W_perp||`` after ``epochs``."""
+    S = steps_per_epoch(N, B)
+    return S * float(np.sum(1.0 / np.sqrt(np.arange(1, epochs + 1)))) / epochs
+
+
+def online_stationary_msd(lr: float, lam: float, d: int, teacher_fro2: float, noise: float = 0.0, m: int = 1) -> float:
+    """Stationary ``E ||W_t - W_lam||_F^2`` of online SGD (``B = 1``, a fresh sample each step) with
+    ``x ~ N(0, I_d)``, ``y = W_* x + noise * eps`` (``eps ~ N(0, I_m)``), ``||W_*||_F^2 = teacher_fro2``.
+
+    Here ``W_lam = W_* / (1 + lam)`` minimises the population loss ``E||W x - y||^2 + lam ||W||^2``,
+    and the per-sample gradient at ``W_lam`` has zero mean and trace-covariance
+    ``G = 4 lam^2 (d + 1) teacher_fro2 / (1 + lam)^2 + 4 noise^2 d m``. The second moment of the
+    linear recursion closes on its trace (Gaussian fourth moments
+    ``E[x x^T S x x^T] = tr(S) I + 2 S``), which gives exactly
+    ``eta G / (4 [(1 + lam) - eta (d + 2 + 2 lam + lam^2)])`` (stable iff the bracket is > 0).
+    """
+    G = 4 * lam**2 * (d + 1) * teacher_fro2 / (1 + lam) ** 2 + 4 * noise**2 * d * m
+    den = 4 * ((1 + lam) - lr * (d + 2 + 2 * lam + lam**2))
+    if den <= 0:
+        return math.inf
+    return lr * G / den
+
+
+def limit_cycle_rms_coef(X: np.ndarray, Y: np.ndarray, lam: float, B: int = 1, order: Sequence[int] | None = None) -> float:
+    """First-order size of cyclic SGD's limit cycle: ``sqrt(mean_k ||W_k - mean W||_F^2) = eta * c + O(eta^2)``.
+
+    With ``g_j`` the batch gradients at the ridge solution (they sum to zero),
+    ``W_k = W_lam + eta (D - S_k) + O(eta^2)`` with ``S_k = sum_{j<k} g_j``, so
+    ``c = sqrt(mean_k ||S_k - mean_k S_k||_F^2)``. Returns ``c``.
+    """
+    d, N = X.shape
+    order = np.arange(N) if order is None else np.asarray(order)
+    Wl = ridge(X, Y, lam)
+    gs = [gradient(Wl, X, Y, lam, order[s:s + B]) for s in range(0, N, B)]
+    S = np.cumsum([np.zeros_like(Wl)] + gs[:-1], axis=0)
+    S = S - S.mean(axis=0)
+    return float(np.sqrt((S**2).sum(axis=(1, 2)).mean()))
+
+
+def fit_log_slope(t: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Least-squares fit ``log v ~ a + s t`` over ``mask``; returns ``(s, a, R^2)``."""
+    t = np.asarray(t, dtype=float)
+    y = np.log(np.asarray(v, dtype=float))
+    if mask is not None:
+        t, y = t[mask], y[mask]
+    if t.size < 2:
+        raise ValueError("need at least two points in the fit window")
+    A = np.stack([np.ones_like(t), t], axis=1)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    res = y - A @ coef
+    ss = ((y - y.mean()) ** 2).sum()
+    return float(coef[1]), float(coef[0]), float(1 - (res**2).sum() / ss) if ss > 0 else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic problems
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    """A regression data set: ``X`` ``(d, N)``, ``Y`` ``(m, N)`` and the teacher ``W_*`` (``Y = W_* X``
+    plus noise and replaced rows, see :func:`make_problem`)."""
+
+    X: np.ndarray
+    Y: np.ndarray
+    teacher: np.ndarray
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(m, d, N)``."""
+        return self.Y.shape[0], self.X.shape[0], self.X.shape[1]
+
+    def ridge(self, lam: float) -> np.ndarray:
+        return ridge(self.X, self.Y, lam)
+
+
+def make_problem(d: int, N: int, m: int, *, seed: int, support: Sequence[int] | None = None,
+                 relevant: Sequence[int] | None = None, noise: float = 0.0, whiten: bool = False,
+                 zero_rows: Sequence[int] = (), independent_rows: Sequence[int] = ()) -> Problem:
+    """A synthetic problem, ``x_i ~ N(0, I)`` on the coordinates ``support`` (all if ``None``; the
+    other coordinates of every ``x_i`` are exactly 0: "sparse features"), teacher ``W_*`` with
+    ``N(0, 1/|relevant|)`` entries on the columns ``relevant`` (all if ``None``) and 0 elsewhere,
+    ``y_i = W_* x_i + noise * eps_i``.
+
+    ``whiten=True`` rescales the supported block so that ``X X^T / N`` is the identity on it
+    (needs ``N >= |support|``). Target rows in ``zero_rows`` are set to 0; rows in
+    ``independent_rows`` are replaced by ``N(0, 1)`` draws independent of ``X``.
+    """
+    rng = np.random.default_rng(seed)
+    sup = np.arange(d) if support is None else np.asarray(support)
+    rel = np.arange(d) if relevant is None else np.asarray(relevant)
+    X = np.zeros((d, N))
+    X[sup] = rng.standard_normal((len(sup), N))
+    if whiten:
+        if N < len(sup):
+            raise ValueError(f"whiten needs N >= |support| ({N} < {len(sup)})")
+        C = X[sup] @ X[sup].T / N
+        evals, evecs = np.linalg.eigh(C)
+        X[sup] = evecs @ np.diag(evals**-0.5) @ evecs.T @ X[sup]
+    T = np.zeros((m, d))
+    T[:, rel] = rng.standard_normal((m, len(rel))) / math.sqrt(len(rel))
+    Y = T @ X + noise * rng.standard_normal((m, N))
+    for r in zero_rows:
+        Y[r] = 0.0
+    for r in independent_rows:
+        Y[r] = rng.standard_normal(N)
+    info = dict(d=d, N=N, m=m, seed=seed, support=sup.tolist(), relevant=rel.tolist(), noise=noise,
+                whiten=whiten, zero_rows=list(zero_rows), independent_rows=list(independent_rows))
+    return Problem(X, Y, T, info)
+
+
+def random_init(m: int, d: int, scale: float, seed: int) -> np.ndarray:
+    """``W_0`` with i.i.d. ``N(0, scale^2)`` entries (``scale = 0``: the zero matrix)."""
+    return scale * np.random.default_rng(seed).standard_normal((m, d))
+
+
+# --------------------------------------------------------------------------------------------
+# The batched simulator
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run: which data set, from which ``W0``, how batches are drawn, at which rates.
+
+    ``scheme``: ``"gd"`` (one full batch per epoch), ``"cyclic"`` (the fixed ``order`` -- default
+    ``0..N-1`` -- cut into consecutive batches, every epoch: JANUS's deterministic SGD),
+    ``"reshuffle"`` (a fresh random permutation per epoch: without replacement) or
+    ``"replacement"`` (every batch ``B`` i.i.d. uniform indices). ``lr``: a float, or one learning
+    rate per epoch (array or callable ``epoch -> lr``). ``labels`` are free-form metadata.
+    """
+
+    data: int
+    W0: np.ndarray
+    lam: float
+    lr: float | Sequence[float] | Callable[[int], float]
+    scheme: str = "reshuffle"
+    B: int | None = 1
+    seed: int = 0
+    drop_last: bool = False
+    order: Sequence[int] | None = None
+    labels: dict = field(default_factory=dict)
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown batch scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+
+
+def _lr_array(run: Run, epochs: int) -> np.ndarray:
+    if callable(run.lr):
+        return np.array([float(run.lr(e)) for e in range(epochs)])
+    arr = np.asarray(run.lr, dtype=float)
+    if arr.ndim == 0:
+        return np.full(epochs, float(arr))
+    if arr.shape != (epochs,):
+        raise ValueError(f"a per-epoch lr array needs length {epochs}, got shape {arr.shape}")
+    return arr
+
+
+class _Schedule:
+    """Draws one run's batches, ``_SCHEDULE_BLOCK`` epochs at a time, from its own generator."""
+
+    def __init__(self, run: Run, N: int):
+        _check_scheme(run.scheme)
+        self.run, self.N = run, N
+        self.gd = run.scheme == "gd" or run.B is None or run.B >= N
+        self.B = N if self.gd else int(run.B)
+        self.S = steps_per_epoch(N, self.B, "gd" if self.gd else run.scheme, run.drop_last)
+        self.rng = np.random.default_rng(run.seed)
+        self.order = np.arange(N) if run.order is None else np.asarray(run.order)
+        if sorted(self.order.tolist()) != list(range(N)):
+            raise ValueError("a cyclic order must be a permutation of 0..N-1")
+        self._buf = None
+        self._buf_start = 0
+
+    def _block(self, n: int) -> np.ndarray:
+        """Index array ``(n, S, B)`` for ``n`` epochs; ``-1`` pads a short last batch."""
+        N, B, S = self.N, self.B, self.S
+        if self.gd:
+            return np.broadcast_to(np.arange(N), (n, 1, N)).copy()
+        if self.run.scheme == "replacement":
+            return self.rng.integers(0, N, size=(n, S, B))
+        if self.run.scheme == "cyclic":
+            perms = np.broadcast_to(self.order, (n, N))
+        else:  # reshuffle
+            perms = np.argsort(self.rng.random((n, N)), axis=1)
+        pad = S * B - N
+        if pad > 0:
+            perms = np.concatenate([perms, np.full((n, pad), -1)], axis=1)
+        return perms[:, : S * B].reshape(n, S, B)
+
+    def epochs(self, start: int, n: int) -> np.ndarray:
+        """Batches for epochs ``start .. start+n-1`` (must be requested in increasing order)."""
+        out = []
+        e = start
+        while e < start + n:
+            if self._buf is None or e >= self._buf_start + len(self._buf):
+                self._buf_start = (e // _SCHEDULE_BLOCK) * _SCHEDULE_BLOCK
+                self._buf = self._block(_SCHEDULE_BLOCK)
+            k = e - self._buf_start
+            take = min(len(self._buf) - k, start + n - e)
+            out.append(self._buf[k:k + take])
+            e += take
+        return np.concatenate(out, axis=0)
+
+
+@dataclass
+class Trace:
+    """What :func:`simulate` returns. Arrays are indexed ``[record, run, ...]``.
+
+    - ``epochs``: the recorded epochs (``0`` = initialisation; ``e`` = after ``e`` epochs);
+    - ``W``: ``(T, R, m, d)`` weights at those epochs;
+    - ``gamma``: ``(T, R)`` the closed-form null-space factor ``prod_t (1 - 2 eta_t lam)``;
+    - ``tau``: ``(T, R)`` gradient-flow time ``sum_t eta_t``; ``steps``: ``(T, R)`` steps taken;
+    - ``window``: per-run step statistics (see :func:`simulate`), or ``None``;
+    - ``step_W``: ``(steps, R, m, d)`` every iterate when ``keep_steps=True`` (else ``None``), with
+      ``step_active`` ``(steps, R)`` marking real (not padding) steps.
+    """
+
+    epochs: np.ndarray
+    W: np.ndarray
+    gamma: np.ndarray
+    tau: np.ndarray
+    steps: np.ndarray
+    runs: list
+    problems: list
+    window: dict | None = None
+    step_W: np.ndarray | None = None
+    step_active: np.ndarray | None = None
+    seconds: float = 0.0
+
+    # per-run data, computed once per problem (or per problem and lam) ----------------------
+    def _by_problem(self, fn):
+        cache: dict = {}
+        out = []
+        for r in self.runs:
+            if r.data not in cache:
+                cache[r.data] = fn(self.problems[r.data])
+            out.append(cache[r.data])
+        return out
+
+    def _by_problem_and_lam(self, fn):
+        cache: dict = {}
+        out = []
+        for r in self.runs:
+            key = (r.data, float(r.lam))
+            if key not in cache:
+                cache[key] = fn(self.problems[r.data], r.lam)
+            out.append(cache[key])
+        return out
+
+    def null_norm(self) -> np.ndarray:
+        """Measured ``||W_perp||_F``, ``(T, R)``."""
+        Qps = self._by_problem(lambda p: span_bases(p.X)[1])
+        return np.stack([np.sqrt(((self.W[:, i] @ Q) ** 2).sum(axis=(-2, -1))) for i, Q in enumerate(Qps)], axis=1)
+
+    def null_theory(self) -> np.ndarray:
+        """Closed form ``||W0_perp||_F * gamma``, ``(T, R)``."""
+        n0 = np.array([null_norm(r.W0, self.problems[r.data].X) for r in self.runs])
+        return n0[None, :] * self.gamma
+
+    def svals(self) -> np.ndarray:
+        """Singular values of ``W``, descending, ``(T, R, min(m, d))``."""
+        return np.linalg.svd(self.W, compute_uv=False)
+
+    def mse(self) -> np.ndarray:
+        """``(1/N) sum_i ||W x_i - y_i||^2``, ``(T, R)``."""
+        return np.stack([mse(self.W[:, i], self.problems[r.data].X, self.problems[r.data].Y) for i, r in enumerate(self.runs)], axis=1)
+
+    def ridge(self) -> np.ndarray:
+        """Each run's ridge solution, ``(R, m, d)``."""
+        return np.stack(self._by_problem_and_lam(lambda p, lam: ridge(p.X, p.Y, lam)))
+
+    def span_gap(self) -> np.ndarray:
+        """``||W Pi - W_lam||_F``: distance of the data-span part to the ridge solution, ``(T, R)``."""
+        Qs = self._by_problem(lambda p: span_bases(p.X)[0])
+        Wl = self.ridge()
+        return np.stack([np.sqrt(((self.W[:, i] @ Q @ Q.T - Wl[i]) ** 2).sum(axis=(-2, -1))) for i, Q in enumerate(Qs)], axis=1)
+
+    def labels(self, key: str) -> list:
+        return [r.labels.get(key) for r in self.runs]
+
+    def select(self, **labels) -> np.ndarray:
+        """Indices of the runs whose ``labels`` match all of ``labels``."""
+        return np.array([i for i, r in enumerate(self.runs) if all(r.labels.get(k) == v for k, v in labels.items())], dtype=int)
+
+
+def default_record(epochs: int, n: int = 400) -> np.ndarray:
+    """Epochs to record: all of them if ``epochs <= n``, else ~``n`` epochs on a mixed linear/log grid."""
+    if epochs <= n:
+        return np.arange(epochs + 1)
+    lin = np.linspace(0, epochs, n // 2).round()
+    log = np.geomspace(1, epochs, n // 2).round()
+    return np.unique(np.concatenate([[0], lin, log]).astype(int))
+
+
+def simulate(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, *, record: Sequence[int] | None = None,
+             window: dict | None = None, keep_steps: bool = False, progress: bool = True, desc: str = "runs",
+             max_block: int = 1_000_000) -> Trace:
+    """Train every run in ``runs`` for ``epochs`` epochs, all at once.
+
+    All problems must share ``m`` and ``d``; ``N`` may differ (samples are padded with zero columns,
+    which contribute nothing). A run with fewer steps per epoch than the longest one idles (identity
+    map) on the remaining steps, so that epochs stay aligned and are recorded together.
+
+    ``record``: epochs at which ``W`` is stored (default :func:`default_record`).
+    ``window``: ``{"from_step": k, "reference": (R, m, d) array}`` accumulates, over each run's own
+    steps from its ``k``-th on (counting after the update), the count ``n``, ``sum ||W_t - ref||_F^2``
+    (``sq_ref``; ``msd_ref`` is its mean) and ``msd_mean``, the mean of ``||W_t - mean_t W_t||_F^2``.
+    ``keep_steps``: also return every iterate (small problems only).
+    ``progress``: show a progress bar (:mod:`sgdrank.progress`).
+    """
+    import time
+
+    from .progress import progress as _progress
+
+    t0 = time.time()
+    runs = list(runs)
+    if not runs:
+        raise ValueError("no runs to simulate")
+    shapes = {(p.Y.shape[0], p.X.shape[0]) for p in problems}
+    if len(shapes) != 1:
+        raise ValueError(f"all problems batched together must share (m, d); got {sorted(shapes)}")
+    (m, d), = shapes
+    R = len(runs)
+    Ns = [p.X.shape[1] for p in problems]
+    Nmax = max(Ns)
+    # Samples of all problems stacked; row Nmax of each problem is an all-zero sample (padding).
+    Xs = np.zeros((len(problems), Nmax + 1, d))
+    Ys = np.zeros((len(problems), Nmax + 1, m))
+    for k, p in enumerate(problems):
+        Xs[k, : p.X.shape[1]] = p.X.T
+        Ys[k, : p.X.shape[1]] = p.Y.T
+    Xflat, Yflat = Xs.reshape(-1, d), Ys.reshape(-1, m)
+    scheds = [_Schedule(r, Ns[r.data]) for r in runs]
+    # Internally runs are sorted so that runs with equal (steps per epoch, batch size) are contiguous.
+    perm = sorted(range(R), key=lambda r: (scheds[r].S, scheds[r].B))
+    inv = np.argsort(perm)
+    sch = [scheds[r] for r in perm]
+    di = np.array([runs[r].data for r in perm])
+    S = np.array([s.S for s in sch])
+    Smax = int(S.max())
+    groups = []  # (r0, r1, S_g, B_g)
+    for r, s in enumerate(sch):
+        if groups and groups[-1][2:] == (s.S, s.B):
+            groups[-1][1] = r + 1
+        else:
+            groups.append([r, r + 1, s.S, s.B])
+    lrs = np.stack([_lr_array(runs[r], epochs) for r in perm], axis=1)  # (E, R)
+    lam = np.array([float(runs[r].lam) for r in perm])
+    W = np.stack([np.asarray(runs[r].W0, dtype=float).reshape(m, d) for r in perm]).copy()
+
+    rec = np.asarray(default_record(epochs) if record is None else sorted(set(int(e) for e in record)), dtype=int)
+    if rec.size and (rec.min() < 0 or rec.max() > epochs):
+        raise ValueError(f"record epochs must lie in 0..{epochs}")
+    rec_set = set(rec.tolist())
+    snaps, g_rec, t_rec, s_rec = [], [], [], []
+    gamma, tau, nsteps = np.ones(R), np.zeros(R), np.zeros(R, dtype=np.int64)
+
+    def snapshot(g, ta, n):
+        snaps.append(W.copy()); g_rec.append(g.copy()); t_rec.append(ta.copy()); s_rec.append(n.copy())
+
+    if 0 in rec_set:
+        snapshot(gamma, tau, nsteps)
+    win = None
+    if window is not None:
+        ref = np.asarray(window["reference"], dtype=float).reshape(R, m, d)[perm]
+        win = dict(from_step=int(window.get("from_step", 0)), reference=ref, n=np.zeros(R),
+                   sq_ref=np.zeros(R), sum=np.zeros((R, m, d)), sum_sq=np.zeros((R, m, d)))
+    kept, kept_active = ([], []) if keep_steps else (None, None)
+
+    # Work units: blocks of whole epochs (batch orders drawn per block) cut into sub-blocks of
+    # steps whose (steps, R, d, d) maps fit in ``max_block`` numbers. A sub-block is either whole
+    # epochs or a piece of a single epoch (when one epoch alone is too long).
+    per_step = R * (d * d + m * d)
+    step_block = max(1, max_block // per_step)
+    if step_block >= Smax:
+        step_block -= step_block % Smax
+        ep_block = max(1, min(epochs, 8 * step_block // Smax))
+    else:
+        ep_block = 1
+    eye = np.eye(d)
+    buf = min(step_block, epochs * Smax)
+    M_buf, C_buf = np.empty((buf, R, d, d)), np.empty((buf, R, m, d))
+    W_next = np.empty_like(W)
+    work = [(e0, min(ep_block, epochs - e0), s0) for e0 in range(0, epochs, ep_block)
+            for s0 in range(0, min(ep_block, epochs - e0) * Smax, step_block)]
+    for e0, ne, s0 in (_progress(work, desc=desc) if progress else work):
+        T = ne * Smax
+        if s0 == 0:  # a new block of epochs: batch orders, rates and closed-form bookkeeping
+            active = np.broadcast_to((np.arange(Smax)[:, None] < S[None, :])[None], (ne, Smax, R)).reshape(T, R)
+            lr_ep = lrs[e0:e0 + ne]  # (ne, R)
+            lr_step = np.where(active, np.repeat(lr_ep, Smax, axis=0), 0.0)  # (T, R)
+            fac_step = 1.0 - 2.0 * lr_step * lam[None, :]
+            gidx = []  # per group: (ne, S_g, G, B_g) rows of Xflat, and weights 1/|b|
+            for r0, r1, Sg, Bg in groups:
+                b = np.stack([sch[r].epochs(e0, ne) for r in range(r0, r1)], axis=2)
+                real = b >= 0
+                w = real / np.maximum(real.sum(axis=3, keepdims=True), 1)
+                rows = np.where(real, b, Nmax) + (di[r0:r1] * (Nmax + 1))[None, None, :, None]
+                gidx.append((rows, w))
+            g_blk = gamma[None, :] * np.cumprod(fac_step, axis=0)
+            t_blk = tau[None, :] + np.cumsum(lr_step, axis=0)
+            n_blk = nsteps[None, :] + np.cumsum(active, axis=0)
+            if win is not None:
+                on_blk = active & (n_blk >= win["from_step"])
+                on_any = on_blk.any(axis=1)
+            ends = {t for t in range(Smax - 1, T, Smax) if e0 + (t + 1) // Smax in rec_set}
+        s1 = min(T, s0 + step_block)
+        n = s1 - s0
+        M, C = M_buf[:n], C_buf[:n]
+        M[...] = eye
+        C[...] = 0.0
+        for (r0, r1, Sg, Bg), (rows, w) in zip(groups, gidx):
+            if n % Smax == 0 and s0 % Smax == 0:  # whole epochs ea..ea+nE-1 of the block
+                ea, nE = s0 // Smax, n // Smax
+                Mv = M.reshape(nE, Smax, R, d, d)[:, :Sg, r0:r1]
+                Cv = C.reshape(nE, Smax, R, m, d)[:, :Sg, r0:r1]
+                rr, ww = rows[ea:ea + nE], w[ea:ea + nE]
+                lr_g = lr_ep[ea:ea + nE, None, r0:r1]  # (nE, 1, G)
+            else:  # steps s0..s1-1 of the block's only epoch
+                k1 = min(s1, Sg)
+                if k1 <= s0:
+                    continue
+                Mv, Cv = M[None, : k1 - s0, r0:r1], C[None, : k1 - s0, r0:r1]
+                rr, ww = rows[:, s0:k1], w[:, s0:k1]
+                lr_g = lr_ep[:, None, r0:r1]
+            Xb = np.take(Xflat, rr, axis=0)  # (nE, S, G, B, d)
+            Yb = np.take(Yflat, rr, axis=0)  # (nE, S, G, B, m)
+            Xw = Xb * ww[..., None]
+            coef = (2.0 * lr_g)[..., None, None]
+            np.matmul(Xw.swapaxes(-1, -2), Xb, out=Mv)  # X_b diag(w) X_b^T
+            Mv *= -coef
+            np.einsum("...ii->...i", Mv)[...] += (1.0 - coef[..., 0] * lam[r0:r1][None, None, :, None])
+            np.matmul(Yb.swapaxes(-1, -2), Xw, out=Cv)
+            Cv *= coef
+        for j in range(n):
+            np.matmul(W, M[j], out=W_next)
+            W, W_next = W_next, W
+            W += C[j]
+            t = s0 + j
+            if win is not None and on_any[t]:
+                on = on_blk[t]
+                onf = on.astype(float)[:, None, None]
+                win["n"] += on
+                win["sq_ref"] += on * ((W - win["reference"]) ** 2).sum(axis=(1, 2))
+                win["sum"] += onf * W
+                win["sum_sq"] += onf * W**2
+            if keep_steps:
+                kept.append(W.copy()); kept_active.append(active[t].copy())
+            if t in ends:
+                snapshot(g_blk[t], t_blk[t], n_blk[t])
+        if s1 == T:  # the block of epochs is done
+            gamma, tau, nsteps = g_blk[-1].copy(), t_blk[-1].copy(), n_blk[-1].copy()
+    if win is not None:
+        cnt = np.maximum(win["n"], 1)
+        mean = win["sum"] / cnt[:, None, None]
+        win = dict(n=win["n"][inv], msd_ref=(win["sq_ref"] / cnt)[inv],
+                   msd_mean=(win["sum_sq"] / cnt[:, None, None] - mean**2).sum(axis=(1, 2))[inv],
+                   mean=mean[inv], from_step=win["from_step"])
+    return Trace(
+        epochs=rec, W=np.stack(snaps)[:, inv], gamma=np.stack(g_rec)[:, inv], tau=np.stack(t_rec)[:, inv],
+        steps=np.stack(s_rec)[:, inv], runs=runs, problems=list(problems), window=win,
+        step_W=np.stack(kept)[:, inv] if keep_steps else None,
+        step_active=np.stack(kept_active)[:, inv] if keep_steps else None,
+        seconds=time.time() - t0,
+    )
+
+
+def run_one_by_one(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, **kw) -> list[Trace]:
+    """Each run simulated alone (for tests: batching must not change any trajectory)."""
+    return [simulate(problems, [r], epochs, progress=False, **kw) for r in runs]
+
+
+def direct_sgd(problem: Problem, W0: np.ndarray, lam: float, lrs_per_step: Sequence[float], batches: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Reference implementation, one plain step at a time: ``W <- W - eta grad L_b(W)`` for the
+    given batches; returns every iterate (``W0`` first). Used by the tests."""
+    W = np.array(W0, dtype=float)
+    out = [W.copy()]
+    for eta, b in zip(lrs_per_step, batches):
+        W = W - eta * gradient(W, problem.X, problem.Y, lam, b)
+        out.append(W.copy())
+    return out
