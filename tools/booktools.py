@@ -51,16 +51,26 @@ def code_hash(nb: dict) -> str:
     return h.hexdigest()
 
 
-_IMPORT_RE = re.compile(r"(?:from\s+sgdrank\s+import\s+\(?([\w\s,]+)\)?|sgdrank\.(\w+))")
-
-
 def _modules_named_in(code: str) -> set[str]:
+    """sgdrank submodules a code cell imports or names (``from sgdrank import a, b``,
+    ``import sgdrank.a``, ``from sgdrank.a import f``, ``sgdrank.a.f``). IPython magics and shell
+    lines are dropped before parsing."""
+    lines = [ln for ln in code.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return set(re.findall(r"sgdrank\.(\w+)", code))
     names = set()
-    for group, attr in _IMPORT_RE.findall(code):
-        for n in (group.replace("\n", " ").split(",") if group else [attr]):
-            n = n.strip().split(" as ")[0].strip()
-            if n:
-                names.add(n)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "sgdrank":
+                names |= {a.name for a in node.names}
+            elif node.module.startswith("sgdrank."):
+                names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sgdrank.")}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "sgdrank":
+            names.add(node.attr)
     return names
 
 
