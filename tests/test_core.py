@@ -64,8 +64,9 @@ def test_build_model_is_seeded_and_rejects_unknown():
     c = models.build_model("MLP-2-8", 6, 2, seed=4)
     assert torch.equal(a.layers[0].weight, b.layers[0].weight)
     assert not torch.equal(a.layers[0].weight, c.layers[0].weight)
-    with pytest.raises(ValueError, match="unknown model 'VGG-16'.*MLP-BN-L-H"):
-        models.build_model("VGG-16", 784, 10)
+    with pytest.raises(ValueError, match="unknown model 'VGG-11'.*MLP-BN-L-H.*RESNET18"):
+        models.build_model("VGG-11", 784, 10)
+    assert type(models.build_model("resnet-18", (3, 32, 32), 10, seed=0)).__name__ == "ResNet18"
     with pytest.raises(ValueError, match="activation"):
         models.MLP(4, 2, 1, 3, activation="swish")
 

@@ -9,7 +9,12 @@ so that importing the package itself stays cheap and each chapter's dependencies
 - :mod:`sgdrank.data`      -- datasets by name, as tensors
 - :mod:`sgdrank.models`    -- MLP-L-H, MLP-BN-L-H, RES-BN-L-H, small ReLU conv nets
 - :mod:`sgdrank.metrics`   -- singular values, threshold / stable rank, convergence distance
+- :mod:`sgdrank.zoo`       -- GSGP's VGG-16-BN, CIFAR ResNet-18 and small ViT (paper profile)
 - :mod:`sgdrank.gradients` -- per-sample and batch gradients and their ranks (Chapter 1)
+- :mod:`sgdrank.bounds`    -- GSGP Theorem 3.3, both sides (Chapter 3)
+- :mod:`sgdrank.linear`    -- overparameterised linear regression, batched (Chapter 2)
+- :mod:`sgdrank.sweep`     -- the batched sweep engine (Chapters 3-4)
+- :mod:`sgdrank.progress`  -- progress bars that read well live and in committed outputs
 - :mod:`sgdrank.plotting`  -- the book's one plot style
 """
 

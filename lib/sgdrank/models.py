@@ -248,10 +248,17 @@ def build_model(spec: str, in_shape: int | Sequence[int], out_dim: int, *, bias:
     ``in_shape`` is the flattened input size for MLP/RES, or ``(c, h, w)`` for ``CONV``
     (an int ``d`` is read as a square single-channel image when it is a perfect square).
     ``seed`` seeds the initialisation (PyTorch's default init) without touching global RNG state.
+    The GSGP architectures of :mod:`sgdrank.zoo` (``VGG16-BN``, ``RESNET18``, ``VIT``) are built
+    by name too, for image inputs ``(c, h, w)``.
     """
     m = _SPEC.match(spec.strip().upper())
     if not m:
-        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(FAMILIES)} (e.g. 'MLP-BN-10-100')")
+        from . import zoo
+
+        if zoo._key(spec) in {zoo._key(z) for z in zoo.ZOO}:
+            return zoo.build(spec, _image_shape(in_shape), out_dim, seed=seed)
+        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(FAMILIES)} (e.g. 'MLP-BN-10-100') "
+                         f"or, for CIFAR-sized images, one of {', '.join(zoo.ZOO)}")
     family, bn, depth, width = m.group(1), bool(m.group(2)), int(m.group(3)), int(m.group(4))
     if family == "CONV" and bn:
         raise ValueError("CONV-BN is not a model of this book; use CONV-L-C")

@@ -37,3 +37,20 @@ def subplots(nrows: int = 1, ncols: int = 1, *, width: float = 4.2, height: floa
 def colors(n: int):
     """``n`` colours of the book's palette."""
     return sns.color_palette(PALETTE, n)
+
+
+def lines_by(ax, df, x: str, y: str, hue: str, *, label: str = "{}", band: bool = True,
+             palette=None, **kw):
+    """One line per value of ``hue``: the mean of ``y`` over the remaining rows (e.g. seeds) at
+    each ``x``, with a min-max band when there are several. ``label`` formats the hue value."""
+    import numpy as np
+
+    values = sorted(df[hue].unique(), key=lambda v: (v is None, v))
+    cols = palette or colors(len(values))
+    for v, c in zip(values, cols):
+        g = df[df[hue] == v].groupby(x)[y]
+        mean, lo, hi = g.mean(), g.min(), g.max()
+        ax.plot(mean.index, mean.values, color=c, label=label.format(v), **kw)
+        if band and (g.size() > 1).any():
+            ax.fill_between(mean.index, lo.values, hi.values, color=c, alpha=0.18, lw=0)
+    return ax
