@@ -1,0 +1,329 @@
+"""SGD noise and the low-rank bound of GP22 (Chapter 4): claims C5 (Props 1-2) and C6 (Thm 1).
+
+Notation. ``W`` is one weight matrix ``(d_out, d_in)`` of a network that multiplies each sample's
+layer input ``h_i`` once, ``z_i = W h_i``. For a per-sample loss ``ell_i`` write
+``delta_i = d ell_i / d z_i`` (a ``d_out`` vector). By the chain rule (Chapter 1),
+``d ell_i / dW = delta_i h_i^T`` (rank one), so the gradient of the regularised batch loss
+``L^lambda_S = (1/B) sum_{i in S} ell_i + lambda ||W||_F^2`` is
+
+    grad_W L^lambda_S = (1/B) D_S^T H_S + 2 lambda W,
+
+with ``D_S`` (``B x d_out``) and ``H_S`` (``B x d_in``) the rows ``delta_i``, ``h_i`` of the batch. The
+matrix ``U_S = -(1/(2 lambda B)) D_S^T H_S`` has rank ``<= B`` and ``W - U_S = grad_W L^lambda_S / (2 lambda)``,
+hence GP22's Theorem 1 (C6), for every batch ``S`` of size ``B*`` and any norm:
+
+    min_{rank V <= B*} ||W - V||  <=  ||grad_W L^lambda_S|| / (2 lambda).
+
+The left side is the *tail* of the singular values ``s_1 >= s_2 >= ...`` of ``W`` (Eckart-Young-Mirsky):
+``sqrt(sum_{i > B*} s_i^2)`` in the Frobenius norm, ``s_{B*+1}`` in the spectral norm.
+
+Evaluating the right side's minimum over all ``C(N, B*)`` batches is impossible for real data sets.
+Every batch gives a valid bound, so the minimum over *sampled* batches is an upper estimate of the
+true minimum; the check "tail <= sampled min / (2 lambda)" can therefore not fail if the theorem
+and the code are right -- what the numbers tell is how tight the bound is, and a sampled minimum
+overstates that gap. :func:`local_search` lowers the estimate further by swapping samples.
+
+The right side is computed without forming any batch gradient: with the Gram matrix
+``K = (D D^T) o (H H^T)`` (``o``: elementwise product) and ``c_i = delta_i^T W h_i``,
+
+    ||grad_W L^lambda_S||_F^2 = (1/B^2) sum_{a, b in S} K_ab + (4 lambda / B) sum_{a in S} c_a + 4 lambda^2 ||W||_F^2,
+
+so one pass over the data gives the norms of any number of batches. This needs a network whose
+samples do not interact (no batch normalisation in training mode): with BN the gradient of a
+batch still has rank ``<= B`` and Theorem 1 still holds, but ``delta_i`` depends on the batch, so
+each batch must be run through the network (:func:`autograd_batch_gradient` does that).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import gradients
+from .metrics import as_matrix
+
+LOSSES = ("ce", "mse")
+
+
+# --------------------------------------------------------------------------------------------
+# Left side: distance to the nearest matrix of rank <= r
+# --------------------------------------------------------------------------------------------
+def tail_distances(s: torch.Tensor, ranks: Iterable[int], ord: str = "fro") -> torch.Tensor:
+    """``min_{rank V <= r} ||W - V||`` for each ``r`` in ``ranks``, from the singular values ``s``
+    (descending) of ``W``: ``sqrt(sum_{i > r} s_i^2)`` (``ord="fro"``) or ``s_{r+1}`` (``ord="2"``),
+    0 when ``r >= len(s)``."""
+    s = s.double()
+    out = []
+    for r in ranks:
+        if r < 0:
+            raise ValueError(f"rank must be >= 0, got {r}")
+        tail = s[r:]
+        if ord == "fro":
+            out.append(tail.pow(2).sum().sqrt() if tail.numel() else torch.zeros((), dtype=s.dtype))
+        elif ord == "2":
+            out.append(tail[0] if tail.numel() else torch.zeros((), dtype=s.dtype))
+        else:
+            raise ValueError(f"ord must be 'fro' or '2', got {ord!r}")
+    return torch.stack(out)
+
+
+def tail_distance(w: torch.Tensor, r: int, ord: str = "fro") -> float:
+    """``min_{rank V <= r} ||W - V||`` (Frobenius or spectral) by the SVD of ``W``."""
+    s = torch.linalg.svdvals(as_matrix(w).detach().double())
+    return float(tail_distances(s, [r], ord)[0])
+
+
+def best_rank_approx(w: torch.Tensor, r: int) -> torch.Tensor:
+    """The truncated SVD ``sum_{i <= r} s_i u_i v_i^T`` of ``W`` (float64): a minimiser of
+    ``||W - V||`` over ``rank V <= r`` in every unitarily invariant norm."""
+    u, s, vh = torch.linalg.svd(as_matrix(w).detach().double(), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample losses and the factors of every batch gradient
+# --------------------------------------------------------------------------------------------
+def per_sample_loss(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """``ell_i`` for outputs ``out`` ``(n, k)`` and integer labels ``y`` ``(n,)``:
+    ``"ce"`` -- cross-entropy of the softmax; ``"mse"`` -- squared error to the one-hot target,
+    averaged over the ``k`` outputs (what ``nn.MSELoss`` on one-hot targets averages per sample);
+    for ``k = 1`` and float targets, ``(out - y)^2``."""
+    if loss == "ce":
+        return F.cross_entropy(out, y, reduction="none")
+    if loss == "mse":
+        if out.shape[1] == 1 and y.is_floating_point():
+            return (out[:, 0] - y) ** 2
+        target = F.one_hot(y, out.shape[1]).to(out.dtype)
+        return ((out - target) ** 2).mean(1)
+    raise ValueError(f"unknown loss {loss!r}: choose one of {LOSSES}")
+
+
+@dataclass
+class Factors:
+    """One linear layer's per-sample gradient factors: ``W`` ``(d_out, d_in)``, ``D`` ``(n, d_out)``
+    (``delta_i = d ell_i / d z_i``) and ``H`` ``(n, d_in)`` (layer inputs ``h_i``), float64. The gradient of
+    ``ell_i`` w.r.t. ``W`` is ``outer(D[i], H[i])``."""
+
+    name: str
+    W: torch.Tensor
+    D: torch.Tensor
+    H: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return self.D.shape[0]
+
+    def gram(self) -> torch.Tensor:
+        """``K = (D D^T) o (H H^T)``: ``K_ab = <outer(d_a, h_a), outer(d_b, h_b)>_F``."""
+        return (self.D @ self.D.T) * (self.H @ self.H.T)
+
+    def linear_term(self) -> torch.Tensor:
+        """``c_a = <outer(d_a, h_a), W>_F = d_a^T W h_a``."""
+        return ((self.D @ self.W) * self.H).sum(1)
+
+
+def gradient_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str | Callable = "ce",
+                     layers: Sequence[str] | None = None) -> dict[str, Factors]:
+    """:class:`Factors` of every linear layer of ``model`` (as named by
+    :func:`sgdrank.gradients.weight_modules`: hidden layers and ``head``), from one forward and one
+    backward pass over ``(x, y)``. ``loss``: a name of :func:`per_sample_loss` or a callable
+    ``(out, y) -> (n,)`` per-sample losses. Raises for convolutions (their per-sample gradient
+    is a sum over patches) and for models that couple the samples of a batch (BN in training mode)."""
+    if gradients.couples_batch(model):
+        raise ValueError("the model couples samples (batch norm in training mode): per-sample factors "
+                         "are not defined; use autograd_batch_gradient per batch, or model.eval()")
+    mods = gradients.weight_modules(model)
+    if layers is not None:
+        mods = {k: mods[k] for k in layers}
+    for name, m in mods.items():
+        if not isinstance(m, nn.Linear):
+            raise TypeError(f"layer {name!r} is a {type(m).__name__}; gradient_factors handles nn.Linear only")
+    ins, outs = {}, {}
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            ins[name] = inputs[0].detach()
+            outs[name] = output
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    ell = loss(out, y) if callable(loss) else per_sample_loss(out, y, loss)
+    names = list(mods)
+    deltas = torch.autograd.grad(ell.sum(), [outs[n] for n in names])
+    return {
+        n: Factors(n, mods[n].weight.detach().double(), d.detach().double().reshape(-1, d.shape[-1]),
+                   ins[n].double().reshape(-1, ins[n].shape[-1]))
+        for n, d in zip(names, deltas)
+    }
+
+
+def batch_gradient(f: Factors, idx: torch.Tensor, lam: float) -> torch.Tensor:
+    """``grad_W L^lambda_S = (1/B) D_S^T H_S + 2 lambda W`` for the batch ``idx`` (float64)."""
+    idx = torch.as_tensor(idx)
+    return f.D[idx].T @ f.H[idx] / idx.numel() + 2.0 * lam * f.W
+
+
+def autograd_batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float,
+                            loss: str | Callable = "ce") -> dict[str, torch.Tensor]:
+    """``grad_W L^lambda_S`` of every weight matrix by autograd on the batch ``(x, y)`` itself (works
+    for batch-coupled models too): the mean loss over the batch plus ``2 lambda W``."""
+    mods = gradients.weight_modules(model)
+    out = model(x)
+    ell = loss(out, y) if callable(loss) else per_sample_loss(out, y, loss)
+    grads = torch.autograd.grad(ell.mean(), [m.weight for m in mods.values()])
+    return {n: as_matrix(g + 2.0 * lam * m.weight).detach() for (n, m), g in zip(mods.items(), grads)}
+
+
+# --------------------------------------------------------------------------------------------
+# Right side: batch-gradient norms for many batches
+# --------------------------------------------------------------------------------------------
+class BatchNorms:
+    """``||grad_W L^lambda_S||_F`` for any batches ``S`` of one layer, from its :class:`Factors`
+    (Gram-matrix identity of the module docstring; ``n x n`` memory)."""
+
+    def __init__(self, f: Factors, lam: float):
+        self.f, self.lam = f, float(lam)
+        self.K = f.gram()
+        self.c = f.linear_term()
+        self.w2 = float(f.W.pow(2).sum())
+
+    def sq(self, batches: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """Squared norms for ``batches`` ``(M, B)`` of sample indices -> ``(M,)``."""
+        batches = torch.as_tensor(batches).long()
+        if batches.ndim == 1:
+            batches = batches[None]
+        B = batches.shape[1]
+        out = []
+        for i in range(0, batches.shape[0], chunk):
+            b = batches[i:i + chunk]
+            quad = self.K[b[:, :, None], b[:, None, :]].sum((1, 2)) / B**2
+            lin = self.c[b].sum(1) * (4.0 * self.lam / B)
+            out.append(quad + lin + 4.0 * self.lam**2 * self.w2)
+        return torch.cat(out).clamp_min(0.0)
+
+    def norms(self, batches: torch.Tensor) -> torch.Tensor:
+        return self.sq(batches).sqrt()
+
+    def local_search(self, batch: torch.Tensor, max_iter: int = 200, tol: float = 1e-12) -> tuple[torch.Tensor, float]:
+        """Best-improvement swap search from ``batch`` (1-D indices): exchange one member ``a`` for
+        one non-member ``b`` while that lowers the norm. Returns the batch and its norm. Each
+        accepted swap lowers the norm, so the result is still an upper estimate of the true min."""
+        n, K, c, lam = self.K.shape[0], self.K, self.c, self.lam
+        inside = torch.zeros(n, dtype=torch.bool)
+        inside[torch.as_tensor(batch).long()] = True
+        B = int(inside.sum())
+        Ks = K[:, inside].sum(1)
+        diag = K.diagonal()
+        for _ in range(max_iter):
+            a_idx = inside.nonzero()[:, 0]
+            b_idx = (~inside).nonzero()[:, 0]
+            if b_idx.numel() == 0:
+                break
+            quad = (2 * (Ks[b_idx][None, :] - Ks[a_idx][:, None]) + diag[a_idx][:, None]
+                    + diag[b_idx][None, :] - 2 * K[a_idx][:, b_idx]) / B**2
+            delta = quad + (4.0 * lam / B) * (c[b_idx][None, :] - c[a_idx][:, None])
+            k = int(delta.argmin())
+            if float(delta.flatten()[k]) >= -tol:
+                break
+            a, b = int(a_idx[k // b_idx.numel()]), int(b_idx[k % b_idx.numel()])
+            inside[a], inside[b] = False, True
+            Ks = Ks - K[:, a] + K[:, b]
+        best = inside.nonzero()[:, 0]
+        return best, float(self.norms(best[None])[0])
+
+
+def random_batches(n: int, batch_size: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` batches of ``batch_size`` distinct indices from ``range(n)`` (each drawn uniformly,
+    independently of the others): ``(count, batch_size)``."""
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n}, got {batch_size}")
+    keys = torch.rand(count, n, generator=generator)
+    return keys.topk(batch_size, dim=1).indices
+
+
+def all_batches(n: int, batch_size: int) -> torch.Tensor:
+    """Every subset of ``range(n)`` of size ``batch_size``, ``(C(n, B), B)`` -- for tiny ``n`` only."""
+    if math.comb(n, batch_size) > 2_000_000:
+        raise ValueError(f"C({n}, {batch_size}) = {math.comb(n, batch_size)} batches is too many to enumerate")
+    return torch.tensor(list(itertools.combinations(range(n), batch_size)), dtype=torch.long).reshape(-1, batch_size)
+
+
+def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int], *, n_batches: int = 200,
+             search_iters: int = 0, exhaustive: bool = False, seed: int = 0) -> list[dict]:
+    """Both sides of GP22 Theorem 1 (Frobenius norm) for each layer and each ``B*`` in ``batch_sizes``.
+
+    Rows: ``layer``, ``B``, ``lhs`` (distance of ``W`` to rank ``<= B``), ``rhs_min`` (min over the
+    sampled batches -- or over all batches with ``exhaustive=True`` -- of ``||grad_W L^lambda_S||_F / (2 lambda)``),
+    ``rhs_search`` (after :meth:`BatchNorms.local_search` from the best sampled batch; equal to
+    ``rhs_min`` when ``search_iters = 0``), ``rhs_median`` (a typical batch), ``fro`` (``||W||_F``: the
+    bound is vacuous when the right side exceeds it, since ``V = 0`` has rank 0), ``ratio``
+    (``rhs_search / lhs``), ``holds``, ``n_batches`` (how many batches were evaluated)."""
+    if lam <= 0:
+        raise ValueError("Theorem 1 needs lambda > 0 (its right side is divided by 2 lambda)")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for name, f in factors.items():
+        bn = BatchNorms(f, lam)
+        s = torch.linalg.svdvals(f.W)
+        lhs = tail_distances(s, batch_sizes)
+        for B, left in zip(batch_sizes, lhs.tolist()):
+            batches = all_batches(f.n, B) if exhaustive else random_batches(f.n, B, n_batches, g)
+            nrm = bn.norms(batches)
+            k = int(nrm.argmin())
+            best = float(nrm[k])
+            search = bn.local_search(batches[k], search_iters)[1] if search_iters else best
+            search = min(search, best)
+            rhs = search / (2 * lam)
+            rows.append(dict(layer=name, B=B, lhs=left, rhs_min=best / (2 * lam), rhs_search=rhs,
+                             rhs_median=float(nrm.median()) / (2 * lam), fro=float(s.norm()),
+                             ratio=rhs / left if left > 0 else float("inf"),
+                             holds=bool(left <= rhs * (1 + 1e-9) + 1e-12), n_batches=int(batches.shape[0])))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Props 1-2: common stationary points of all batches, on tiny networks
+# --------------------------------------------------------------------------------------------
+def regularised_loss(model: nn.Module, x, y, lam: float, loss: str | Callable = "mse") -> torch.Tensor:
+    """``(1/n) sum_i ell_i + lambda sum_W ||W||_F^2`` over every weight matrix (biases not decayed)."""
+    out = model(x)
+    ell = loss(out, y) if callable(loss) else per_sample_loss(out, y, loss)
+    reg = sum(m.weight.pow(2).sum() for m in gradients.weight_modules(model).values())
+    return ell.mean() + lam * reg
+
+
+def fit_full_batch(model: nn.Module, x, y, lam: float, loss: str | Callable = "mse", *,
+                   max_iter: int = 2000, tol: float = 1e-12) -> float:
+    """Minimise :func:`regularised_loss` on the whole set with L-BFGS (strong-Wolfe line search):
+    deterministic full-batch training to a stationary point of the *full* objective, i.e. a fixed
+    point of gradient descent. Returns the final full-gradient norm (all parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        val = regularised_loss(model, x, y, lam, loss)
+        val.backward()
+        return val
+
+    opt.step(closure)
+    grads = torch.autograd.grad(regularised_loss(model, x, y, lam, loss), params)
+    return float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+
+
+def per_sample_regularised_gradients(model: nn.Module, x, y, lam: float, loss: str | Callable = "mse") -> list[dict[str, torch.Tensor]]:
+    """For each sample ``i``: ``grad_W (ell_i + lambda ||W||^2)`` of every weight matrix -- the SGD
+    direction with batch size 1. A point is a convergence point of SGD with any ``B < n`` iff all of
+    these vanish (GP22 eq. 8-9)."""
+    return [autograd_batch_gradient(model, x[i:i + 1], y[i:i + 1], lam, loss) for i in range(x.shape[0])]

@@ -1,0 +1,399 @@
+"""The weight-normalised deep ReLU network of JANUS (Xu, Galanti, Rangamani, Rosasco, Poggio)
+and its mini-batch SGD dynamics, batched over independent copies (e.g. one per ``lambda``).
+
+The model (JANUS App. C, Fig. A.8b). For a binary problem with labels ``y_n = +-1``
+
+    f(x) = rho * f_V(x),    f_V(x) = V_L sigma(V_{L-1} ... sigma(V_1 x) ...),    ||V_k||_F = 1,
+
+where ``sigma`` is the ReLU, there are no biases, convolutional ``V_k`` are filter tensors
+``(c_out, c_in, k, k)`` whose Frobenius norm is that of the filters (not of the Toeplitz
+operator), and ``rho > 0`` is one global scalar. The *margin* of sample ``n`` is
+``fbar_n = y_n f_V(x_n)`` (of the normalised network) and ``u_n = rho * fbar_n`` is the margin of
+``f``. The regularised batch loss is
+
+    L_S(rho, V) = (1/B) sum_{n in S} ell(u_n) + lambda * rho^2
+
+with ``ell(u) = (1 - u)^2`` (square loss; equal to ``(f(x_n) - y_n)^2`` because ``y_n^2 = 1``),
+``exp(-u)`` (exponential) or ``log(1 + exp(-u))`` (logistic = binary cross-entropy). Weight decay
+acts on ``rho`` only: ``||V_k||_F = 1`` is fixed, so ``lambda ||W||^2`` of the unnormalised
+network becomes ``lambda rho^2`` (JANUS eq. 12).
+
+The dynamics implemented here (JANUS eq. 17, with its signs corrected -- see below). We write
+``rho = rho0 * r`` with a constant ``rho0`` and train ``r`` (weight decay ``lambda r^2``). With
+``g_n = -ell'(u_n)`` (``= 2 (1 - u_n)`` for the square loss), one step on a batch ``S`` is
+
+    r   <- r + eta * [ rho0 (1/B) sum_n g_n fbar_n - 2 lambda r ]
+    V_k <- normalise( V_k + eta_k * rho * (1/B) sum_n g_n (d fbar_n / d V_k - fbar_n V_k) ),
+
+i.e. a Riemannian gradient step on the unit sphere of each ``V_k``: the Euclidean gradient is
+projected on the tangent space (``G - <G, V> V``; by 1-homogeneity of ReLU nets
+``<d fbar_n / d V_k, V_k> = fbar_n``, which turns the projection into the ``- fbar_n V_k`` term of
+JANUS eq. 15) and the result is renormalised (a retraction, which differs from the
+Lagrange-multiplier flow of JANUS eq. 13-15 by O(eta^2)). No momentum, constant learning rate.
+With ``rho0 = 1`` and ``eta_k = eta`` this is JANUS eq. 17 (signs corrected) verbatim.
+
+Where this departs from JANUS:
+
+- JANUS eq. 1 and 17 print ``rho <- rho - eta (2/B) sum (1 - rho fbar) fbar - 2 eta lambda rho`` and
+  ``V_k <- V_k - ... (1 - rho fbar)(-V_k fbar + d fbar / d V_k)``: both data terms have the wrong
+  sign (they would *ascend* the loss), and eq. 1 also drops ``eta``. Their gradient-flow
+  eq. 15 has the right signs, which is what we implement.
+- Per-layer learning rates ``eta_k = eta / (v_scale^2 n_k)`` (:func:`layer_lrs`): their experiments
+  used PyTorch's weight normalisation ``V_k = v_k / ||v_k||`` with the gain frozen and SGD on ``v_k``,
+  which moves ``V_k`` like the step above with ``eta / ||v_k||^2``, and ``||v_k|| ~ 0.1 sqrt(n_k)`` at
+  their "initialization scale 0.1". One ``eta`` for all layers kills the network in our runs
+  (``||d fbar / d V_k||`` grows like ``sqrt(n_k)``). They also used momentum 0.9, cosine annealing
+  and 2000 epochs; we keep ``||V_k||_F = 1`` exactly.
+- ``rho = rho0 r``: with ``||x_n|| <= 1`` and unit-norm layers ``f_V`` is tiny (~1e-5), so a plain
+  step on ``rho ~ 1e5`` would never move it. ``rho0 = rho0_scale / RMS_n f_V(x_n)`` at
+  initialisation (``f`` starts at RMS ``rho0_scale``), ``r`` starts at 1. This mirrors their
+  implementation, where the frozen weight-normalisation gains multiply to a constant and the learnable
+  global scalar plays the role of ``r``; the papers do not say how they initialise it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+
+LOSSES = ("square", "exp", "logistic")
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    """A bias-free ReLU net: ``convs`` = ``[(c_out, kernel, stride, padding), ...]`` on inputs of
+    shape ``in_shape = (c, h, w)``, then fully connected hidden layers of widths ``hidden``, then
+    one linear output. Every layer is one normalised ``V_k``."""
+
+    in_shape: tuple[int, int, int]
+    convs: tuple[tuple[int, int, int, int], ...]
+    hidden: tuple[int, ...]
+
+    def conv_shapes(self) -> list[tuple[int, int]]:
+        """Spatial size after each convolution."""
+        h, w = self.in_shape[1:]
+        out = []
+        for _, k, s, p in self.convs:
+            h, w = (h - k + 2 * p) // s + 1, (w - k + 2 * p) // s + 1
+            if min(h, w) < 1:
+                raise ValueError(f"convolutions {self.convs} shrink a {self.in_shape} input to nothing")
+            out.append((h, w))
+        return out
+
+    def flat_dim(self) -> int:
+        if not self.convs:
+            return math.prod(self.in_shape)
+        h, w = self.conv_shapes()[-1]
+        return self.convs[-1][0] * h * w
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Shape of every ``V_k`` (conv filters ``(c_out, c_in, k, k)``, linear ``(d_out, d_in)``)."""
+        out, c = [], self.in_shape[0]
+        for c_out, k, _, _ in self.convs:
+            out.append((c_out, c, k, k))
+            c = c_out
+        dims = [self.flat_dim(), *self.hidden, 1]
+        out += [(b, a) for a, b in zip(dims[:-1], dims[1:])]
+        return out
+
+    def names(self) -> list[str]:
+        return [f"conv{i + 1}" for i in range(len(self.convs))] + [
+            f"fc{i + 1}" for i in range(len(self.hidden) + 1)
+        ]
+
+    def patches(self) -> list[int]:
+        """Per layer, how many vectors ``V_k`` multiplies per sample (output positions for a conv,
+        1 for a linear layer): the rank bound of one sample's gradient (Chapter 1)."""
+        return [h * w for h, w in self.conv_shapes()] + [1] * (len(self.hidden) + 1)
+
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes()) + 1  # + rho
+
+
+#: JANUS's network as their App. D.5 describes it for CIFAR-10 (3x32x32): four 3x3 convolutions
+#: with 32, 64, 128, 128 channels, no padding, then 3200 -> 1024 -> output. Their text says
+#: "stride 2" for all four, which would leave 128x1x1 = 128 features, not the 3200 = 128x5x5
+#: they state (and their parameter count 3,519,335 = 3,519,328 weights + 6 frozen WN gains + rho
+#: confirms 3200 x 1024); strides (2, 1, 1, 2) give 5x5. They use 2 outputs; we use one
+#: (for two classes, softmax CE on 2 outputs is the logistic loss of their difference).
+PAPER_ARCH = Arch((3, 32, 32), ((32, 3, 2, 0), (64, 3, 1, 0), (128, 3, 1, 0), (128, 3, 2, 0)), (1024,))
+
+#: The book's CPU-sized version, for Fashion-MNIST downsampled to 1x14x14: the same 4 conv + 2 FC
+#: layout with 8-16 channels, stride 2, padding 1: 14 -> 7 -> 4 -> 2 -> 1, then 16 -> 32 -> 1.
+BOOK_ARCH = Arch((1, 14, 14), ((8, 3, 2, 1), (16, 3, 2, 1), (16, 3, 2, 1), (16, 3, 2, 1)), (32,))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and forward pass (K independent networks at once)
+# --------------------------------------------------------------------------------------------
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """Normalise each of the K leading slices of ``t`` to Frobenius norm 1."""
+    n = t.flatten(1).norm(dim=1).clamp_min(torch.finfo(t.dtype).tiny)
+    return t / n.view(-1, *([1] * (t.ndim - 1)))
+
+
+def init_weights(arch: Arch, k: int = 1, *, seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
+    """``k`` identical copies of a random normalised network: each ``V_j`` Gaussian, then scaled to
+    ``||V_j||_F = 1``. Shapes ``(k, *arch.shapes()[j])``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in arch.shapes():
+        v = torch.randn(1, *shape, generator=g, dtype=torch.float64)
+        out.append(_unit(v).to(dtype).repeat(k, *([1] * len(shape))).contiguous())
+    return out
+
+
+def f_normalised(V: Sequence[torch.Tensor], arch: Arch, x: torch.Tensor) -> torch.Tensor:
+    """Outputs ``f_V(x)`` of the K networks, shape ``(n, K)``, for inputs ``x`` of shape ``(n, c, h, w)``.
+
+    The K convolutional stacks run as one grouped convolution (groups = K); the linear layers as
+    one batched matrix product."""
+    K, n = V[0].shape[0], x.shape[0]
+    nconv = len(arch.convs)
+    h = x.reshape(n, *arch.in_shape)
+    for i, (v, (c_out, k, s, p)) in enumerate(zip(V[:nconv], arch.convs)):
+        w = v.reshape(K * c_out, v.shape[2], k, k)
+        h = F.relu(F.conv2d(h, w, stride=s, padding=p, groups=1 if i == 0 else K))
+    h = h.reshape(n, K, -1) if nconv else h.reshape(n, 1, -1).expand(n, K, -1)
+    lin = V[nconv:]
+    for j, w in enumerate(lin):
+        h = torch.einsum("nki,koi->nko", h, w)
+        if j < len(lin) - 1:
+            h = F.relu(h)
+    return h[..., 0]
+
+
+def margin_loss(u: torch.Tensor, loss: str) -> torch.Tensor:
+    """``ell(u)`` elementwise for the margins ``u = y rho f_V(x)``."""
+    if loss == "square":
+        return (1.0 - u) ** 2
+    if loss == "exp":
+        return torch.exp(-u)
+    if loss == "logistic":
+        return F.softplus(-u)
+    raise ValueError(f"unknown loss {loss!r}: choose one of {LOSSES}")
+
+
+def riemannian(grad: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Project Euclidean gradients on the tangent space of the unit spheres: ``G - <G, V> V`` for
+    each of the K slices (``V`` has unit Frobenius norm)."""
+    inner = (grad.flatten(1) * v.flatten(1)).sum(1)
+    return grad - inner.view(-1, *([1] * (v.ndim - 1))) * v
+
+
+def batch_gradients(V, r, arch: Arch, x, y, lam, loss: str, rho0: float = 1.0):
+    """Gradients of ``L_S = mean_S ell(rho fbar_n) + lam r^2`` with ``rho = rho0 * r`` on the batch
+    ``(x, y)`` (labels +-1) for the K networks.
+
+    Returns ``(grad_V, grad_r, fbar)``: Riemannian gradients ``grad_{V_k} L_S`` (list of
+    ``(K, *shape)``), ``dL_S/dr`` ``(K,)`` including ``2 lam r``, and the margins ``fbar``
+    ``(n, K)``. ``lam`` is a ``(K,)`` tensor or a float. With ``rho0 = 1``, ``r`` is ``rho``."""
+    Vs = [v.detach().requires_grad_(True) for v in V]
+    rr = r.detach().requires_grad_(True)
+    fbar = f_normalised(Vs, arch, x) * y.view(-1, 1)
+    data = margin_loss(rho0 * rr * fbar, loss).mean(0)  # (K,)
+    grads = torch.autograd.grad(data.sum(), Vs + [rr])
+    lam_t = torch.as_tensor(lam, dtype=r.dtype)
+    g_r = grads[-1] + 2.0 * lam_t * r
+    g_V = [riemannian(g, v) for g, v in zip(grads[:-1], V)]
+    return g_V, g_r.detach(), fbar.detach()
+
+
+def layer_lrs(arch: Arch, lr: float, v_scale: float | None = 0.1) -> list[float]:
+    """Learning rate of each ``V_k``: ``lr / (v_scale^2 n_k)`` with ``n_k`` the number of entries of
+    ``V_k`` -- the effective learning rate of the direction ``V_k = v_k / ||v_k||`` under weight
+    normalisation (SGD on ``v_k``) when ``||v_k|| = v_scale sqrt(n_k)``, i.e. entries of size
+    ``v_scale`` (JANUS: "initialization scale 0.1"). ``v_scale=None``: ``lr`` for every layer
+    (JANUS eq. 17 read literally)."""
+    if v_scale is None:
+        return [lr] * len(arch.shapes())
+    return [lr / (v_scale**2 * math.prod(s)) for s in arch.shapes()]
+
+
+def sgd_step(V, rho, g_V, g_rho, lr: float, lr_V: Sequence[float] | None = None):
+    """One step: ``rho - lr grad_rho`` and the retraction ``normalise(V_k - lr_k grad_{V_k})``
+    (``lr_V``: per-layer rates, default ``lr`` for all)."""
+    lr_V = [lr] * len(V) if lr_V is None else lr_V
+    V = [_unit(v - a * g) for v, g, a in zip(V, g_V, lr_V)]
+    return V, rho - lr * g_rho
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WNResult:
+    """What :func:`train` records for K networks (one per ``lams[j]``).
+
+    - ``history``: per recorded epoch (``epoch`` holds which; entry 0 = initialisation) tensors of
+      shape ``(K,)``: ``loss`` (data loss on the training set, without ``lambda r^2``), ``acc`` (train
+      accuracy), ``test_acc``, ``rho`` (``= rho0 r``), ``margin_mean`` / ``margin_std`` (mean and std
+      over samples of ``fbar``), ``step_norm`` (mean over the epoch's batches of the Riemannian batch
+      gradient norm, all layers together in quadrature).
+    - ``margins``: ``(R, K, N)`` margins ``fbar_n`` at the end of each of the last ``R`` epochs.
+    - ``grad_batch``: ``(L, K)`` per layer, mean over the last epoch's batches of ``||grad_{V_k} L_S||_F``
+      (JANUS's ``||dV_k/dt||``: the SGD update of ``V_k`` per unit learning rate).
+    - ``grad_full``: ``(L, K)`` the same for the whole training set at the end (the GD gradient).
+    - ``V``, ``r``, ``rho0``: final parameters (``rho = rho0 * r``).
+    """
+
+    arch: Arch
+    lams: list[float]
+    loss: str
+    batch_size: int
+    lr: float
+    epochs: int
+    history: dict[str, torch.Tensor]
+    margins: torch.Tensor
+    grad_batch: torch.Tensor
+    grad_full: torch.Tensor
+    V: list[torch.Tensor]
+    r: torch.Tensor
+    rho0: float
+    seconds: float = 0.0
+
+    @property
+    def rho(self) -> torch.Tensor:
+        return self.rho0 * self.r
+
+    def layer_table(self, atol: float = metrics.DEFAULT_ATOL) -> list[dict]:
+        """One row per layer and network: threshold rank (``s_i > atol``, since ``||V_k||_F = 1``),
+        stable rank, and the singular values of ``V_k`` (conv filters as ``c_out x c_in k k``)."""
+        rows = []
+        for name, v in zip(self.arch.names(), self.V):
+            s = torch.linalg.svdvals(v.reshape(v.shape[0], v.shape[1], -1).double())  # (K, r)
+            for j, lam in enumerate(self.lams):
+                rows.append(dict(layer=name, lam=lam, shape=tuple(metrics.as_matrix(v[j]).shape),
+                                 rank=int(metrics.threshold_rank(s[j], atol=atol)),
+                                 stable_rank=float(metrics.stable_rank(s[j])), sv=s[j].numpy()))
+        return rows
+
+
+@torch.no_grad()
+def evaluate(V, rho, arch: Arch, x, y, loss: str, chunk: int = 4096):
+    """Margins ``fbar`` ``(n, K)``, mean data loss ``(K,)`` and accuracy ``(K,)`` on ``(x, y)`` (+-1)."""
+    fbar = torch.cat([f_normalised(V, arch, x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) * y.view(-1, 1)
+    return fbar, margin_loss(rho * fbar, loss).mean(0), (fbar > 0).to(fbar.dtype).mean(0)
+
+
+def full_gradient_norms(V, r, arch, x, y, lam, loss, rho0: float = 1.0, chunk: int = 4096) -> torch.Tensor:
+    """``||grad_{V_k} L_S||_F`` on the whole set ``(x, y)`` (labels +-1), accumulated in chunks: ``(L, K)``."""
+    n = x.shape[0]
+    acc = None
+    for i in range(0, n, chunk):
+        g_V, _, _ = batch_gradients(V, r, arch, x[i:i + chunk], y[i:i + chunk], lam, loss, rho0)
+        w = (min(n, i + chunk) - i) / n
+        acc = [g * w for g in g_V] if acc is None else [a + g * w for a, g in zip(acc, g_V)]
+    return torch.stack([a.flatten(1).norm(dim=1) for a in acc])
+
+
+def signs(y: torch.Tensor) -> torch.Tensor:
+    """Labels 0/1 (or +-1) as float +-1."""
+    y = torch.as_tensor(y)
+    return torch.where(y > 0, 1.0, -1.0)
+
+
+def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float], loss: str = "square",
+          batch_size: int = 128, lr: float = 0.03, epochs: int = 100, seed: int = 0,
+          v_scale: float | None = 0.1, rho0_scale: float = 0.1, record_last: int = 10,
+          eval_every: int = 1, x_test=None, y_test=None, dtype=torch.float32,
+          device: str | torch.device | None = None, progress: bool | str = False) -> WNResult:
+    """Train ``len(lams)`` copies of the weight-normalised net on ``(x, y)`` (labels 0/1 or +-1),
+    copy ``j`` with weight decay ``lams[j]`` (on ``r``), by the dynamics of the module docstring.
+
+    All copies share the initialisation and the sequence of batches (epoch-wise random
+    permutations from ``seed``; ``batch_size >= n`` is full-batch GD), so that they differ in
+    ``lambda`` only. The last incomplete batch of an epoch is dropped. ``rho0`` is
+    ``rho0_scale / RMS_n f_V(x_n)`` at initialisation; ``r`` starts at 1. Per-layer learning rates:
+    :func:`layer_lrs` (``v_scale``). Metrics are recorded every ``eval_every`` epochs and at the
+    last ``record_last`` epochs (whose margins are kept). ``device``: default
+    :func:`sgdrank.runtime.pick_device`; results come back on the CPU."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from . import runtime
+
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: choose one of {LOSSES}")
+    t0 = time.time()
+    K = len(lams)
+    dev = runtime.pick_device(device) if not isinstance(device, torch.device) else device
+    x = x.to(dev, dtype).reshape(x.shape[0], *arch.in_shape)
+    yy = signs(y).to(dev, dtype)
+    xt = None if x_test is None else x_test.to(dev, dtype).reshape(-1, *arch.in_shape)
+    yt = None if y_test is None else signs(y_test).to(dev, dtype)
+    n = x.shape[0]
+    B = min(batch_size, n)
+    lam = torch.tensor([float(v) for v in lams], dtype=dtype, device=dev)
+    V = [v.to(dev) for v in init_weights(arch, K, seed=seed, dtype=dtype)]
+    with torch.no_grad():
+        f0 = f_normalised([v[:1] for v in V], arch, x)[:, 0]
+    rho0 = rho0_scale / float(f0.pow(2).mean().sqrt())
+    r = torch.ones(K, dtype=dtype, device=dev)
+    lr_V = layer_lrs(arch, lr, v_scale)
+    gen = torch.Generator().manual_seed(seed + 1)
+    keys = ("epoch", "loss", "acc", "test_acc", "rho", "margin_mean", "margin_std", "step_norm")
+    hist = {k: [] for k in keys}
+    margins = []
+
+    def record(ep, step_norm):
+        fbar, l, a = evaluate(V, rho0 * r, arch, x, yy, loss)
+        hist["epoch"].append(torch.full((K,), float(ep)))
+        hist["loss"].append(l.cpu())
+        hist["acc"].append(a.cpu())
+        hist["rho"].append(rho0 * r.cpu())
+        hist["margin_mean"].append(fbar.mean(0).cpu())
+        hist["margin_std"].append(fbar.std(0).cpu())
+        hist["step_norm"].append(step_norm.cpu())
+        if xt is not None:
+            hist["test_acc"].append(evaluate(V, rho0 * r, arch, xt, yt, loss)[2].cpu())
+        else:
+            hist["test_acc"].append(torch.full((K,), float("nan")))
+        return fbar
+
+    record(0, torch.full((K,), float("nan")))
+    steps = n // B
+    bar = tqdm(range(1, epochs + 1), desc=progress if isinstance(progress, str) else "train",
+               disable=not progress, leave=False)
+    grad_batch = torch.zeros(len(V), K)
+    for ep in bar:
+        perm = torch.randperm(n, generator=gen).to(dev)
+        norms = torch.zeros(len(V), K, device=dev)
+        for s in range(steps):
+            idx = perm[s * B:(s + 1) * B]
+            g_V, g_r, _ = batch_gradients(V, r, arch, x[idx], yy[idx], lam, loss, rho0)
+            norms += torch.stack([g.flatten(1).norm(dim=1) for g in g_V])
+            V, r = sgd_step(V, r, g_V, g_r, lr, lr_V)
+        grad_batch = norms / steps
+        if ep % eval_every == 0 or ep > epochs - record_last or ep == epochs:
+            fbar = record(ep, grad_batch.pow(2).sum(0).sqrt())
+            if ep > epochs - record_last:
+                margins.append(fbar.T.cpu())
+        if not torch.isfinite(r).all():
+            raise FloatingPointError(f"rho diverged at epoch {ep}; lower the learning rate")
+    grad_full = full_gradient_norms(V, r, arch, x, yy, lam, loss, rho0)
+    return WNResult(arch=arch, lams=[float(v) for v in lams], loss=loss, batch_size=B, lr=lr,
+                    epochs=epochs, history={k: torch.stack(v) for k, v in hist.items()},
+                    margins=torch.stack(margins) if margins else torch.empty(0, K, n),
+                    grad_batch=grad_batch.cpu(), grad_full=grad_full.cpu(), V=[v.detach().cpu() for v in V],
+                    r=r.detach().cpu(), rho0=rho0, seconds=time.time() - t0)
+
+
+def margin_fluctuation(margins: torch.Tensor) -> torch.Tensor:
+    """SGD noise seen in the margins, the margin analogue of GP22's ``d(W_{t+1}, W_t)``: the RMS over
+    samples and recorded epochs of the epoch-to-epoch change ``fbar_n(t+1) - fbar_n(t)``, divided by the
+    mean ``|fbar_n|`` (margins of different ``lambda`` differ in scale). A smooth drift (GD far from
+    its fixed point) gives small changes, noise large ones. ``margins``: ``(R, K, N)`` -> ``(K,)``."""
+    if margins.shape[0] < 2:
+        raise ValueError("need margins from at least two epochs")
+    step = margins[1:] - margins[:-1]
+    return step.pow(2).mean((0, 2)).sqrt() / margins.abs().mean((0, 2))

@@ -1,0 +1,174 @@
+"""Chapter 4: the C6 bound (GP22 Thm 1) and the batch-gradient machinery of sgdrank.noise."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sgdrank import gradients, models, noise
+
+
+def _mlp(seed=0, d_in=6, width=7, depth=2, k=3, bias=True):
+    torch.manual_seed(seed)
+    return models.MLP(d_in, k, depth, width, bias=bias).double()
+
+
+def _data(n=12, d=6, k=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, k, (n,), generator=g)
+
+
+# --- left side -------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 8), (9, 4), (6, 6)])
+def test_tail_distance_is_the_truncated_svd_error(shape):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    for r in range(0, min(shape) + 2):
+        approx = noise.best_rank_approx(w, r)
+        assert torch.linalg.matrix_rank(approx) <= r
+        fro = float(torch.linalg.matrix_norm(w - approx))
+        spec = float(torch.linalg.matrix_norm(w - approx, ord=2))
+        assert noise.tail_distance(w, r) == pytest.approx(fro, rel=1e-10, abs=1e-12)
+        assert noise.tail_distance(w, r, ord="2") == pytest.approx(spec, rel=1e-10, abs=1e-12)
+        assert noise.tail_distance(w, r) == pytest.approx(float(s[r:].pow(2).sum().sqrt()), abs=1e-12)
+        # Eckart-Young: no random rank-r matrix does better
+        for _ in range(5):
+            v = torch.randn(shape[0], r, generator=g, dtype=torch.float64) @ torch.randn(r, shape[1], generator=g, dtype=torch.float64)
+            assert float(torch.linalg.matrix_norm(w - v)) >= fro - 1e-12
+
+
+# --- factors and batch gradients -------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_factor_gradients_match_autograd(loss):
+    model = _mlp()
+    x, y = _data()
+    lam = 0.03
+    facs = noise.gradient_factors(model, x, y, loss)
+    assert set(facs) == {"W1", "W2", "head"}
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        idx = torch.randperm(x.shape[0], generator=g)[:4]
+        ref = noise.autograd_batch_gradient(model, x[idx], y[idx], lam, loss)
+        for name, f in facs.items():
+            got = noise.batch_gradient(f, idx, lam)
+            torch.testing.assert_close(got, ref[name].double(), rtol=1e-10, atol=1e-12)
+
+
+def test_mse_matches_torch_mse_on_one_hot():
+    out = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    ref = F.mse_loss(out, F.one_hot(y, 4).double())
+    assert float(noise.per_sample_loss(out, y, "mse").mean()) == pytest.approx(float(ref), rel=1e-12)
+
+
+def test_gram_norms_match_explicit_norms():
+    model = _mlp(seed=2)
+    x, y = _data(n=15, seed=4)
+    lam = 0.07
+    facs = noise.gradient_factors(model, x, y, "ce")
+    batches = noise.random_batches(15, 5, 30, torch.Generator().manual_seed(0))
+    assert batches.shape == (30, 5)
+    assert all(len(set(b.tolist())) == 5 for b in batches)
+    for f in facs.values():
+        bn = noise.BatchNorms(f, lam)
+        got = bn.norms(batches)
+        ref = torch.stack([torch.linalg.matrix_norm(noise.batch_gradient(f, b, lam)) for b in batches])
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_theorem1_holds_for_every_batch_and_u_has_rank_at_most_b():
+    model = _mlp(seed=5, width=9)
+    x, y = _data(n=9, seed=6)
+    lam = 0.05
+    facs = noise.gradient_factors(model, x, y, "mse")
+    for B in (1, 2, 3):
+        for f in facs.values():
+            lhs = noise.tail_distance(f.W, B)
+            for idx in noise.all_batches(9, B):
+                grad = noise.batch_gradient(f, idx, lam)
+                u = f.W - grad / (2 * lam)  # = -(1/(2 lam B)) D_S^T H_S
+                assert torch.linalg.matrix_rank(u) <= B
+                assert lhs <= float(torch.linalg.matrix_norm(grad)) / (2 * lam) + 1e-12
+
+
+def test_local_search_improves_and_stays_above_the_true_min():
+    model = _mlp(seed=7)
+    x, y = _data(n=11, seed=8)
+    lam = 0.02
+    f = noise.gradient_factors(model, x, y, "ce")["W2"]
+    bn = noise.BatchNorms(f, lam)
+    exact = float(bn.norms(noise.all_batches(11, 3)).min())
+    start = torch.tensor([0, 1, 2])
+    batch, val = bn.local_search(start, max_iter=50)
+    assert batch.numel() == 3 and len(set(batch.tolist())) == 3
+    assert val <= float(bn.norms(start[None])[0]) + 1e-12
+    assert val >= exact - 1e-12
+    assert val == pytest.approx(float(bn.norms(batch[None])[0]), rel=1e-12)
+
+
+def test_c6_table_on_a_small_trained_net():
+    torch.manual_seed(0)
+    model = models.MLP(10, 3, 2, 16).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=g)
+    lam = 0.01
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=2 * lam)
+    for step in range(300):
+        idx = torch.randint(0, 64, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    facs = noise.gradient_factors(model, x, y, "ce", layers=["W1", "W2"])
+    rows = noise.c6_table(facs, lam, [1, 2, 4, 8], n_batches=100, search_iters=30)
+    assert len(rows) == 8
+    for r in rows:
+        assert r["holds"]
+        assert r["rhs_search"] <= r["rhs_min"] + 1e-12
+        assert r["lhs"] <= r["fro"] + 1e-12
+    with pytest.raises(ValueError):
+        noise.c6_table(facs, 0.0, [1])
+
+
+def test_factors_refuse_batch_coupled_models():
+    model = models.MLP(6, 3, 2, 5, bn=True).double().train()
+    x, y = _data()
+    with pytest.raises(ValueError, match="couples samples"):
+        noise.gradient_factors(model, x, y)
+
+
+# --- Props 1-2 on tiny networks --------------------------------------------------------------
+def _tiny(seed, width=6):
+    torch.manual_seed(seed)
+    return models.MLP(3, 1, 2, width, bias=False).double()
+
+
+def test_gd_fixed_point_with_weight_decay_is_not_an_sgd_fixed_point():
+    # (seed, sizes) chosen so that the minimiser is not on a ReLU kink, where the gradient would
+    # not exist; many tiny regularised ReLU nets end on one (a unit exactly at 0 for some sample).
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(8, generator=g, dtype=torch.float64)
+    model = _tiny(5, width=8)
+    lam = 0.05
+    full = noise.fit_full_batch(model, x, y, lam, "mse")
+    assert full < 1e-7
+    assert float(gradients.pattern_margin(model, x).min()) > 1e-5
+    per = noise.per_sample_regularised_gradients(model, x, y, lam, "mse")
+    worst = max(float(torch.linalg.matrix_norm(p["W1"])) for p in per)
+    assert worst > 1e-2  # the single-sample gradients disagree: SGD keeps moving
+    # and the average of the per-sample gradients is the (vanishing) full gradient
+    mean = sum(p["W1"] for p in per) / len(per)
+    assert float(torch.linalg.matrix_norm(mean)) < 1e-6
+
+
+def test_interpolation_without_weight_decay_is_an_sgd_fixed_point():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(4, generator=g, dtype=torch.float64)
+    model = _tiny(1)
+    noise.fit_full_batch(model, x, y, 0.0, "mse", max_iter=5000)
+    per = noise.per_sample_regularised_gradients(model, x, y, 0.0, "mse")
+    assert max(float(torch.linalg.matrix_norm(p[n])) for p in per for n in p) < 1e-6

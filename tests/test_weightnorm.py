@@ -1,0 +1,177 @@
+"""Chapter 4: JANUS's weight-normalised network and its SGD dynamics (sgdrank.weightnorm)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgdrank import gradients, metrics, weightnorm as wn
+
+TINY = wn.Arch((2, 7, 7), ((3, 3, 2, 1), (4, 3, 1, 0)), (5,))
+
+
+def _data(n=10, arch=TINY, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *arch.in_shape, generator=g, dtype=dtype)
+    y = torch.where(torch.rand(n, generator=g) > 0.5, 1.0, -1.0).to(dtype)
+    return x, y
+
+
+def _reference(V, arch, x, j):
+    """Network ``j`` of the batch, written out layer by layer with plain conv2d / matmul."""
+    h = x
+    nconv = len(arch.convs)
+    for v, (c_out, k, s, p) in zip(V[:nconv], arch.convs):
+        h = F.relu(F.conv2d(h, v[j], stride=s, padding=p))
+    h = h.flatten(1)
+    for i, w in enumerate(V[nconv:]):
+        h = h @ w[j].T
+        if i < len(V) - nconv - 1:
+            h = F.relu(h)
+    return h[:, 0]
+
+
+def test_arch_shapes_and_the_papers_parameter_count():
+    assert wn.PAPER_ARCH.flat_dim() == 3200  # 128 x 5 x 5, as JANUS state
+    weights = wn.PAPER_ARCH.n_params() - 1 + 1024  # they have 2 outputs, we have one
+    assert weights == 3_519_328  # + 6 frozen WN gains + rho = their 3,519,335
+    assert wn.BOOK_ARCH.flat_dim() == 16 and wn.BOOK_ARCH.patches() == [49, 16, 4, 1, 1, 1]
+    assert TINY.shapes() == [(3, 2, 3, 3), (4, 3, 3, 3), (5, 16), (1, 5)]
+    assert TINY.patches() == [16, 4, 1, 1]
+    with pytest.raises(ValueError):
+        wn.Arch((1, 4, 4), ((2, 5, 1, 0),), ()).conv_shapes()
+
+
+def test_batched_forward_matches_a_per_network_reference():
+    V = wn.init_weights(TINY, 3, seed=1, dtype=torch.float64)
+    # make the copies different
+    V = [v + 0.1 * torch.randn_like(v) for v in V]
+    V = [wn._unit(v) for v in V]
+    x, _ = _data()
+    out = wn.f_normalised(V, TINY, x)
+    assert out.shape == (10, 3)
+    for j in range(3):
+        torch.testing.assert_close(out[:, j], _reference(V, TINY, x, j), rtol=1e-12, atol=1e-14)
+
+
+def test_init_and_steps_keep_unit_frobenius_norms():
+    V = wn.init_weights(TINY, 2, seed=0, dtype=torch.float64)
+    for v in V:
+        torch.testing.assert_close(v.flatten(1).norm(dim=1), torch.ones(2, dtype=torch.float64))
+    x, y = _data()
+    r = torch.ones(2, dtype=torch.float64)
+    for _ in range(5):
+        g_V, g_r, _ = wn.batch_gradients(V, r, TINY, x, y, torch.tensor([0.0, 0.1], dtype=torch.float64), "square")
+        V, r = wn.sgd_step(V, r, g_V, g_r, 0.5)
+        for v in V:
+            torch.testing.assert_close(v.flatten(1).norm(dim=1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-14)
+
+
+def test_euler_identity_and_rank_one_fc_gradients():
+    """<d f_V(x) / d V_k, V_k> = f_V(x) (each layer enters 1-homogeneously), the identity behind
+    JANUS eq. 15; per-sample gradients have rank 1 for FC layers and <= #patches for convs."""
+    V = wn.init_weights(TINY, 1, seed=3, dtype=torch.float64)
+    x, _ = _data(n=4)
+    fc_ranks = []
+    for i in range(4):
+        Vs = [v.clone().requires_grad_(True) for v in V]
+        f = wn.f_normalised(Vs, TINY, x[i:i + 1])[0, 0]
+        grads = torch.autograd.grad(f, Vs)
+        for k, (g, v) in enumerate(zip(grads, V)):
+            assert float((g * v).sum()) == pytest.approx(float(f.detach()), rel=1e-10, abs=1e-14)
+            r = metrics.numerical_rank(g[0].reshape(g.shape[1], -1))
+            assert r <= min(TINY.patches()[k], *g[0].reshape(g.shape[1], -1).shape)
+            if k >= len(TINY.convs):
+                assert r <= 1
+                fc_ranks.append(r)
+    assert max(fc_ranks) == 1
+
+
+@pytest.mark.parametrize("loss", wn.LOSSES)
+def test_riemannian_gradient_is_autograd_through_the_normalisation(loss):
+    """At ||V||=1, grad_V L(V / ||V||) = (I - V V^T) grad L(V): the projected gradient we step with."""
+    V = wn.init_weights(TINY, 1, seed=4, dtype=torch.float64)
+    x, y = _data(seed=5)
+    rho0, lam = 7.0, 0.3
+    r = torch.tensor([1.3], dtype=torch.float64)
+    g_V, g_r, fbar = wn.batch_gradients(V, r, TINY, x, y, lam, loss, rho0)
+    Ws = [v.clone().requires_grad_(True) for v in V]
+    rr = r.clone().requires_grad_(True)
+    normed = [w / w.flatten(1).norm(dim=1).view(-1, *([1] * (w.ndim - 1))) for w in Ws]
+    u = rho0 * rr * wn.f_normalised(normed, TINY, x) * y.view(-1, 1)
+    total = wn.margin_loss(u, loss).mean(0).sum() + lam * rr.pow(2).sum()
+    ref = torch.autograd.grad(total, Ws + [rr])
+    for a, b, v in zip(g_V, ref[:-1], V):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        assert abs(float((a * v).sum())) < 1e-12  # tangent to the sphere
+    torch.testing.assert_close(g_r, ref[-1], rtol=1e-10, atol=1e-13)
+    if loss == "square":  # JANUS eq. 17 (signs corrected): dL/drho = -(2/B) sum (1 - rho fbar) fbar + 2 lam rho
+        rho = rho0 * r
+        g_rho = -(2 * (1 - rho * fbar[:, 0]) * fbar[:, 0]).mean() + 2 * lam * rho / rho0**2
+        # in r = rho / rho0: dL/dr = rho0 dL/drho, and lam r^2 = (lam / rho0^2) rho^2
+        torch.testing.assert_close(g_r, rho0 * g_rho, rtol=1e-10, atol=1e-13)
+
+
+def test_layer_lrs_follow_weight_normalisation():
+    lrs = wn.layer_lrs(TINY, 0.03, 0.1)
+    for lr_k, shape in zip(lrs, TINY.shapes()):
+        assert lr_k == pytest.approx(0.03 / (0.01 * math.prod(shape)))
+    assert wn.layer_lrs(TINY, 0.03, None) == [0.03] * 4
+
+
+def test_weight_normalisation_step_matches_the_layer_lr():
+    """One SGD step on v (with ||v|| = s sqrt(n)) moves the direction V = v/||v|| like a Riemannian
+    step with learning rate lr / ||v||^2, to first order in lr."""
+    V = wn.init_weights(TINY, 1, seed=6, dtype=torch.float64)
+    x, y = _data(seed=7)
+    r = torch.ones(1, dtype=torch.float64)
+    lr, s = 1e-5, 0.1
+    g_V, _, _ = wn.batch_gradients(V, r, TINY, x, y, 0.0, "logistic", 3.0)
+    lrs = wn.layer_lrs(TINY, lr, s)
+    for k, v in enumerate(V):
+        scale = s * math.sqrt(v[0].numel())
+        w = (v * scale).clone().requires_grad_(True)
+        Vs = [vv if i != k else w / w.norm() for i, vv in enumerate(V)]
+        loss = wn.margin_loss(3.0 * wn.f_normalised(Vs, TINY, x) * y.view(-1, 1), "logistic").mean()
+        gw, = torch.autograd.grad(loss, w)
+        w_new = (w - lr * gw).detach()
+        direction = w_new / w_new.norm()
+        riem = wn._unit(v - lrs[k] * g_V[k])
+        assert float((direction - riem).norm()) < 1e-3 * float((riem - v).norm()) + 1e-15
+
+
+def test_train_batches_independent_copies():
+    x, y = _data(n=24, seed=8, dtype=torch.float32)
+    res = wn.train(x, y, arch=TINY, lams=[0.0, 0.05, 0.0], loss="square", batch_size=8, lr=0.05,
+                   epochs=6, record_last=3, x_test=x, y_test=y)
+    h = res.history
+    assert h["loss"].shape == (7, 3) and res.margins.shape == (3, 3, 24)
+    # copies 0 and 2 have the same lambda, init and batches: identical
+    for v in res.V:
+        torch.testing.assert_close(v[0], v[2], rtol=0, atol=0)
+    assert not torch.equal(res.V[0][0], res.V[0][1])
+    assert float(h["rho"][-1, 1]) < float(h["rho"][-1, 0])  # weight decay shrinks rho
+    assert res.grad_batch.shape == (4, 3) and res.grad_full.shape == (4, 3)
+    assert wn.margin_fluctuation(res.margins).shape == (3,)
+    rows = res.layer_table()
+    assert len(rows) == 4 * 3
+    assert all(1 <= r["rank"] <= min(r["shape"]) for r in rows)
+    gd = wn.train(x, y, arch=TINY, lams=[0.0], loss="exp", batch_size=10_000, lr=0.05, epochs=3)
+    assert gd.batch_size == 24
+
+
+def test_train_rejects_unknown_loss():
+    x, y = _data(n=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown loss"):
+        wn.train(x, y, arch=TINY, lams=[0.0], loss="hinge", epochs=1)
+
+
+def test_margin_fluctuation_measures_epoch_to_epoch_change():
+    still = torch.ones(5, 2, 7)
+    assert torch.equal(wn.margin_fluctuation(still), torch.zeros(2))
+    g = torch.Generator().manual_seed(0)
+    noisy = 2.0 + 0.1 * torch.randn(200, 1, 50, generator=g)
+    # RMS of the difference of two independent N(0, 0.1^2) draws, relative to the mean |margin| 2
+    assert float(wn.margin_fluctuation(noisy)[0]) == pytest.approx(0.1 * math.sqrt(2) / 2, rel=0.05)
+    with pytest.raises(ValueError):
+        wn.margin_fluctuation(torch.ones(1, 2, 3))
