@@ -1,0 +1,498 @@
+"""K networks of one architecture as one computation: hand-batched weights, forward and backward.
+
+:class:`BatchedNet` holds K copies ("runs") of one of the book's fully connected models
+(``MLP-L-H``, ``MLP-BN-L-H``, ``RES-L-H``, ``RES-BN-L-H``; see :mod:`sgdrank.models` for the exact
+forward) and trains them in lock-step: each run sees its own mini-batch, so a step is one batched
+matrix product per layer, and the gradients come from a hand-written backward pass (no autograd
+graph), so the number of tensor operations per step does not depend on K.
+
+Layouts. Activations are kept *feature-major*, ``(K, H, B)`` (run, unit, sample): a linear layer
+is ``Z = W H + b`` (``bmm`` of ``(K, d_out, d_in)`` by ``(K, d_in, B)``), and batch
+normalisation of all runs is one ``native_batch_norm`` on ``(1, K*H, B)`` (``K*H`` channels).
+The weight matrices of all runs live in one run-major ``(K, n_matrix)`` tensor ``mat`` (each
+matrix a ``(K, d_out, d_in)`` view), the vectors (biases, BN ``gamma``/``beta``) in one flat
+tensor ``vec`` of contiguous ``(K, len)`` blocks; gradients and momentum buffers share these
+layouts, so one SGD step for every run and parameter is four to six tensor operations with
+per-run coefficients (learning rate, weight decay, momentum). ``P[name]`` / ``G[name]`` are
+views by ``state_dict`` name; BN running statistics are ``(K, H)`` tensors ``S[name]``.
+
+Conventions (identical to :mod:`sgdrank.models` + ``torch.optim.SGD``):
+
+- linear layer ``z = h W^T + b``; ``W`` is ``(d_out, d_in)``;
+- BN in training mode: ``y = gamma * (z - mean_B z) / sqrt(var_B z + eps) + beta`` (biased batch
+  variance; ``detach_var`` treats ``1/sqrt(var_B + eps)`` as a constant in the backward pass);
+  running statistics ``r <- (1 - 0.1) r + 0.1 * stat`` with the unbiased batch variance; eval mode
+  uses the running statistics;
+- losses, per run: ``"ce"`` = mean over the batch of cross-entropy; ``"mse"`` = mean over batch
+  and output coordinates of ``(f(x) - t)^2`` with ``t`` the one-hot label (or the real target);
+- SGD step (PyTorch's order of operations, ``torch.optim.SGD`` with ``weight_decay = 2 lam`` on
+  the decayed elements): ``d = g + 2 lam p``; with momentum ``m``: ``v <- m v + d`` (``v_0 = 0``),
+  ``p <- p - lr v``; without: ``p <- p - lr d = (1 - 2 lr lam) p - lr g``.
+
+Nothing here synchronises with the host: losses and accuracies are accumulated on the device.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import models
+
+SUPPORTED = ("MLP-L-H", "MLP-BN-L-H", "RES-L-H", "RES-BN-L-H")
+_SPEC = re.compile(r"^(MLP|RES|CONV)(-BN)?-(\d+)-(\d+)$")
+_ACTS = ("relu", "identity", "tanh")
+BN_EPS = 1e-5
+DTYPE = torch.float32  # training precision, whatever torch.get_default_dtype() says
+BN_MOMENTUM = 0.1
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What fixes the computation: the model name and the options of :func:`models.build_model`."""
+    model: str
+    in_shape: tuple
+    out_dim: int
+    bias: bool = True
+    detach_var: bool = False
+    activation: str = "relu"
+
+    def parse(self) -> tuple[str, bool, int, int]:
+        """``(family, bn, depth, width)``; the zoo's VGG16-BN / RESNET18 / VIT parse as
+        ``("ZOO", True, 0, 0)`` (trained one at a time by the loop engine)."""
+        m = _SPEC.match(self.model.strip().upper())
+        if not m:
+            from . import zoo
+
+            if zoo._key(self.model) in {zoo._key(z) for z in zoo.ZOO}:
+                return "ZOO", True, 0, 0
+            raise ValueError(f"unknown model {self.model!r}: use one of {', '.join(models.FAMILIES)} "
+                             f"or {', '.join(zoo.ZOO)}")
+        return m.group(1), bool(m.group(2)), int(m.group(3)), int(m.group(4))
+
+    @property
+    def in_dim(self) -> int:
+        return _prod(self.in_shape)
+
+    def build(self, seed: int | None = None) -> nn.Module:
+        """The reference ``nn.Module`` (PyTorch's default init, seeded by ``seed``)."""
+        shape = self.in_shape if self.parse()[0] in ("CONV", "ZOO") else self.in_dim
+        return models.build_model(self.model, shape, self.out_dim, bias=self.bias,
+                                  detach_var=self.detach_var, activation=self.activation, seed=seed)
+
+
+def supported(arch: Arch) -> bool:
+    """True when :class:`BatchedNet` can train ``arch`` (MLP / RES families, relu/identity/tanh)."""
+    return arch.parse()[0] in ("MLP", "RES") and arch.activation in _ACTS
+
+
+class BatchedNet:
+    """K runs of one architecture (see the module docstring for the layouts).
+
+    ``P[name]`` / ``G[name]``: ``(K, *shape)`` views of parameter ``name`` (a ``state_dict`` key of
+    the reference module) and of its gradient; ``S[name]``: BN running statistics ``(K, H)``.
+    """
+
+    def __init__(self, arch: Arch, K: int, device: torch.device | str = "cpu"):
+        if not supported(arch):
+            raise NotImplementedError(
+                f"the batched engine trains {', '.join(SUPPORTED)} with activation in {_ACTS}; "
+                f"got {arch.model!r} / {arch.activation!r} (use engine='loop')")
+        self.arch, self.K, self.device = arch, int(K), torch.device(device)
+        self.family, self.bn, self.depth, self.width = arch.parse()
+        ref = arch.build()
+        self.shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+        self.matrix_names = [n for n, s in self.shapes.items() if len(s) == 2]
+        self.vector_names = [n for n, s in self.shapes.items() if len(s) != 2]
+        self.buffer_shapes = {n: tuple(b.shape) for n, b in ref.named_buffers()}
+        path = {id(m): n for n, m in ref.named_modules()}
+        #: ``state_dict`` names of the rank-tracked matrices, in forward order, and their labels
+        self.tracked = [f"{path[id(m)]}.weight" for _, m in ref.rank_layers()]
+        self.layer_labels = {f"{path[id(m)]}.weight": n for n, m in ref.rank_layers()}
+        self.layer_labels["head.weight"] = "head"
+        K = self.K
+        self.mat_offsets, off = {}, 0
+        for n in self.matrix_names:
+            self.mat_offsets[n] = (off, _prod(self.shapes[n]))
+            off += _prod(self.shapes[n])
+        self.n_matrix = off
+        self.vec_offsets, off = {}, 0
+        for n in self.vector_names:
+            self.vec_offsets[n] = (off, K * _prod(self.shapes[n]))
+            off += K * _prod(self.shapes[n])
+        self.n_vector = off // K if K else 0
+        dev = self.device
+        self.mat = torch.zeros(K, self.n_matrix, dtype=DTYPE, device=dev)
+        self.gmat = torch.zeros(K, self.n_matrix, dtype=DTYPE, device=dev)
+        self.vec = torch.zeros(off, dtype=DTYPE, device=dev)
+        self.gvec = torch.zeros(off, dtype=DTYPE, device=dev)
+        self.mom_mat = self.mom_vec = None
+        self.S = {n: torch.zeros((K, *s), dtype=DTYPE, device=dev) for n, s in self.buffer_shapes.items()}
+        self.P = {**self.view_mat(self.mat), **self._view_vec(self.vec)}
+        self.G = {**self.view_mat(self.gmat), **self._view_vec(self.gvec)}
+        self._vec_run = torch.cat([torch.arange(K, device=dev).repeat_interleave(_prod(self.shapes[n]))
+                                   for n in self.vector_names]) if self.vector_names else torch.zeros(0, dtype=torch.long, device=dev)
+        self._coef = None
+        self._neg_ones: dict = {}
+        self._act = arch.activation
+        self._plan = self._make_plan()
+        self.train_steps = 0
+
+    # ----------------------------------------------------------------- storage
+    def view_mat(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: (K, d_out, d_in)}`` views of a ``(K, n_matrix)`` tensor laid out like ``mat``."""
+        return {n: m[:, o:o + k].view(m.shape[0], *self.shapes[n]) for n, (o, k) in self.mat_offsets.items()}
+
+    def _view_vec(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: v[o:o + k].view(self.K, *self.shapes[n]) for n, (o, k) in self.vec_offsets.items()}
+
+    def finite(self) -> torch.Tensor:
+        """``(K,)`` bool: every parameter and BN statistic of the run is finite (device tensor)."""
+        ok = torch.isfinite(self.mat).all(1)
+        for n in self.vector_names:
+            ok &= torch.isfinite(self.P[n].reshape(self.K, -1)).all(1)
+        for v in self.S.values():
+            ok &= torch.isfinite(v.reshape(self.K, -1)).all(1)
+        return ok
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything that evolves in training (for checkpoints), as CPU tensors."""
+        out = {"mat": self.mat, "vec": self.vec, **{f"S.{n}": v for n, v in self.S.items()}}
+        if self.mom_mat is not None:
+            out.update(mom_mat=self.mom_mat, mom_vec=self.mom_vec)
+        return {k: v.detach().cpu().clone() for k, v in out.items()}
+
+    def load_state(self, st: dict[str, torch.Tensor]):
+        self.mat.copy_(st["mat"])
+        self.vec.copy_(st["vec"])
+        for n in self.S:
+            self.S[n].copy_(st[f"S.{n}"])
+        if "mom_mat" in st:
+            self.mom_mat = st["mom_mat"].to(self.device).clone()
+            self.mom_vec = st["mom_vec"].to(self.device).clone()
+
+    def select(self, keep: Sequence[int]) -> "BatchedNet":
+        """A new net holding only the runs ``keep`` (same order): parameters, statistics and
+        momentum buffers copied."""
+        keep_t = torch.as_tensor(list(keep), dtype=torch.long, device=self.device)
+        new = BatchedNet(self.arch, len(keep), self.device)
+        new.mat.copy_(self.mat.index_select(0, keep_t))
+        for n in self.vector_names:
+            new.P[n].copy_(self.P[n].index_select(0, keep_t))
+        for n in self.S:
+            new.S[n].copy_(self.S[n].index_select(0, keep_t))
+        if self.mom_mat is not None:
+            new.mom_mat = self.mom_mat.index_select(0, keep_t)
+            mv = self._view_vec(self.mom_vec)
+            new.mom_vec = torch.cat([mv[n].index_select(0, keep_t).reshape(-1) for n in self.vector_names])
+        return new
+
+    def load_module(self, k: int, module: nn.Module):
+        """Copy the parameters and buffers of ``module`` (reference layout) into run ``k``."""
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                self.P[n][k].copy_(p.detach())
+            for n, b in module.named_buffers():
+                self.S[n][k].copy_(b.detach())
+
+    def state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Run ``k`` as a ``state_dict`` of the reference module (CPU clones)."""
+        out = {n: v[k].detach().cpu().clone() for n, v in self.P.items()}
+        out.update({n: v[k].detach().cpu().clone() for n, v in self.S.items()})
+        return out
+
+    def module(self, k: int) -> nn.Module:
+        """Run ``k`` as the reference ``nn.Module`` (eval mode, CPU)."""
+        m = self.arch.build().to(DTYPE)
+        m.load_state_dict(self.state_dict(k))
+        return m.eval()
+
+    # ----------------------------------------------------------------- optimiser
+    def set_hyper(self, lr: Sequence[float], wd: Sequence[float], momentum: Sequence[float] | None = None,
+                  decay_vectors: bool = True):
+        """Per-run learning rate, PyTorch weight decay (``2 lam``) and momentum for the next
+        steps (call once per epoch; ``decay_vectors=False`` decays the matrices only)."""
+        dev, K = self.device, self.K
+        lr_t = torch.as_tensor(list(lr), dtype=torch.float32).to(dev).view(K, 1)
+        wd_t = torch.as_tensor(list(wd), dtype=torch.float32).to(dev).view(K, 1)
+        lr_v = lr_t.view(-1)[self._vec_run]
+        wd_v = wd_t.view(-1)[self._vec_run] if decay_vectors else torch.zeros_like(lr_v)
+        c = {"lr": lr_t, "wd": wd_t, "lr_v": lr_v, "wd_v": wd_v, "shrink_v": 1.0 - lr_v * wd_v, "m": None, "m_v": None,
+             # host scalars for the fused matrix update W <- (1 - lr wd) W - lr dZ H^T
+             "lr_f": [float(v) for v in lr], "shrink": [1.0 - float(a) * float(b) for a, b in zip(lr, wd)]}
+        if momentum is not None and any(float(m) != 0 for m in momentum):
+            m_t = torch.as_tensor(list(momentum), dtype=torch.float32).to(dev).view(K, 1)
+            c.update(m=m_t, m_v=m_t.view(-1)[self._vec_run])
+            if self.mom_mat is None:
+                self.mom_mat = torch.zeros_like(self.mat)
+                self.mom_vec = torch.zeros_like(self.vec)
+        self._coef = c
+
+    def sgd_step(self, matrices: bool = True):
+        """One SGD step of every run from the gradients of the last :meth:`train_step`, with
+        the coefficients of :meth:`set_hyper` (:func:`sgd_update` on both storages)."""
+        c = self._coef
+        if matrices:
+            sgd_update(self.mat, self.gmat, c["lr"], c["wd"], c["m"], self.mom_mat)
+        # vectors: the same step, written so that ``gvec`` is left untouched (the entries of the
+        # biases that feed a batch norm stay exactly 0, see train_step)
+        if c["m_v"] is None:
+            self.vec.mul_(c["shrink_v"]).addcmul_(self.gvec, c["lr_v"], value=-1.0)
+        else:
+            self.mom_vec.mul_(c["m_v"]).add_(self.gvec).addcmul_(self.vec, c["wd_v"])
+            self.vec.addcmul_(self.mom_vec, c["lr_v"], value=-1.0)
+
+    def _fused_update(self, W_runs, dz: torch.Tensor, inT: torch.Tensor):
+        """Gradient and SGD step of one weight matrix at once, run by run (momentum 0):
+        ``W_k <- (1 - lr_k wd_k) W_k - lr_k dZ_k H_k^T`` (one ``addmm_`` per run: the gradient
+        is never stored and the weights are read and written once)."""
+        c = self._coef
+        for Wk, dk, hk, s, lr in zip(W_runs, dz.unbind(0), inT.transpose(1, 2).unbind(0), c["shrink"], c["lr_f"]):
+            Wk.addmm_(dk, hk, beta=s, alpha=-lr)
+
+    # ----------------------------------------------------------------- forward plan
+    def _make_plan(self):
+        """The forward as a list of units: linear (+ BN) (+ activation), with residual tags:
+        ``"open"`` saves the stream before the unit, ``"close"`` adds it after."""
+        if self.family == "MLP":
+            spec = [(f"layers.{i}", f"norms.{i}" if self.bn else None, True, None) for i in range(self.depth)]
+        else:
+            spec = [("stem", None, False, None)]
+            for i in range(self.depth):
+                spec.append((f"blocks.{i}.W1", f"blocks.{i}.n1" if self.bn else None, True, "open"))
+                spec.append((f"blocks.{i}.W2", f"blocks.{i}.n2" if self.bn else None, True, "close"))
+        plan = []
+        for lin, norm, act, res in spec:
+            # a bias that feeds a batch norm has gradient exactly 0 (BN removes the batch mean):
+            # it is not computed (autograd would return rounding noise), the bias only decays
+            u = {"W": self.P[f"{lin}.weight"], "WT": self.P[f"{lin}.weight"].transpose(1, 2),
+                 "gW": self.G[f"{lin}.weight"], "W_runs": list(self.P[f"{lin}.weight"].unbind(0)),
+                 "b": self.P.get(f"{lin}.bias"), "gb": None if norm is not None else self.G.get(f"{lin}.bias"),
+                 "act": act, "res": res, "bn": norm is not None, "H": self.shapes[f"{lin}.weight"][0]}
+            if norm is not None:
+                u.update(gamma=self.P[f"{norm}.weight"].view(-1), beta=self.P[f"{norm}.bias"].view(-1),
+                         ggamma=self.G[f"{norm}.weight"].view(-1), gbeta=self.G[f"{norm}.bias"].view(-1),
+                         rm=self.S[f"{norm}.running_mean"].view(-1), rv=self.S[f"{norm}.running_var"].view(-1))
+            plan.append(u)
+        self._head = {"W": self.P["head.weight"], "WT": self.P["head.weight"].transpose(1, 2),
+                      "gW": self.G["head.weight"],
+                      "W_runs": list(self.P["head.weight"].unbind(0)),
+                      "b": self.P.get("head.bias"), "gb": self.G.get("head.bias")}
+        return plan
+
+    def _act_fwd(self, a):
+        if self._act == "relu":
+            return torch.relu(a)
+        if self._act == "tanh":
+            return torch.tanh(a)
+        return a
+
+    def _act_bwd(self, dh, h):
+        if self._act == "relu":
+            return torch.ops.aten.threshold_backward(dh, h, 0)
+        if self._act == "tanh":
+            return torch.ops.aten.tanh_backward(dh, h)
+        return dh
+
+    @staticmethod
+    def _linear(u, hT):
+        """``Z = W H + b`` per run: ``hT`` ``(K, d_in, n)`` -> ``(K, d_out, n)``."""
+        if u["b"] is None:
+            return torch.bmm(u["W"], hT)
+        return torch.baddbmm(u["b"].unsqueeze(2), u["W"], hT)
+
+    # ----------------------------------------------------------------- training
+    def train_step(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None, loss: str,
+                   update: bool = False):
+        """Forward and backward on one batch per run; updates the BN running statistics.
+
+        ``update=False``: writes the gradients ``G`` (call :meth:`sgd_step` to apply them).
+        ``update=True``: also takes the SGD step with the coefficients of :meth:`set_hyper`; with
+        momentum 0 for every run the weight matrices are updated inside the backward pass, right
+        after their last use (:meth:`_fused_update`; ``G`` then holds no matrix gradients).
+        ``x``: ``(K, B, d)`` inputs; ``t``: ``(K, B, C)`` float targets for ``"mse"`` (one-hot or
+        real), unused for ``"ce"``; ``y``: ``(K, B)`` labels (``None`` for regression).
+        Returns ``(loss (K,), correct (K,) or None)``, device tensors (no host sync)."""
+        # the fused in-backward update loops over the runs: good on a CPU, not on a GPU
+        fused = update and self._coef is not None and self._coef["m"] is None and self.device.type == "cpu"
+        K, B = x.shape[0], x.shape[1]
+        inv_b = 1.0 / B
+        plan = self._plan
+        saved = []
+        hT = x.transpose(1, 2)  # (K, d, B) view
+        stream = None
+        for u in plan:
+            if u["res"] == "open":
+                stream = hT
+            z = self._linear(u, hT)  # (K, H, B)
+            c = {"in": hT}
+            if u["bn"]:
+                H = u["H"]
+                z3 = z.view(1, K * H, B)
+                rv_old = u["rv"].clone() if B == 1 else None
+                a3, smean, sinv = torch.native_batch_norm(z3, u["gamma"], u["beta"], u["rm"], u["rv"],
+                                                          True, BN_MOMENTUM, BN_EPS)
+                if B == 1:  # models.BatchNorm's unbiased variance of one sample is 0, not 0/0
+                    u["rv"].copy_(rv_old.mul_(1 - BN_MOMENTUM))
+                a = a3.view(K, H, B)
+                c.update(z3=z3, smean=smean, sinv=sinv)
+            else:
+                a = z
+            out = self._act_fwd(a) if u["act"] else a
+            c["out"] = out
+            saved.append(c)
+            hT = stream + out if u["res"] == "close" else out
+        hd = self._head
+        logits = self._linear(hd, hT)  # (K, C, B)
+
+        # loss and its gradient w.r.t. the logits (mean over the batch of each run)
+        correct = None
+        if loss == "ce":
+            logp = torch.log_softmax(logits, 1)
+            idx = y.unsqueeze(1)  # (K, 1, B)
+            lval = logp.gather(1, idx).sum((1, 2)).mul_(-inv_b)
+            dlog = logp.exp_()
+            neg = self._neg_ones.get(idx.shape)
+            if neg is None:
+                neg = self._neg_ones[idx.shape] = torch.full(idx.shape, -1.0, dtype=dlog.dtype, device=dlog.device)
+            dlog.scatter_add_(1, idx, neg)
+            dlog.mul_(inv_b)
+        elif loss == "mse":
+            C = logits.shape[1]
+            diff = logits - t.transpose(1, 2)
+            lval = (diff * diff).sum((1, 2)).mul_(inv_b / C)
+            dlog = diff.mul_(2.0 * inv_b / C)
+        else:
+            raise ValueError(f"unknown loss {loss!r}: use 'ce' or 'mse'")
+        if y is not None:
+            correct = (logits.argmax(1) == y).sum(1)
+
+        # backward
+        if hd["gb"] is not None:
+            torch.sum(dlog, 2, out=hd["gb"])
+        dh = torch.bmm(hd["WT"], dlog)  # (K, H, B)
+        if fused:
+            self._fused_update(hd["W_runs"], dlog, hT)
+        else:
+            torch.bmm(dlog, hT.transpose(1, 2), out=hd["gW"])
+        dstream = None
+        for i in range(len(plan) - 1, -1, -1):
+            u, c = plan[i], saved[i]
+            if u["res"] == "close":
+                dstream = dh
+            da = self._act_bwd(dh, c["out"]) if u["act"] else dh
+            if u["bn"]:
+                H = u["H"]
+                da3 = da.reshape(1, K * H, B)
+                dz3, _, _ = torch.ops.aten.native_batch_norm_backward.out(
+                    da3, c["z3"], u["gamma"], None, None, c["smean"], c["sinv"], True, BN_EPS,
+                    [True, True, True], out0=torch.empty_like(da3), out1=u["ggamma"], out2=u["gbeta"])
+                if self.arch.detach_var:
+                    # stop-grad through 1/sqrt(var): remove the term -gamma*inv*y*mean(da*y)
+                    sm, si = c["smean"].view(1, -1, 1), c["sinv"].view(1, -1, 1)
+                    yn = (c["z3"] - sm).mul_(si)
+                    coef = (c["sinv"] * u["gamma"] * u["ggamma"]).view(1, -1, 1)
+                    dz3 = dz3.addcmul_(yn, coef, value=inv_b)
+                dz = dz3.view(K, H, B)
+            else:
+                dz = da
+            if u["gb"] is not None:
+                torch.sum(dz, 2, out=u["gb"])
+            if i > 0:
+                dh = torch.bmm(u["WT"], dz)
+                if u["res"] == "open":
+                    dh = dh.add_(dstream)
+            if fused:
+                self._fused_update(u["W_runs"], dz, c["in"])
+            else:
+                torch.bmm(dz, c["in"].transpose(1, 2), out=u["gW"])
+        if update:
+            self.sgd_step(matrices=not fused)
+        self.train_steps += 1
+        return lval, correct
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None, loss: str,
+                 chunk: int | None = None):
+        """Eval-mode loss (summed over samples) and number correct per run on inputs ``x``
+        ``(n, d)`` shared by all runs. ``t``: ``(n, C)`` targets; ``y``: ``(n,)`` labels or None.
+        Returns ``(loss_sum (K,), correct (K,) or None)`` (float64, on the device)."""
+        n = x.shape[0]
+        K = self.K
+        loss_sum = torch.zeros(K, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(K, dtype=torch.float64, device=self.device) if y is not None else None
+        if n == 0:
+            return loss_sum, correct
+        if chunk is None:
+            chunk = max(64, min(n, 2**23 // max(1, K * max(self.width, x.shape[1]))))
+        u0 = self._plan[0]
+        first = (u0["W"].reshape(-1, x.shape[1]), None if u0["b"] is None else u0["b"].reshape(-1, 1))
+        for s in range(0, n, chunk):
+            logits = self.forward_eval(x[s:s + chunk], first)  # (K, C, m)
+            m = logits.shape[2]
+            if loss == "ce":
+                yb = y[s:s + chunk]
+                l = F.cross_entropy(logits, yb.expand(K, m), reduction="none")
+                loss_sum += l.double().sum(1)
+            else:
+                tb = t[s:s + chunk].t()
+                loss_sum += ((logits - tb) ** 2).mean(1).double().sum(1)
+            if y is not None:
+                correct += (logits.argmax(1) == y[s:s + chunk]).double().sum(1)
+        return loss_sum, correct
+
+    @torch.no_grad()
+    def forward_eval(self, x: torch.Tensor, first=None) -> torch.Tensor:
+        """Eval-mode logits ``(K, C, n)`` of all runs on shared inputs ``x`` ``(n, d)``."""
+        K, n = self.K, x.shape[0]
+        hT, stream = None, None
+        for j, u in enumerate(self._plan):
+            if u["res"] == "open":
+                stream = hT
+            if j == 0:  # inputs shared by the runs: one (K*H, d) @ (d, n) product
+                Wc, bc = first if first is not None else (
+                    u["W"].reshape(-1, x.shape[1]), None if u["b"] is None else u["b"].reshape(-1, 1))
+                z = torch.mm(Wc, x.t()) if bc is None else torch.addmm(bc, Wc, x.t())
+                z = z.view(K, -1, n)
+            else:
+                z = self._linear(u, hT)
+            if u["bn"]:
+                # y = (z - mean) / sqrt(var + eps) * gamma + beta = z * scale + shift
+                scale = torch.rsqrt(u["rv"] + BN_EPS)
+                shift = -u["rm"] * scale
+                scale, shift = scale * u["gamma"], torch.addcmul(u["beta"], shift, u["gamma"])
+                z = torch.addcmul(shift.view(K, -1, 1), z, scale.view(K, -1, 1))
+            out = self._act_fwd(z) if u["act"] else z
+            hT = stream + out if u["res"] == "close" else out
+        return self._linear(self._head, hT)
+
+
+def sgd_update(params: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor | None,
+               momentum: torch.Tensor | None = None, buf: torch.Tensor | None = None) -> None:
+    """One SGD step, in place, in ``torch.optim.SGD``'s order of operations:
+    ``d = g + wd * p``; with momentum ``v <- m v + d`` (``v`` starts at 0, so ``v_1 = d``),
+    ``p <- p - lr v``; without: ``p <- p - lr d``.
+
+    ``lr``, ``wd``, ``momentum`` broadcast against ``params`` (``(K, 1)`` per run, or one value
+    per element); ``wd = 2 * lam`` (:func:`sgdrank.conventions.torch_weight_decay`) or None for
+    no decay. With ``g = 0`` and no momentum the step is ``p <- (1 - 2 lr lam) p`` up to
+    rounding. ``grads`` is overwritten with ``d``."""
+    if wd is not None:
+        grads.addcmul_(params, wd)
+    if momentum is None:
+        params.addcmul_(grads, lr, value=-1.0)
+    else:
+        buf.mul_(momentum).add_(grads)
+        params.addcmul_(buf, lr, value=-1.0)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out

@@ -1,0 +1,334 @@
+"""The sweep engine (sgdrank.sweep / sgdrank.batched) against plain one-at-a-time training.
+
+The reference here is deliberately independent of the engine: ``models.build_model`` +
+``torch.optim.SGD(weight_decay=2 lam)`` + ``sgdrank.metrics``, fed the same batch order
+(``sweep.batches``), on small synthetic data so the whole file runs in seconds.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sgdrank import batched, conventions, metrics, models, sweep
+
+N_TRAIN, N_TEST, N_CLASSES = 96, 40, 3
+
+
+def make_data(seed=0, n_train=N_TRAIN, n_test=N_TEST):
+    """A small 3-class image problem, shaped like the data module's output: (n, 1, 4, 5)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(N_CLASSES, 20, generator=g, dtype=torch.float32)
+    y = torch.randint(0, N_CLASSES, (n_train + n_test,), generator=g)
+    x = centers[y] + 0.8 * torch.randn(n_train + n_test, 20, generator=g, dtype=torch.float32)
+    x = x.view(-1, 1, 4, 5)
+    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
+                           n_classes=N_CLASSES, input_shape=(1, 4, 5))
+
+
+DATA = make_data()
+
+
+@pytest.fixture(autouse=True)
+def _float32_default():
+    """These tests build float32 reference modules, whatever another test module set."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
+def plain_train(cfg: sweep.Config, ds=DATA):
+    """One configuration the textbook way; returns final state_dict and per-epoch records."""
+    model = models.build_model(cfg.model, 20, N_CLASSES, bias=cfg.bias, detach_var=cfg.detach_var, seed=cfg.seed)
+    wd = conventions.torch_weight_decay(cfg.lam)
+    if cfg.decay == "all":
+        groups = [{"params": list(model.parameters()), "weight_decay": wd}]
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.ndim == 2], "weight_decay": wd},
+                  {"params": [p for p in model.parameters() if p.ndim != 2], "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    x, y = ds.x_train.flatten(1), ds.y_train
+    xt, yt = ds.x_test.flatten(1), ds.y_test
+
+    def loss_fn(out, target):
+        if cfg.loss == "ce":
+            return F.cross_entropy(out, target)
+        return F.mse_loss(out, F.one_hot(target, N_CLASSES).float())
+
+    def evaluate(xx, yy):
+        model.eval()
+        with torch.no_grad():
+            out = model(xx)
+            l, a = float(loss_fn(out, yy)), float((out.argmax(1) == yy).float().mean())
+        model.train()
+        return l, a
+
+    records = []
+    prev = metrics.snapshot(model)
+    for epoch in range(cfg.epochs + 1):
+        row = {"epoch": epoch}
+        if epoch:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr_at(epoch)
+            tot, n = 0.0, 0
+            for idx in sweep.batches(cfg.seed, epoch, len(x), cfg.batch_size, cfg.drop_last):
+                loss = loss_fn(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * len(idx)
+                n += len(idx)
+            row["batch_loss"] = tot / n
+        row["train_loss"], row["train_acc"] = evaluate(x, y)
+        row["test_loss"], row["test_acc"] = evaluate(xt, yt)
+        snap = metrics.snapshot(model)
+        if epoch:
+            row["conv_dist"] = metrics.convergence_distance(prev, snap)
+        prev = snap
+        row["layers"] = metrics.layer_table(model)
+        records.append(row)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, records
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def assert_matches_plain(res: sweep.Result, i: int, tol=1e-5):
+    cfg = res.configs[i]
+    state, records = plain_train(cfg)
+    mine = res.state_dict(i)
+    assert set(mine) == set(state)
+    for k in state:
+        assert rel(mine[k], state[k]) < tol, (k, rel(mine[k], state[k]))
+    ep = res.epochs[res.epochs.run_id == i].set_index("epoch")
+    ly = res.layers[res.layers.run_id == i]
+    for r in records:
+        e = r["epoch"]
+        for col in ("train_loss", "test_loss", "train_acc", "test_acc", "batch_loss", "conv_dist"):
+            if col in r:
+                assert math.isclose(ep.loc[e, col], r[col], rel_tol=tol, abs_tol=1e-7), (e, col, ep.loc[e, col], r[col])
+        rows = ly[ly.epoch == e].sort_values("index")
+        assert list(rows.layer) == [t["layer"] for t in r["layers"]]
+        for (_, a), b in zip(rows.iterrows(), r["layers"]):
+            assert a["rank"] == b["rank"]
+            for col in ("fro", "spec", "stable_rank"):
+                assert math.isclose(a[col], b[col], rel_tol=tol), (e, a["layer"], col)
+            assert np.allclose(a["sv"], b["sv"], rtol=0, atol=tol * b["fro"])
+        assert ep.loc[e, "avg_rank"] == sum(t["rank"] for t in r["layers"]) / len(r["layers"])
+
+
+# ---------------------------------------------------------------------------------- equality
+FAMILIES = [
+    ("MLP-3-8", False, "ce"),
+    ("MLP-BN-3-8", False, "ce"),
+    ("MLP-BN-3-8", True, "mse"),
+    ("RES-BN-2-8", False, "ce"),
+    ("RES-BN-2-8", True, "ce"),
+    ("RES-2-8", False, "mse"),
+]
+
+
+@pytest.mark.parametrize("model,detach_var,loss", FAMILIES)
+def test_batched_equals_one_at_a_time(model, detach_var, loss):
+    base = sweep.Config(model=model, dataset="toy", batch_size=16, epochs=3, loss=loss, detach_var=detach_var)
+    cfgs = [sweep.replace(base, lr=0.05, lam=1e-3, seed=0), sweep.replace(base, lr=0.1, lam=1e-2, seed=1),
+            sweep.replace(base, lr=0.2, lam=0.0, seed=2)]
+    res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
+    assert all(r["engine"] == "batched" for r in res.records)
+    for i in range(len(cfgs)):
+        assert_matches_plain(res, i)
+
+
+def test_options_match_one_at_a_time():
+    """Momentum, matrices-only decay, the last partial batch, a schedule, no biases."""
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=20, epochs=3, drop_last=False,
+                        lr_milestones=(1, 2), lr_gamma=0.5, bias=False, decay="matrices")
+    cfgs = [sweep.replace(base, lr=0.05, lam=1e-2, momentum=0.9, seed=3), sweep.replace(base, lr=0.1, lam=1e-3, seed=4)]
+    res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
+    for i in range(len(cfgs)):
+        assert_matches_plain(res, i)
+    ep = res.epochs[res.epochs.run_id == 0]
+    assert list(ep.lr_now.iloc[1:]) == [0.05, 0.025, 0.0125]
+    assert list(ep.step) == [0, 5, 10, 15]  # ceil(96 / 20)
+
+
+def test_loop_engine_equals_batched_and_runs_conv():
+    cfgs = sweep.grid(sweep.Config(model="RES-BN-2-8", dataset="toy", batch_size=16, epochs=2), lr=[0.05, 0.1])
+    a = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
+    b = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="loop")
+    cols = ["train_loss", "test_loss", "batch_loss", "conv_dist", "avg_rank", "head_fro"]
+    assert np.allclose(a.epochs[cols], b.epochs[cols], rtol=1e-5, atol=1e-8, equal_nan=True)
+    conv = sweep.run(sweep.Config(model="CONV-2-3", dataset="toy", batch_size=16, epochs=1), data=DATA,
+                     progress=False, device="cpu")
+    assert conv.records[0]["engine"] == "loop"
+    assert list(conv.layers.d_in) == [9, 27, 9, 27]  # conv filters as c_out x c_in*k*k
+    assert isinstance(conv.model(0), models.ConvNet)
+
+
+# ---------------------------------------------------------------------------------- batch-mates
+def test_runs_differ_and_do_not_depend_on_batch_mates():
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=2, lr=0.1, lam=1e-3)
+    a, b, c = base, sweep.replace(base, lr=0.05), sweep.replace(base, seed=7)
+    d = sweep.replace(base, lam=1e-1)
+    together = sweep.run([a, b, c, d], data=DATA, progress=False, device="cpu")
+    alone = sweep.run([a], data=DATA, progress=False, device="cpu")
+    reordered = sweep.run([d, c, a], data=DATA, progress=False, device="cpu")
+    sa = together.state_dict(0)
+    for other in (alone.state_dict(0), reordered.state_dict(2)):
+        for k in sa:
+            assert rel(sa[k], other[k]) < 1e-6
+    # lr, lam and seed each change the result
+    for j in (1, 2, 3):
+        sj = together.state_dict(j)
+        assert rel(sj["layers.1.weight"], sa["layers.1.weight"]) > 1e-3
+    # and the recorded numbers too
+    final = together.epochs[together.epochs.epoch == 2].set_index("run_id")
+    assert final.train_loss.nunique() == 4
+
+
+def test_diverged_run_is_recorded_and_batch_mates_finish():
+    base = sweep.Config(model="MLP-3-8", dataset="toy", batch_size=16, epochs=3, lr=0.05, lam=1e-3)
+    cfgs = [base, sweep.replace(base, lr=1e6), sweep.replace(base, seed=1)]
+    res = sweep.run(cfgs, data=DATA, progress=False, device="cpu")
+    ep = res.epochs
+    bad = ep[ep.run_id == 1]
+    assert bad.diverged.iloc[1:].all() and not bad.diverged.iloc[0]
+    assert bad.iloc[1:][["train_loss", "test_loss", "avg_rank", "conv_dist"]].isna().all().all()
+    assert len(bad) == 4 and res.records[1]["diverged_epoch"] == 1
+    assert not ep[ep.run_id != 1].diverged.any()
+    assert ep[ep.run_id != 1].train_loss.notna().all()
+    assert set(res.layers.run_id[res.layers.epoch > 0]) == {0, 2}
+    with pytest.raises(ValueError, match="diverged"):
+        res.model(1)
+    alone = sweep.run([cfgs[2]], data=DATA, progress=False, device="cpu")
+    assert rel(res.state_dict(2)["head.weight"], alone.state_dict(0)["head.weight"]) < 1e-6
+    assert_matches_plain(res, 0)
+
+
+# ---------------------------------------------------------------------------------- cache
+def test_cache_reuses_reruns_and_resumes(tmp_path):
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=4, lr=0.1)
+    cfgs = sweep.grid(base, lam=[1e-3, 1e-2])
+    trained = []
+    first = sweep.run(cfgs, cache=tmp_path, data=DATA, progress=False, device="cpu",
+                      on_epoch=lambda e, cs: trained.append(e))
+    assert first.n_trained == 2 and trained == [1, 2, 3, 4]
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    trained.clear()
+    again = sweep.run(cfgs, cache=tmp_path, data=DATA, progress=False, device="cpu",
+                      on_epoch=lambda e, cs: trained.append(e))
+    assert again.n_loaded == 2 and trained == []
+    assert again.epochs.equals(first.epochs)
+    assert sweep.load(cfgs, tmp_path, data=DATA).n_loaded == 2
+    # a changed config is trained, the unchanged one loaded
+    changed = sweep.run([cfgs[0], sweep.replace(cfgs[1], lr=0.2)], cache=tmp_path, data=DATA, progress=False,
+                        device="cpu", on_epoch=lambda e, cs: trained.append((e, len(cs))))
+    assert changed.cached == [True, False] and trained == [(e, 1) for e in range(1, 5)]
+    # different data, different key
+    other = sweep.run(cfgs[:1], cache=tmp_path, data=make_data(seed=1), progress=False, device="cpu")
+    assert other.n_trained == 1
+
+    # an interrupted sweep resumes from its last checkpoint
+    fresh = tmp_path / "resume"
+    cfgs2 = sweep.grid(base, lam=[1e-4, 1e-3], seed=[5])
+
+    def crash(epoch, cs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(cfgs2, cache=fresh, data=DATA, progress=False, device="cpu", checkpoint_every=0, on_epoch=crash)
+    assert len(list(fresh.glob("_partial_*.pt"))) == 1
+    trained.clear()
+    resumed = sweep.run(cfgs2, cache=fresh, data=DATA, progress=False, device="cpu",
+                        on_epoch=lambda e, cs: trained.append(e))
+    assert trained == [3, 4]
+    assert not list(fresh.glob("_partial_*.pt"))
+    straight = sweep.run(cfgs2, data=DATA, progress=False, device="cpu")
+    cols = ["epoch", "train_loss", "test_loss", "batch_loss", "conv_dist", "avg_rank"]
+    assert np.allclose(resumed.epochs[cols], straight.epochs[cols], equal_nan=True, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- conventions
+def test_weight_decay_convention_per_step_shrink():
+    lr, lam = 0.1, 0.05
+    p = torch.randn(3, 50)
+    g = torch.zeros(3, 50)
+    expect = p * conventions.decay_factor(lr, lam)
+    wd = torch.full((3, 1), conventions.torch_weight_decay(lam))
+    q = p.clone()
+    batched.sgd_update(q, g.clone(), torch.full((3, 1), lr), wd)
+    assert torch.allclose(q, expect, rtol=1e-6, atol=0)
+    assert torch.allclose(q / p, torch.full_like(p, 1 - 2 * lr * lam), rtol=1e-6)
+
+    # the fused in-backward update of the engine: with a zero backward signal, exactly the shrink
+    net = batched.BatchedNet(batched.Arch("MLP-2-4", (6,), 3), K=2)
+    for k in range(2):
+        net.load_module(k, models.build_model("MLP-2-4", 6, 3, seed=k))
+    before = {n: v.clone() for n, v in net.P.items()}
+    net.set_hyper([lr, 2 * lr], [conventions.torch_weight_decay(lam)] * 2)
+    W = net.P["layers.1.weight"]
+    net._fused_update(net._plan[1]["W_runs"], torch.zeros(2, 4, 5), torch.randn(2, 4, 5))
+    for k, mu in enumerate([lr, 2 * lr]):
+        assert torch.allclose(W[k], before["layers.1.weight"][k] * (1 - 2 * mu * lam), rtol=1e-6)
+    # with data (lr -> 0 limit aside), the engine's step equals torch.optim.SGD(weight_decay=2 lam)
+    x = torch.randn(2, 8, 6)
+    y = torch.randint(0, 3, (2, 8))
+    ref = models.build_model("MLP-2-4", 6, 3, seed=0)
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, weight_decay=conventions.torch_weight_decay(lam))
+    F.cross_entropy(ref(x[0]), y[0]).backward()
+    opt.step()
+    for fused in (True, False):
+        net.load_module(0, models.build_model("MLP-2-4", 6, 3, seed=0))
+        net.load_module(1, models.build_model("MLP-2-4", 6, 3, seed=1))
+        net.set_hyper([lr, lr], [conventions.torch_weight_decay(lam)] * 2)
+        if fused:
+            net.train_step(x, None, y, "ce", update=True)
+        else:
+            net.train_step(x, None, y, "ce")
+            net.sgd_step()
+        for n, p_ in ref.named_parameters():
+            assert rel(net.P[n][0], p_.detach()) < 1e-6, (fused, n)
+
+
+# ---------------------------------------------------------------------------------- API
+def test_grid_config_and_tables():
+    base = sweep.Config(model="mlp-bn-3-8", dataset="toy", batch_size=16, epochs=1)
+    assert base.model == "MLP-BN-3-8"
+    g = sweep.grid(base, lr=[0.1, 0.2], seed=[0, 1, 2])
+    assert len(g) == 6 and [c.seed for c in g[:3]] == [0, 1, 2] and g[3].lr == 0.2
+    with pytest.raises(ValueError, match="unknown Config field"):
+        sweep.grid(base, learning_rate=[0.1])
+    with pytest.raises(ValueError, match="unknown loss"):
+        sweep.Config(loss="hinge")
+    with pytest.raises(ValueError, match="unknown model"):
+        sweep.Config(model="VGG-16")
+    with pytest.raises(ValueError, match="lambda"):
+        sweep.Config(lam=-1)
+    assert sweep.Config(lr=0.1, lr_milestones=[60, 100, 200]).lr_at(61) == pytest.approx(0.02)
+    res = sweep.run(g[:2], data=DATA, progress=False, device="cpu")
+    ep, ly = res.epochs, res.layers
+    for col in ("run_id", "key", "lr", "lam", "seed", "batch_size", "epoch", "train_loss", "train_acc", "test_loss",
+                "test_acc", "batch_loss", "conv_dist", "avg_rank", "avg_stable_rank", "diverged", "head_fro"):
+        assert col in ep.columns, col
+    assert len(ep) == 2 * 2 and len(ly) == 2 * 2 * 3
+    assert ep.batch_loss.iloc[0] != ep.batch_loss.iloc[0]  # NaN at epoch 0
+    assert isinstance(ly.sv.iloc[0], np.ndarray) and ly.sv.iloc[0].dtype == np.float64
+    assert (res.ranks(atol=1e-3) == ly["rank"]).all()
+    assert (res.ranks(rtol=0.5) <= ly["rank"]).all()
+    # the final weights as a regular module reproduce the recorded test loss
+    m = res.model(1)
+    assert isinstance(m, models.MLP) and not m.training
+    with torch.no_grad():
+        tl = float(F.cross_entropy(m(DATA.x_test.flatten(1)), DATA.y_test))
+    assert tl == pytest.approx(ep[(ep.run_id == 1) & (ep.epoch == 1)].test_loss.iloc[0], rel=1e-5)
+    assert res.runs.shape[0] == 2
+    # eval_train=False skips the whole-training-set evaluation
+    quiet = sweep.run(sweep.replace(g[0], eval_train=False), data=DATA, progress=False, device="cpu")
+    assert quiet.epochs.train_loss.isna().all() and quiet.epochs.test_loss.notna().all()
