@@ -43,3 +43,29 @@ def _bar():
     except ImportError:
         from tqdm.std import tqdm
     return tqdm
+
+
+class _SummaryBar:
+    """A tqdm stand-in for summary mode: counts, and prints one line when closed."""
+
+    def __init__(self, total: int | None, initial: int, desc: str, unit: str):
+        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{of} {self.unit}s in {time.perf_counter() - self.t0:.1f} s", flush=True)
+
+
+def counter(total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it"):
+    """A manually updated progress bar (``update(n)``, ``set_description(s)``, ``close()``):
+    a tqdm bar interactively, a one-line summary in summary mode (see module doc)."""
+    if summary_mode():
+        return _SummaryBar(total, initial, desc, unit)
+    return _bar()(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)

@@ -101,6 +101,7 @@ class VGG16BN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The flattened input of the classifier, ``(B, 512)`` at 32x32."""
+        x = x.reshape(x.shape[0], *self.in_shape)  # accepts flattened images too
         for s in range(1, self.stages + 1):
             x = getattr(self, f"stage{s}")(x)
         return x.flatten(1)
@@ -182,6 +183,7 @@ class ResNet18(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The globally average-pooled input of the classifier, ``(B, 512)``."""
+        x = x.reshape(x.shape[0], *self.in_shape)  # accepts flattened images too
         x = F.relu(self.stem_bn(self.stem(x)))
         for s in range(1, self.stages + 1):
             x = getattr(self, f"stage{s}")(x)
@@ -310,6 +312,7 @@ class ViT(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised class token after the last block, ``(B, d)``."""
+        x = x.reshape(x.shape[0], *self.in_shape)  # accepts flattened images too
         z = self.patch_embed(x).flatten(2).transpose(1, 2)            # (B, T - 1, d)
         z = torch.cat([self.cls_token.expand(z.shape[0], -1, -1), z], dim=1) + self.pos_embed
         for i in range(1, self.depth + 1):
