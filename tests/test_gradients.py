@@ -5,13 +5,16 @@ import torch
 from sgdrank import gradients as G
 from sgdrank import models
 
-torch.set_default_dtype(torch.float64)
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _float64_and_seed():
+    """Exact ranks need float64; restore the default so other test modules keep float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     yield
+    torch.set_default_dtype(old)
 
 
 def test_fc_per_sample_gradient_is_rank_one_for_any_activation():
