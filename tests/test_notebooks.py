@@ -73,6 +73,10 @@ def test_freshness_check_catches_changes():
     errored = copy.deepcopy(nb)
     booktools.code_cells(errored)[-1]["outputs"] = [{"output_type": "error", "ename": "ValueError", "evalue": "x", "traceback": []}]
     assert any("error output" in p for p in booktools.problems(errored, "book"))
+    noisy = copy.deepcopy(nb)
+    booktools.code_cells(noisy)[-1]["outputs"] = [{"output_type": "stream", "name": "stderr",
+                                                   "text": "train:  10%|#         | 1/10\r"}]
+    assert any("wrote to stderr" in p and "train:  10%" in p for p in booktools.problems(noisy, "book"))
 
 
 def test_lib_dependencies_follow_imports():

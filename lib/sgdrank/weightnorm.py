@@ -318,9 +318,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
     :func:`sgdrank.runtime.pick_device`; results come back on the CPU."""
     import time
 
-    from tqdm.auto import tqdm
-
     from . import runtime
+    from .progress import progress as _progress
 
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: choose one of {LOSSES}")
@@ -362,8 +361,9 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
 
     record(0, torch.full((K,), float("nan")))
     steps = n // B
-    bar = tqdm(range(1, epochs + 1), desc=progress if isinstance(progress, str) else "train",
-               disable=not progress, leave=False)
+    bar = range(1, epochs + 1)
+    if progress:
+        bar = _progress(bar, desc=progress if isinstance(progress, str) else "train", leave=False)
     grad_batch = torch.zeros(len(V), K)
     for ep in bar:
         perm = torch.randperm(n, generator=gen).to(dev)
