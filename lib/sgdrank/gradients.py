@@ -50,14 +50,19 @@ def applications(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
                 counts[name] += inputs[0].numel() // inputs[0].shape[-1] // batch
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    _forward_with_hooks(model, x, {m: hook(n) for n, m in mods.items()})
+    return counts
+
+
+def _forward_with_hooks(model: nn.Module, x: torch.Tensor, hooks: dict) -> None:
+    """One no-grad forward pass of ``x`` with ``hooks`` ({module: forward hook}) attached."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return counts
 
 
 def couples_batch(model: nn.Module) -> bool:
@@ -163,13 +168,7 @@ def preactivations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
                      b.n2 if not isinstance(b.n2, nn.Identity) else b.W2]
     else:
         raise TypeError(f"preactivations: MLP or ResMLP expected, got {type(model).__name__}")
-    handles = [m.register_forward_hook(lambda mod, i, o: found.append(o.detach())) for m in mods]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, x, {m: (lambda mod, i, o: found.append(o.detach())) for m in mods})
     return found
 
 
