@@ -274,7 +274,7 @@ def test_weight_decay_convention_per_step_shrink():
     before = {n: v.clone() for n, v in net.P.items()}
     net.set_hyper([lr, 2 * lr], [conventions.torch_weight_decay(lam)] * 2)
     W = net.P["layers.1.weight"]
-    net._fused_update(net._plan[1]["W_runs"], torch.zeros(2, 4, 5), torch.randn(2, 4, 5))
+    net._fused_update(net._plan[1]["W"], torch.zeros(2, 4, 5), torch.randn(2, 4, 5))
     for k, mu in enumerate([lr, 2 * lr]):
         assert torch.allclose(W[k], before["layers.1.weight"][k] * (1 - 2 * mu * lam), rtol=1e-6)
     # with data (lr -> 0 limit aside), the engine's step equals torch.optim.SGD(weight_decay=2 lam)

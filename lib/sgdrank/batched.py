@@ -222,8 +222,8 @@ class BatchedNet:
         lr_v = lr_t.view(-1)[self._vec_run]
         wd_v = wd_t.view(-1)[self._vec_run] if decay_vectors else torch.zeros_like(lr_v)
         c = {"lr": lr_t, "wd": wd_t, "lr_v": lr_v, "wd_v": wd_v, "shrink_v": 1.0 - lr_v * wd_v, "m": None, "m_v": None,
-             # host scalars for the fused matrix update W <- (1 - lr wd) W - lr dZ H^T
-             "lr_f": [float(v) for v in lr], "shrink": [1.0 - float(a) * float(b) for a, b in zip(lr, wd)]}
+             # (K, 1, 1) factors of the fused matrix update W <- (1 - lr wd) W - lr dZ H^T
+             "neg_lr_t": -lr_t.view(K, 1, 1), "shrink_t": (1.0 - lr_t * wd_t).view(K, 1, 1)}
         if momentum is not None and any(float(m) != 0 for m in momentum):
             m_t = torch.as_tensor(list(momentum), dtype=torch.float32).to(dev).view(K, 1)
             c.update(m=m_t, m_v=m_t.view(-1)[self._vec_run])
@@ -246,13 +246,13 @@ class BatchedNet:
             self.mom_vec.mul_(c["m_v"]).add_(self.gvec).addcmul_(self.vec, c["wd_v"])
             self.vec.addcmul_(self.mom_vec, c["lr_v"], value=-1.0)
 
-    def _fused_update(self, W_runs, dz: torch.Tensor, inT: torch.Tensor):
-        """Gradient and SGD step of one weight matrix at once, run by run (momentum 0):
-        ``W_k <- (1 - lr_k wd_k) W_k - lr_k dZ_k H_k^T`` (one ``addmm_`` per run: the gradient
-        is never stored and the weights are read and written once)."""
+    def _fused_update(self, W: torch.Tensor, dz: torch.Tensor, inT: torch.Tensor):
+        """Gradient and SGD step of one weight matrix at once (momentum 0), for all runs:
+        ``W_k <- (1 - lr_k wd_k) W_k + (-lr_k dZ_k) H_k^T``; ``W`` ``(K, out, in)``, ``dz``
+        ``(K, out, B)``, ``inT`` ``(K, in, B)``. The gradient is never stored: one in-place scale
+        and one in-place ``baddbmm_`` (the learning rate folded into the small ``dZ``)."""
         c = self._coef
-        for Wk, dk, hk, s, lr in zip(W_runs, dz.unbind(0), inT.transpose(1, 2).unbind(0), c["shrink"], c["lr_f"]):
-            Wk.addmm_(dk, hk, beta=s, alpha=-lr)
+        W.mul_(c["shrink_t"]).baddbmm_(dz * c["neg_lr_t"], inT.transpose(1, 2))
 
     # ----------------------------------------------------------------- forward plan
     def _make_plan(self):
@@ -270,7 +270,7 @@ class BatchedNet:
             # a bias that feeds a batch norm has gradient exactly 0 (BN removes the batch mean):
             # it is not computed (autograd would return rounding noise), the bias only decays
             u = {"W": self.P[f"{lin}.weight"], "WT": self.P[f"{lin}.weight"].transpose(1, 2),
-                 "gW": self.G[f"{lin}.weight"], "W_runs": list(self.P[f"{lin}.weight"].unbind(0)),
+                 "gW": self.G[f"{lin}.weight"],
                  "b": self.P.get(f"{lin}.bias"), "gb": None if norm is not None else self.G.get(f"{lin}.bias"),
                  "act": act, "res": res, "bn": norm is not None, "H": self.shapes[f"{lin}.weight"][0]}
             if norm is not None:
@@ -280,7 +280,6 @@ class BatchedNet:
             plan.append(u)
         self._head = {"W": self.P["head.weight"], "WT": self.P["head.weight"].transpose(1, 2),
                       "gW": self.G["head.weight"],
-                      "W_runs": list(self.P["head.weight"].unbind(0)),
                       "b": self.P.get("head.bias"), "gb": self.G.get("head.bias")}
         return plan
 
@@ -317,7 +316,7 @@ class BatchedNet:
         ``x``: ``(K, B, d)`` inputs; ``t``: ``(K, B, C)`` float targets for ``"mse"`` (one-hot or
         real), unused for ``"ce"``; ``y``: ``(K, B)`` labels (``None`` for regression).
         Returns ``(loss (K,), correct (K,) or None)``, device tensors (no host sync)."""
-        # the fused in-backward update loops over the runs: good on a CPU, not on a GPU
+        # the fused in-backward update: measured on a CPU only (see benchmarks/README.md)
         fused = update and self._coef is not None and self._coef["m"] is None and self.device.type == "cpu"
         K, B = x.shape[0], x.shape[1]
         inv_b = 1.0 / B
@@ -376,7 +375,7 @@ class BatchedNet:
             torch.sum(dlog, 2, out=hd["gb"])
         dh = torch.bmm(hd["WT"], dlog)  # (K, H, B)
         if fused:
-            self._fused_update(hd["W_runs"], dlog, hT)
+            self._fused_update(hd["W"], dlog, hT)
         else:
             torch.bmm(dlog, hT.transpose(1, 2), out=hd["gW"])
         dstream = None
@@ -407,7 +406,7 @@ class BatchedNet:
                 if u["res"] == "open":
                     dh = dh.add_(dstream)
             if fused:
-                self._fused_update(u["W_runs"], dz, c["in"])
+                self._fused_update(u["W"], dz, c["in"])
             else:
                 torch.bmm(dz, c["in"].transpose(1, 2), out=u["gW"])
         if update:
