@@ -698,16 +698,20 @@ class Result:
     def _config_cols(self, i: int) -> dict:
         return {"run_id": i, "key": self.records[i]["key"], **self.configs[i].to_dict()}
 
+    def _tidy(self, frame: Callable[[dict], pd.DataFrame]) -> pd.DataFrame:
+        """One table of all runs: ``frame(record)`` per run, its config columns in front."""
+        frames = []
+        for i, rec in enumerate(self.records):
+            df = frame(rec)
+            for k, v in reversed(list(self._config_cols(i).items())):
+                df.insert(0, k, [v] * len(df))
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     @property
     def epochs(self) -> pd.DataFrame:
         if self._epochs is None:
-            frames = []
-            for i, rec in enumerate(self.records):
-                df = pd.DataFrame(rec["epochs"], columns=list(EPOCH_METRICS))
-                for k, v in reversed(list(self._config_cols(i).items())):
-                    df.insert(0, k, [v] * len(df))
-                frames.append(df)
-            out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            out = self._tidy(lambda rec: pd.DataFrame(rec["epochs"], columns=list(EPOCH_METRICS)))
             if len(out):
                 out["diverged"] = out["diverged"].astype(bool)
                 out["head_rank"] = out["head_rank"].astype(float)
@@ -717,15 +721,12 @@ class Result:
     @property
     def layers(self) -> pd.DataFrame:
         if self._layers is None:
-            frames = []
-            for i, rec in enumerate(self.records):
+            def layer_frame(rec):
                 L = dict(rec["layers"])
                 L["sv"] = [np.asarray(torch.as_tensor(s).double().numpy()) for s in L["sv"]]
-                df = pd.DataFrame(L, columns=list(LAYER_METRICS))
-                for k, v in reversed(list(self._config_cols(i).items())):
-                    df.insert(0, k, [v] * len(df))
-                frames.append(df)
-            out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+                return pd.DataFrame(L, columns=list(LAYER_METRICS))
+
+            out = self._tidy(layer_frame)
             if len(out):
                 out["rank"] = out["rank"].astype(int)
             self._layers = out
