@@ -351,3 +351,20 @@ def test_bad_arguments():
         data.load_dataset("digits", n_train=5000)
     with pytest.raises(ValueError, match="unknown options"):
         data.load_dataset("digits", options={"d": 3})
+
+
+def test_avg_pool_pools_and_restandardises():
+    d = data.load_dataset("fashion-mnist", n_train=64, n_test=32, seed=0)
+    p = data.avg_pool(d, 2)
+    assert p.x_train.shape == (64, 1, 14, 14) and p.x_test.shape == (32, 1, 14, 14)
+    assert p.input_shape == (1, 14, 14) and p.in_dim == 196
+    # each pooled pixel is the mean of its 2x2 block of the (standardised) input, re-standardised
+    block = d.x_train[3, 0, 4:6, 10:12].mean()
+    assert torch.allclose(p.x_train[3, 0, 2, 5], (block - p.x_mean[0]) / p.x_std[0], atol=1e-5)
+    assert abs(p.x_train.mean().item()) < 1e-5 and abs(p.x_train.std(correction=0).item() - 1) < 1e-4
+    assert torch.equal(p.y_train, d.y_train)
+    assert data.avg_pool(d, 1) is d
+    with pytest.raises(ValueError, match="positive integer"):
+        data.avg_pool(d, 0)
+    with pytest.raises(ValueError, match="not images"):
+        data.avg_pool(data.load_dataset("diabetes"), 2)

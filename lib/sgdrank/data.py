@@ -30,6 +30,7 @@ each split are cached in memory per process, keyed by ``(name, root, split)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import numbers
@@ -503,6 +504,23 @@ def _source_parts(info, root, download, g, n_train, n_test, options) -> tuple[_P
         return parts[0], parts[1]
     x, y = _cached(name, root, "all", lambda: _WHOLE_LOADERS[name](root, download))
     return _seeded_split(x, y, float(options.get("test_fraction", 0.2)), g)
+
+
+def avg_pool(ds: Dataset, k: int) -> Dataset:
+    """``ds`` with its images average-pooled ``k x k`` (``(n, c, h, w)`` -> ``(n, c, h//k, w//k)``)
+    and standardised again per channel with the pooled training statistics (``x_mean`` /
+    ``x_std`` then describe the pooled inputs). ``k = 1`` returns ``ds`` itself."""
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"avg_pool: k must be a positive integer, got {k!r}")
+    if k == 1:
+        return ds
+    if ds.x_train.ndim != 4:
+        raise ValueError(f"avg_pool: {ds.name!r} has inputs of shape {tuple(ds.input_shape)}, not images")
+    x_tr = torch.nn.functional.avg_pool2d(ds.x_train, k)
+    x_te = torch.nn.functional.avg_pool2d(ds.x_test, k)
+    x_tr, x_te, mean, std = _standardize_x(x_tr, x_te)
+    return dataclasses.replace(ds, x_train=x_tr, x_test=x_te, input_shape=tuple(x_tr.shape[1:]),
+                               x_mean=mean, x_std=std)
 
 
 def load_dataset(
