@@ -125,6 +125,19 @@ def test_threshold_and_stable_rank():
         metrics.threshold_rank(s, atol=1e-3, rtol=1e-3)
 
 
+def test_batch_singular_values_wide_and_tall_agree_with_the_truth():
+    g = torch.Generator().manual_seed(0)
+    s_true = torch.logspace(0, -10, 20, dtype=torch.float64)        # spread over 10 decades
+    u, _ = torch.linalg.qr(torch.randn(3, 20, 20, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(3, 90, 20, generator=g, dtype=torch.float64))
+    wide = u @ torch.diag(s_true) @ v.mT                             # (3, 20, 90)
+    for w in (wide, wide.mT):                                        # the wide path transposes
+        s = metrics.batch_singular_values(w)
+        assert s.shape == (3, 20)
+        assert torch.allclose(s, s_true.expand(3, 20), rtol=1e-9, atol=1e-15)
+    assert torch.equal(metrics.singular_values(wide[0]), metrics.batch_singular_values(wide[:1])[0])
+
+
 def test_singular_values_of_conv_filters_use_cout_by_cin_k_k():
     conv = torch.nn.Conv2d(3, 8, 5)
     s = metrics.singular_values(conv.weight)

@@ -9,11 +9,12 @@ graph), so the number of tensor operations per step does not depend on K.
 Layouts. Activations are kept *feature-major*, ``(K, H, B)`` (run, unit, sample): a linear layer
 is ``Z = W H + b`` (``bmm`` of ``(K, d_out, d_in)`` by ``(K, d_in, B)``), and batch
 normalisation of all runs is one ``native_batch_norm`` on ``(1, K*H, B)`` (``K*H`` channels).
-The weight matrices of all runs live in one run-major ``(K, n_matrix)`` tensor ``mat`` (each
-matrix a ``(K, d_out, d_in)`` view), the vectors (biases, BN ``gamma``/``beta``) in one flat
-tensor ``vec`` of contiguous ``(K, len)`` blocks; gradients and momentum buffers share these
-layouts, so one SGD step for every run and parameter is four to six tensor operations with
-per-run coefficients (learning rate, weight decay, momentum). ``P[name]`` / ``G[name]`` are
+The weight matrices of all runs live in one flat tensor ``mat`` of contiguous ``(K, d_out, d_in)``
+blocks, one per matrix (contiguous, so the in-place batched update ``W <- s W + A B^T`` runs as
+one strided-batch GEMM instead of a loop over runs), the vectors (biases, BN ``gamma``/``beta``)
+in one flat tensor ``vec`` of contiguous ``(K, len)`` blocks; gradients and momentum buffers
+share these layouts, and the SGD step uses per-run coefficients (learning rate, weight decay,
+momentum). ``P[name]`` / ``G[name]`` are
 views by ``state_dict`` name; BN running statistics are ``(K, H)`` tensors ``S[name]``.
 
 Conventions (identical to :mod:`sgdrank.models` + ``torch.optim.SGD``):
@@ -115,21 +116,16 @@ class BatchedNet:
         self.layer_labels = {f"{path[id(m)]}.weight": n for n, m in ref.rank_layers()}
         self.layer_labels["head.weight"] = "head"
         K = self.K
-        self.mat_offsets, off = {}, 0
-        for n in self.matrix_names:
-            self.mat_offsets[n] = (off, _prod(self.shapes[n]))
-            off += _prod(self.shapes[n])
-        self.n_matrix = off
-        self.vec_offsets, off = {}, 0
-        for n in self.vector_names:
-            self.vec_offsets[n] = (off, K * _prod(self.shapes[n]))
-            off += K * _prod(self.shapes[n])
-        self.n_vector = off // K if K else 0
+        #: name -> (offset, length) of its ``(K, *shape)`` block in ``mat`` / ``vec``
+        self.mat_offsets = _block_offsets(self.shapes, self.matrix_names, K)
+        self.vec_offsets = _block_offsets(self.shapes, self.vector_names, K)
+        self.n_matrix = sum(_prod(self.shapes[n]) for n in self.matrix_names)
+        self.n_vector = sum(_prod(self.shapes[n]) for n in self.vector_names)
         dev = self.device
-        self.mat = torch.zeros(K, self.n_matrix, dtype=DTYPE, device=dev)
-        self.gmat = torch.zeros(K, self.n_matrix, dtype=DTYPE, device=dev)
-        self.vec = torch.zeros(off, dtype=DTYPE, device=dev)
-        self.gvec = torch.zeros(off, dtype=DTYPE, device=dev)
+        self.mat = torch.zeros(K * self.n_matrix, dtype=DTYPE, device=dev)
+        self.gmat = torch.zeros_like(self.mat)
+        self.vec = torch.zeros(K * self.n_vector, dtype=DTYPE, device=dev)
+        self.gvec = torch.zeros_like(self.vec)
         self.mom_mat = self.mom_vec = None
         self.S = {n: torch.zeros((K, *s), dtype=DTYPE, device=dev) for n, s in self.buffer_shapes.items()}
         self.P = {**self.view_mat(self.mat), **self._view_vec(self.vec)}
@@ -144,16 +140,21 @@ class BatchedNet:
 
     # ----------------------------------------------------------------- storage
     def view_mat(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{name: (K, d_out, d_in)}`` views of a ``(K, n_matrix)`` tensor laid out like ``mat``."""
-        return {n: m[:, o:o + k].view(m.shape[0], *self.shapes[n]) for n, (o, k) in self.mat_offsets.items()}
+        """``{name: (K, d_out, d_in)}`` views of a flat tensor laid out like ``mat``."""
+        return _views(m, self.mat_offsets, self.shapes)
 
     def _view_vec(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: v[o:o + k].view(self.K, *self.shapes[n]) for n, (o, k) in self.vec_offsets.items()}
+        return _views(v, self.vec_offsets, self.shapes)
+
+    def take_mat(self, m: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The runs ``keep`` (a long tensor of positions) of a flat tensor laid out like ``mat``,
+        in the layout of a net of ``len(keep)`` runs."""
+        return _take(m, self.mat_offsets, self.shapes, keep)
 
     def finite(self) -> torch.Tensor:
         """``(K,)`` bool: every parameter and BN statistic of the run is finite (device tensor)."""
-        ok = torch.isfinite(self.mat).all(1)
-        for n in self.vector_names:
+        ok = torch.ones(self.K, dtype=torch.bool, device=self.device)
+        for n in self.matrix_names + self.vector_names:
             ok &= torch.isfinite(self.P[n].reshape(self.K, -1)).all(1)
         for v in self.S.values():
             ok &= torch.isfinite(v.reshape(self.K, -1)).all(1)
@@ -172,23 +173,20 @@ class BatchedNet:
         for n in self.S:
             self.S[n].copy_(st[f"S.{n}"])
         if "mom_mat" in st:
-            self.mom_mat = st["mom_mat"].to(self.device).clone()
-            self.mom_vec = st["mom_vec"].to(self.device).clone()
+            self._set_momentum(st["mom_mat"].to(self.device).clone(), st["mom_vec"].to(self.device).clone())
 
     def select(self, keep: Sequence[int]) -> "BatchedNet":
         """A new net holding only the runs ``keep`` (same order): parameters, statistics and
         momentum buffers copied."""
         keep_t = torch.as_tensor(list(keep), dtype=torch.long, device=self.device)
         new = BatchedNet(self.arch, len(keep), self.device)
-        new.mat.copy_(self.mat.index_select(0, keep_t))
-        for n in self.vector_names:
-            new.P[n].copy_(self.P[n].index_select(0, keep_t))
+        new.mat.copy_(self.take_mat(self.mat, keep_t))
+        new.vec.copy_(_take(self.vec, self.vec_offsets, self.shapes, keep_t))
         for n in self.S:
             new.S[n].copy_(self.S[n].index_select(0, keep_t))
         if self.mom_mat is not None:
-            new.mom_mat = self.mom_mat.index_select(0, keep_t)
-            mv = self._view_vec(self.mom_vec)
-            new.mom_vec = torch.cat([mv[n].index_select(0, keep_t).reshape(-1) for n in self.vector_names])
+            new._set_momentum(self.take_mat(self.mom_mat, keep_t),
+                              _take(self.mom_vec, self.vec_offsets, self.shapes, keep_t))
         return new
 
     def load_module(self, k: int, module: nn.Module):
@@ -228,16 +226,24 @@ class BatchedNet:
             m_t = torch.as_tensor(list(momentum), dtype=torch.float32).to(dev).view(K, 1)
             c.update(m=m_t, m_v=m_t.view(-1)[self._vec_run])
             if self.mom_mat is None:
-                self.mom_mat = torch.zeros_like(self.mat)
-                self.mom_vec = torch.zeros_like(self.vec)
+                self._set_momentum(torch.zeros_like(self.mat), torch.zeros_like(self.vec))
         self._coef = c
+
+    def _set_momentum(self, mom_mat: torch.Tensor, mom_vec: torch.Tensor):
+        """Install momentum buffers (flat, laid out like ``mat`` / ``vec``) and their views."""
+        self.mom_mat, self.mom_vec = mom_mat, mom_vec
+        self._mom_views = self.view_mat(mom_mat)
 
     def sgd_step(self, matrices: bool = True):
         """One SGD step of every run from the gradients of the last :meth:`train_step`, with
         the coefficients of :meth:`set_hyper` (:func:`sgd_update` on both storages)."""
         c = self._coef
-        if matrices:
-            sgd_update(self.mat, self.gmat, c["lr"], c["wd"], c["m"], self.mom_mat)
+        if matrices:  # per matrix: (K, 1, 1) coefficients against the (K, d_out, d_in) block
+            K = self.K
+            lr, wd = c["lr"].view(K, 1, 1), c["wd"].view(K, 1, 1)
+            m = None if c["m"] is None else c["m"].view(K, 1, 1)
+            for n in self.matrix_names:
+                sgd_update(self.P[n], self.G[n], lr, wd, m, None if m is None else self._mom_views[n])
         # vectors: the same step, written so that ``gvec`` is left untouched (the entries of the
         # biases that feed a batch norm stay exactly 0, see train_step)
         if c["m_v"] is None:
@@ -248,9 +254,9 @@ class BatchedNet:
 
     def _fused_update(self, W: torch.Tensor, dz: torch.Tensor, inT: torch.Tensor):
         """Gradient and SGD step of one weight matrix at once (momentum 0), for all runs:
-        ``W_k <- (1 - lr_k wd_k) W_k + (-lr_k dZ_k) H_k^T``; ``W`` ``(K, out, in)``, ``dz``
-        ``(K, out, B)``, ``inT`` ``(K, in, B)``. The gradient is never stored: one in-place scale
-        and one in-place ``baddbmm_`` (the learning rate folded into the small ``dZ``)."""
+        ``W_k <- (1 - lr_k wd_k) W_k + (-lr_k dZ_k) H_k^T``; ``W`` ``(K, out, in)`` (contiguous),
+        ``dz`` ``(K, out, B)``, ``inT`` ``(K, in, B)``. The gradient is never stored: one in-place
+        scale and one in-place ``baddbmm_`` (the learning rate folded into the small ``dZ``)."""
         c = self._coef
         W.mul_(c["shrink_t"]).baddbmm_(dz * c["neg_lr_t"], inT.transpose(1, 2))
 
@@ -276,18 +282,20 @@ class BatchedNet:
             if norm is not None:
                 u.update(gamma=self.P[f"{norm}.weight"].view(-1), beta=self.P[f"{norm}.bias"].view(-1),
                          ggamma=self.G[f"{norm}.weight"].view(-1), gbeta=self.G[f"{norm}.bias"].view(-1),
-                         rm=self.S[f"{norm}.running_mean"].view(-1), rv=self.S[f"{norm}.running_var"].view(-1))
+                         rm=self.S[f"{norm}.running_mean"].view(-1), rv=self.S[f"{norm}.running_var"].view(-1),
+                         b_flat=None if u["b"] is None else u["b"].view(-1))
             plan.append(u)
         self._head = {"W": self.P["head.weight"], "WT": self.P["head.weight"].transpose(1, 2),
                       "gW": self.G["head.weight"],
                       "b": self.P.get("head.bias"), "gb": self.G.get("head.bias")}
         return plan
 
-    def _act_fwd(self, a):
+    def _act_fwd_(self, a):
+        """The activation, in place on ``a``."""
         if self._act == "relu":
-            return torch.relu(a)
+            return torch.relu_(a)
         if self._act == "tanh":
-            return torch.tanh(a)
+            return torch.tanh_(a)
         return a
 
     def _act_bwd(self, dh, h):
@@ -322,26 +330,31 @@ class BatchedNet:
         inv_b = 1.0 / B
         plan = self._plan
         saved = []
+        act_fwd, act_bwd = self._act_fwd_, self._act_bwd
         hT = x.transpose(1, 2)  # (K, d, B) view
         stream = None
         for u in plan:
             if u["res"] == "open":
                 stream = hT
-            z = self._linear(u, hT)  # (K, H, B)
             c = {"in": hT}
             if u["bn"]:
+                # the bias is not added: BN removes it exactly (z + b - mean(z + b) = z - mean z);
+                # it enters only the running mean, below
+                z = torch.bmm(u["W"], hT)  # (K, H, B)
                 H = u["H"]
                 z3 = z.view(1, K * H, B)
                 rv_old = u["rv"].clone() if B == 1 else None
                 a3, smean, sinv = torch.native_batch_norm(z3, u["gamma"], u["beta"], u["rm"], u["rv"],
                                                           True, BN_MOMENTUM, BN_EPS)
+                if u["b"] is not None:  # r <- (1 - m) r + m mean(z + b) = [...mean z] + m b
+                    u["rm"].add_(u["b_flat"], alpha=BN_MOMENTUM)
                 if B == 1:  # models.BatchNorm's unbiased variance of one sample is 0, not 0/0
                     u["rv"].copy_(rv_old.mul_(1 - BN_MOMENTUM))
                 a = a3.view(K, H, B)
                 c.update(z3=z3, smean=smean, sinv=sinv)
             else:
-                a = z
-            out = self._act_fwd(a) if u["act"] else a
+                a = self._linear(u, hT)  # (K, H, B)
+            out = act_fwd(a) if u["act"] else a  # in place: ``a`` is a fresh tensor
             c["out"] = out
             saved.append(c)
             hT = stream + out if u["res"] == "close" else out
@@ -367,8 +380,8 @@ class BatchedNet:
             dlog = diff.mul_(2.0 * inv_b / C)
         else:
             raise ValueError(f"unknown loss {loss!r}: use 'ce' or 'mse'")
-        if y is not None:
-            correct = (logits.argmax(1) == y).sum(1)
+        if y is not None:  # max(1).indices == argmax(1) (first maximum), 4x faster for C << B
+            correct = (logits.max(1).indices == y).sum(1)
 
         # backward
         if hd["gb"] is not None:
@@ -383,13 +396,15 @@ class BatchedNet:
             u, c = plan[i], saved[i]
             if u["res"] == "close":
                 dstream = dh
-            da = self._act_bwd(dh, c["out"]) if u["act"] else dh
+            da = act_bwd(dh, c["out"]) if u["act"] else dh
             if u["bn"]:
                 H = u["H"]
                 da3 = da.reshape(1, K * H, B)
-                dz3, _, _ = torch.ops.aten.native_batch_norm_backward.out(
+                dz3, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
                     da3, c["z3"], u["gamma"], None, None, c["smean"], c["sinv"], True, BN_EPS,
-                    [True, True, True], out0=torch.empty_like(da3), out1=u["ggamma"], out2=u["gbeta"])
+                    [True, True, True])
+                u["ggamma"].copy_(dgamma)  # (the .out overload is slower than these two copies)
+                u["gbeta"].copy_(dbeta)
                 if self.arch.detach_var:
                     # stop-grad through 1/sqrt(var): remove the term -gamma*inv*y*mean(da*y)
                     sm, si = c["smean"].view(1, -1, 1), c["sinv"].view(1, -1, 1)
@@ -429,10 +444,9 @@ class BatchedNet:
             return loss_sum, correct
         if chunk is None:
             chunk = max(64, min(n, 2**23 // max(1, K * max(self.width, x.shape[1]))))
-        u0 = self._plan[0]
-        first = (u0["W"].reshape(-1, x.shape[1]), None if u0["b"] is None else u0["b"].reshape(-1, 1))
+        folded = self._eval_affine()
         for s in range(0, n, chunk):
-            logits = self.forward_eval(x[s:s + chunk], first)  # (K, C, m)
+            logits = self.forward_eval(x[s:s + chunk], folded)  # (K, C, m)
             m = logits.shape[2]
             if loss == "ce":
                 yb = y[s:s + chunk]
@@ -442,31 +456,44 @@ class BatchedNet:
                 tb = t[s:s + chunk].t()
                 loss_sum += ((logits - tb) ** 2).mean(1).double().sum(1)
             if y is not None:
-                correct += (logits.argmax(1) == y[s:s + chunk]).double().sum(1)
+                correct += (logits.max(1).indices == y[s:s + chunk]).double().sum(1)
         return loss_sum, correct
 
+    def _eval_affine(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per unit, the eval-mode layer ``z -> BN(W h + b)`` as one affine map ``W' h + b'``:
+        with ``scale = gamma / sqrt(r_var + eps)``, ``W' = diag(scale) W`` and
+        ``b' = scale (b - r_mean) + beta`` (no BN: ``W, b`` as they are). ``W'`` ``(K, H, d_in)``,
+        ``b'`` ``(K, H, 1)`` or None."""
+        out = []
+        for u in self._plan:
+            W, b = u["W"], None if u["b"] is None else u["b"].unsqueeze(2)
+            if u["bn"]:
+                K, H = W.shape[0], W.shape[1]
+                scale = (torch.rsqrt(u["rv"] + BN_EPS) * u["gamma"]).view(K, H, 1)
+                mean = u["rm"].view(K, H, 1)
+                shift = u["beta"].view(K, H, 1) - mean * scale
+                W = W * scale
+                b = shift if b is None else torch.addcmul(shift, b, scale)
+            out.append((W, b))
+        return out
+
     @torch.no_grad()
-    def forward_eval(self, x: torch.Tensor, first=None) -> torch.Tensor:
-        """Eval-mode logits ``(K, C, n)`` of all runs on shared inputs ``x`` ``(n, d)``."""
+    def forward_eval(self, x: torch.Tensor, folded=None) -> torch.Tensor:
+        """Eval-mode logits ``(K, C, n)`` of all runs on shared inputs ``x`` ``(n, d)``
+        (``folded``: :meth:`_eval_affine`, recomputed when not given)."""
         K, n = self.K, x.shape[0]
+        folded = self._eval_affine() if folded is None else folded
         hT, stream = None, None
-        for j, u in enumerate(self._plan):
+        for j, (u, (W, b)) in enumerate(zip(self._plan, folded)):
             if u["res"] == "open":
                 stream = hT
             if j == 0:  # inputs shared by the runs: one (K*H, d) @ (d, n) product
-                Wc, bc = first if first is not None else (
-                    u["W"].reshape(-1, x.shape[1]), None if u["b"] is None else u["b"].reshape(-1, 1))
-                z = torch.mm(Wc, x.t()) if bc is None else torch.addmm(bc, Wc, x.t())
+                Wc = W.reshape(-1, x.shape[1])
+                z = torch.mm(Wc, x.t()) if b is None else torch.addmm(b.reshape(-1, 1), Wc, x.t())
                 z = z.view(K, -1, n)
             else:
-                z = self._linear(u, hT)
-            if u["bn"]:
-                # y = (z - mean) / sqrt(var + eps) * gamma + beta = z * scale + shift
-                scale = torch.rsqrt(u["rv"] + BN_EPS)
-                shift = -u["rm"] * scale
-                scale, shift = scale * u["gamma"], torch.addcmul(u["beta"], shift, u["gamma"])
-                z = torch.addcmul(shift.view(K, -1, 1), z, scale.view(K, -1, 1))
-            out = self._act_fwd(z) if u["act"] else z
+                z = torch.bmm(W, hT) if b is None else torch.baddbmm(b, W, hT)
+            out = self._act_fwd_(z) if u["act"] else z
             hT = stream + out if u["res"] == "close" else out
         return self._linear(self._head, hT)
 
@@ -488,6 +515,32 @@ def sgd_update(params: torch.Tensor, grads: torch.Tensor, lr: torch.Tensor, wd: 
     else:
         buf.mul_(momentum).add_(grads)
         params.addcmul_(buf, lr, value=-1.0)
+
+
+def _block_offsets(shapes: dict, names: Sequence[str], K: int) -> dict[str, tuple[int, int]]:
+    """``{name: (offset, K * numel)}``: consecutive ``(K, *shape)`` blocks in one flat tensor."""
+    out, off = {}, 0
+    for n in names:
+        out[n] = (off, K * _prod(shapes[n]))
+        off += K * _prod(shapes[n])
+    return out
+
+
+def _views(flat: torch.Tensor, offsets: dict, shapes: dict) -> dict[str, torch.Tensor]:
+    """``{name: (K, *shape)}`` views of the blocks of ``flat`` (``K`` from the flat length)."""
+    out = {}
+    for n, (o, k) in offsets.items():
+        numel = _prod(shapes[n])
+        out[n] = flat[o:o + k].view(k // numel, *shapes[n])
+    return out
+
+
+def _take(flat: torch.Tensor, offsets: dict, shapes: dict, keep: torch.Tensor) -> torch.Tensor:
+    """The runs ``keep`` of every block of ``flat``, as a flat tensor of ``len(keep)``-run blocks."""
+    views = _views(flat, offsets, shapes)
+    if not views:
+        return flat.new_zeros(0)
+    return torch.cat([v.index_select(0, keep).reshape(-1) for v in views.values()])
 
 
 def _prod(shape) -> int:

@@ -406,7 +406,7 @@ def _train_batched(cfgs: list[Config], keys: list[str], d: _Data, device, bar, c
         if bad:
             keep = [j for j in range(Kc) if fin[j]]
             keep_t = torch.as_tensor(keep, dtype=torch.long, device=device)
-            prev = prev.index_select(0, keep_t)
+            prev = net.take_mat(prev, keep_t)
             tl, tc, vl, vc = (None if v is None else v.index_select(0, keep_t) for v in (tl, tc, vl, vc))
             if bsum is not None:
                 bsum = bsum.index_select(0, keep_t)
@@ -424,7 +424,7 @@ def _train_batched(cfgs: list[Config], keys: list[str], d: _Data, device, bar, c
             by_shape.setdefault(tuple(net.shapes[n]), []).append(n)
         sv = {}
         for group in by_shape.values():
-            s = torch.linalg.svdvals(torch.cat([net.P[n] for n in group]).double())
+            s = metrics.batch_singular_values(torch.cat([net.P[n] for n in group]))
             for i, n in enumerate(group):
                 sv[n] = s[i * Kc:(i + 1) * Kc]
         prevv = net.view_mat(prev)
