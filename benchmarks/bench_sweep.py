@@ -20,7 +20,7 @@ sets), the singular values / ranks of every hidden matrix and the convergence di
 Model-steps = configurations x SGD steps. Repeats are interleaved (baseline and engine
 alternate inside each repeat), medians are reported. Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_sweep.py            # ~5-8 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/bench_sweep.py            # ~2 minutes on a 2-core CPU
     .venv/bin/python benchmarks/bench_sweep.py --quick    # a smoke run, < 1 minute
 """
 from __future__ import annotations
@@ -151,6 +151,9 @@ def main(argv=None):
                          "authors' protocol, running train metrics + test-set evaluation")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both (default 1: the 2 cores are shared with other jobs)")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="torch threads for the engine only (default: --threads); e.g. --threads 1 "
+                         "--engine-threads 2 gives each side its best setting on a 2-core CPU")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat, n_train 1000, K 6")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
@@ -158,6 +161,7 @@ def main(argv=None):
         args.epochs, args.repeats, args.n_train, args.n_test, args.K = 1, 1, 1000, 500, [6]
     if any(k % 6 for k in args.K):
         ap.error("K must be a multiple of 6 (6 (lr, lam) pairs x seeds)")
+    eng_threads = args.threads if args.engine_threads is None else args.engine_threads
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
 
@@ -175,6 +179,7 @@ def main(argv=None):
             if rep % 2:
                 jobs = jobs[::-1]
             for kind, what in jobs:
+                torch.set_num_threads(args.threads if kind == "base" else eng_threads)
                 if kind == "base":
                     ts = []
                     for j in range(args.baseline_runs):
@@ -223,7 +228,7 @@ def main(argv=None):
     lines = [
         f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; "
         f"python {platform.python_version()}; {os.cpu_count()} CPU cores ({cpu}), shared with other jobs; "
-        f"no GPU; torch threads: {args.threads}",
+        f"no GPU; torch threads: {args.threads} (baselines), {eng_threads} (engine)",
         f"- load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load0)}; at end: "
         f"{', '.join(f'{v:.2f}' for v in load1)}; 1-min load over the measurements: median "
         f"{statistics.median(loads):.2f}, range {min(loads):.2f}-{max(loads):.2f}",
