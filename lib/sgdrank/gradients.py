@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .metrics import as_matrix, numerical_rank
+from .metrics import as_matrix, numerical_rank, singular_values
 
 
 def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -140,7 +140,7 @@ def max_ranks(grad_list: list[Mapping[str, torch.Tensor]]) -> dict[str, int]:
 
 def relative_spectrum(g: torch.Tensor) -> torch.Tensor:
     """Singular values of a gradient matrix divided by the largest (float64, descending)."""
-    s = torch.linalg.svdvals(as_matrix(g).double())
+    s = singular_values(g)
     return s / s[0] if s[0] > 0 else s
 
 

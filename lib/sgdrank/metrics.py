@@ -100,7 +100,7 @@ def numerical_rank(m: torch.Tensor, rtol: float | None = None) -> int:
     """Numerical rank of one matrix in float64: ``#{i : s_i > rtol * s_1}`` with the LAPACK
     default ``rtol = max(m, n) * eps(float64)`` unless given. Used for gradient ranks, where the
     gap between the true rank's last singular value and the next one is ~1e12 in float64."""
-    s = torch.linalg.svdvals(as_matrix(m).detach().double())
+    s = singular_values(m)
     if rtol is None:
         rtol = max(m.shape[0], as_matrix(m).shape[1]) * torch.finfo(torch.float64).eps
     return int(threshold_rank(s, atol=None, rtol=rtol))

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import gradients
-from .metrics import as_matrix
+from .metrics import as_matrix, batch_singular_values, singular_values
 
 LOSSES = ("ce", "mse")
 
@@ -74,7 +74,7 @@ def tail_distances(s: torch.Tensor, ranks: Iterable[int], ord: str = "fro") -> t
 
 def tail_distance(w: torch.Tensor, r: int, ord: str = "fro") -> float:
     """``min_{rank V <= r} ||W - V||`` (Frobenius or spectral) by the SVD of ``W``."""
-    s = torch.linalg.svdvals(as_matrix(w).detach().double())
+    s = singular_values(w)
     return float(tail_distances(s, [r], ord)[0])
 
 
@@ -274,7 +274,7 @@ def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int]
     rows = []
     for name, f in factors.items():
         bn = BatchNorms(f, lam)
-        s = torch.linalg.svdvals(f.W)
+        s = batch_singular_values(f.W)
         lhs = tail_distances(s, batch_sizes)
         for B, left in zip(batch_sizes, lhs.tolist()):
             batches = all_batches(f.n, B) if exhaustive else random_batches(f.n, B, n_batches, g)

@@ -269,7 +269,7 @@ class WNResult:
         stable rank, and the singular values of ``V_k`` (conv filters as ``c_out x c_in k k``)."""
         rows = []
         for name, v in zip(self.arch.names(), self.V):
-            s = torch.linalg.svdvals(v.reshape(v.shape[0], v.shape[1], -1).double())  # (K, r)
+            s = metrics.batch_singular_values(v.reshape(v.shape[0], v.shape[1], -1))  # (K, r)
             for j, lam in enumerate(self.lams):
                 rows.append(dict(layer=name, lam=lam, shape=tuple(metrics.as_matrix(v[j]).shape),
                                  rank=int(metrics.threshold_rank(s[j], atol=atol)),
