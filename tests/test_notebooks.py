@@ -2,6 +2,7 @@
 mechanisms that check them really catch a stale notebook or a changed checked output."""
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -106,3 +107,54 @@ def test_nbval_fails_on_a_changed_checked_output(tmp_path):
     assert run(good).returncode == 0
     r = run(bad)
     assert r.returncode == 1 and "43" in r.stdout
+
+
+def test_no_machine_paths_in_committed_notebooks():
+    for p in CHAPTERS:
+        nb = booktools.load(p)
+        pm = nb["metadata"].get("papermill", {})
+        for key in ("input_path", "output_path"):
+            assert not str(pm.get(key, "")).startswith("/"), f"{p.name}: papermill {key} is absolute"
+        assert not booktools.absolute_paths(nb), f"{p.name} records {booktools.absolute_paths(nb)}"
+
+
+def test_papermill_paths_are_made_relative():
+    root = str(booktools.ROOT)
+    nb = {"metadata": {"papermill": {"input_path": f"{root}/chapters/x.ipynb",
+                                     "output_path": "/elsewhere/y.ipynb"}}, "cells": []}
+    assert booktools.absolute_paths(nb) == [root]
+    booktools.relative_papermill_paths(nb)
+    assert nb["metadata"]["papermill"] == {"input_path": "chapters/x.ipynb", "output_path": "y.ipynb"}
+    assert not booktools.absolute_paths(nb)
+
+
+# A number that another CPU may round differently: an exponent of -7 or below, or 6+ decimals.
+# Thresholds written as "< 1e-12" are the claim itself and are allowed.
+_ROUNDING_LEVEL = re.compile(r"\d\.?\d*e-(?:0?[7-9]|[1-9]\d)\b|\d+\.\d{6,}")
+_THRESHOLD = re.compile(r"[<>]=?\s*[0-9.]+e-\d+")
+
+
+def rounding_level_numbers(text: str) -> list[str]:
+    return _ROUNDING_LEVEL.findall(_THRESHOLD.sub("", text))
+
+
+def test_rounding_level_detector():
+    assert rounding_level_numbers("max |r - 1| = 7e-16 < 1e-12: True") == ["7e-16"]
+    assert rounding_level_numbers("closed form 0.8181144125") == ["0.8181144125"]
+    assert rounding_level_numbers("rank 3, error < 1e-12: True, ratio 1.000") == []
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_checked_outputs_print_no_rounding_level_numbers(path):
+    """A '# NBVAL_CHECK_OUTPUT' cell prints booleans, integers and coarsely rounded values only
+    (the second numeric configuration of tools/test.sh catches the rest at run time)."""
+    bad = []
+    for i, c in enumerate(booktools.code_cells(booktools.load(path))):
+        if "NBVAL_CHECK_OUTPUT" not in "".join(c["source"]):
+            continue
+        out = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                      for o in c.get("outputs", []))
+        hits = rounding_level_numbers(out)
+        if hits:
+            bad.append(f"checked code cell {i} prints {hits[:3]}")
+    assert not bad, f"{path.name}: " + "; ".join(bad)

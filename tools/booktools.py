@@ -127,6 +127,28 @@ def lib_hash(files: list[str]) -> str:
     return h.hexdigest()
 
 
+def relative_papermill_paths(nb: dict) -> dict:
+    """Rewrite papermill's ``input_path``/``output_path`` relative to the repository root (in
+    place), so a committed notebook records no machine's directories."""
+    pm = nb.get("metadata", {}).get("papermill", {})
+    for key in ("input_path", "output_path"):
+        p = pm.get(key)
+        if p and Path(p).is_absolute():
+            try:
+                pm[key] = str(Path(p).resolve().relative_to(ROOT))
+            except ValueError:
+                pm[key] = Path(p).name
+    return nb
+
+
+def absolute_paths(nb: dict) -> list[str]:
+    """Absolute paths of the machine that ran the notebook, found anywhere in its JSON (the
+    repository root, the home directory)."""
+    text = json.dumps(nb)
+    roots = {str(ROOT), str(Path.home())}
+    return sorted({r for r in roots if len(r) > 1 and r in text})
+
+
 def stamp(nb: dict, profile: str) -> dict:
     """The metadata record written after a successful run."""
     files = lib_dependencies(nb)
@@ -162,4 +184,11 @@ def problems(nb: dict, expected_profile: str = "book") -> list[str]:
     pm = nb.get("metadata", {}).get("papermill", {})
     if pm.get("exception"):
         out.append("papermill recorded an exception")
+    for key in ("input_path", "output_path"):
+        if Path(str(pm.get(key) or "")).is_absolute():
+            out.append(f"papermill's {key} is an absolute path ({pm[key]!r}): re-execute with "
+                       f"tools/run_chapters.py, which writes it relative to the repository")
+    for root in absolute_paths(nb):
+        out.append(f"the notebook records this machine's path {root!r} (tools/run_chapters.py "
+                   f"writes relative papermill paths)")
     return out

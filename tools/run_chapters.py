@@ -5,7 +5,10 @@
 With no paths, every chapter runs. The notebook is executed in place from its committed code
 (its working directory is ``chapters/``); ``SGDRANK_PROFILE`` is set for the kernel, so the
 chapter's ``parameters`` cell (``profile = None``) picks the profile up. After a clean run the
-metadata records the profile and the hashes that tests/test_notebooks.py compares.
+metadata records the profile and the hashes that tests/test_notebooks.py compares; papermill's
+``input_path``/``output_path`` are made relative to the repository (no machine's paths are
+committed). After the chapters, the claims page (``claims.md``, tools/claims.py) is regenerated
+from the executed outputs.
 """
 from __future__ import annotations
 
@@ -32,17 +35,20 @@ def run(path: Path, profile: str, kernel: str) -> float:
     )
     seconds = time.time() - t0
     nb = booktools.load(path)
-    bad = booktools.problems({**nb, "metadata": {**nb["metadata"], booktools.META_KEY: booktools.stamp(nb, profile)}}, profile)
+    stamped = {**nb["metadata"], booktools.META_KEY: booktools.stamp(nb, profile)}
+    bad = booktools.problems({**nb, "metadata": stamped}, profile)
     if bad:
         raise SystemExit(f"{path.name}: ran, but: {'; '.join(bad)}")
     nb["metadata"][booktools.META_KEY] = booktools.stamp(nb, profile)
     nb["metadata"][booktools.META_KEY]["seconds"] = round(seconds, 1)
+    booktools.relative_papermill_paths(nb)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return seconds
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", type=Path)
     ap.add_argument("--profile", default="book", choices=["smoke", "book", "paper"])
     ap.add_argument("--kernel", default="python3")
@@ -58,6 +64,15 @@ def main() -> None:
         print(f"{p.name}: executing in profile {args.profile} ...", flush=True)
         secs = run(p, args.profile, args.kernel)
         print(f"{p.name}: done in {secs:.0f} s", flush=True)
+    import claims
+
+    try:
+        text = claims.render(claims.collect())
+    except claims.ClaimsError as e:  # the tests fail on it; the executed chapters stay written
+        print(f"claims page NOT rewritten: {e}", flush=True)
+        return
+    claims.PAGE.write_text(text, encoding="utf-8")
+    print(f"claims page rewritten: {claims.PAGE.name}", flush=True)
 
 
 if __name__ == "__main__":

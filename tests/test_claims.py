@@ -1,0 +1,74 @@
+"""The claims page is generated from the chapters' stored records, covers every claim of the
+papers' README, and the generator refuses a chapter that lost a record."""
+import json
+import re
+
+import pytest
+
+import booktools
+import claims
+
+PAPERS_README = booktools.ROOT.parent / "shared" / "papers" / "README.md"
+
+
+def test_registry_is_the_papers_list():
+    text = PAPERS_README.read_text(encoding="utf-8")
+    ids = re.findall(r"^- ([CE]\d+) \(", text, flags=re.M)
+    assert ids, f"no claim ids found in {PAPERS_README}"
+    assert [c.id for c in claims.REGISTRY] == ids
+    chapters = {p.stem for p in booktools.chapter_paths()}
+    for c in claims.REGISTRY:
+        assert c.chapter is None or re.match(r"^\d\d_\w+$", c.chapter), c
+
+
+def test_committed_page_is_what_the_chapters_say():
+    """Fails when a chapter lost a record, links to a missing label, or claims.md is stale."""
+    text = claims.render(claims.collect())
+    committed = claims.PAGE.read_text(encoding="utf-8")
+    assert committed == text, "claims.md is stale: run `python tools/claims.py` (make claims)"
+    rows = re.findall(r"^\* - \*\*([CE]\d+)\*\*$", text, flags=re.M)
+    assert rows == [c.id for c in claims.REGISTRY]
+
+
+def test_page_is_in_the_toc_right_after_the_introduction():
+    toc = (booktools.ROOT / "_toc.yml").read_text()
+    assert re.search(r"root: intro\n(.*\n)*?\s+- file: claims\n", toc)
+    first_file = re.findall(r"- file: (\S+)", toc)[0]
+    assert first_file == "claims"
+
+
+def _chapter(tmp_path, stem, recs, labels=("ch9-sec",)):
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": f"({lab})=\n## A section\n"}
+             for lab in labels]
+    outputs = [{"output_type": "display_data", "metadata": {},
+                "data": {"text/markdown": "x", claims.CLAIM_MIME: json.dumps(r)}} for r in recs]
+    cells.append({"cell_type": "code", "metadata": {}, "source": "report.claim(...)",
+                  "execution_count": 1, "outputs": outputs})
+    p = tmp_path / f"{stem}.ipynb"
+    p.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return p
+
+
+def test_generator_rejects_missing_wrong_and_duplicate_records(tmp_path, monkeypatch):
+    rec = lambda cid, where="ch9-sec": {"id": cid, "verdict": "holds", "evidence": "n = 3",
+                                        "where": where}
+    reg = [claims.Claim("C1", "P", "s", "09_x"), claims.Claim("C2", "P", "s", "09_x"),
+           claims.Claim("E9", "P", "s", None)]
+    monkeypatch.setattr(claims, "REGISTRY", reg)
+    good = _chapter(tmp_path, "09_x", [rec("C1"), rec("C2")])
+    got = claims.collect([good])
+    assert set(got) == {"C1", "C2"}
+    page = claims.render(got)
+    assert "{ref}`ch9-sec`" in page and "**not yet tested**" in page and "no chapter yet" in page
+    missing = _chapter(tmp_path, "09_x", [rec("C1")])
+    with pytest.raises(claims.ClaimsError, match="stores no record for C2"):
+        claims.collect([missing])
+    twice = _chapter(tmp_path, "09_x", [rec("C1"), rec("C1"), rec("C2")])
+    with pytest.raises(claims.ClaimsError, match="two records for C1"):
+        claims.collect([twice])
+    badlink = _chapter(tmp_path, "09_x", [rec("C1"), rec("C2", where="ch9-nowhere")])
+    with pytest.raises(claims.ClaimsError, match="ch9-nowhere"):
+        claims.collect([badlink])
+    foreign = _chapter(tmp_path, "09_x", [rec("C1"), rec("C2"), rec("E9")])
+    with pytest.raises(claims.ClaimsError, match="gives to no chapter"):
+        claims.collect([foreign])

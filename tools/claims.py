@@ -1,0 +1,215 @@
+"""The "Claims at a glance" page (``claims.md``), generated from the executed chapters.
+
+    python tools/claims.py           # write claims.md from the committed chapter outputs
+    python tools/claims.py --check   # exit 1 if claims.md differs from what the chapters say
+
+Every claim (C1-C11) and experiment (E1-E12) of ``../shared/papers/README.md`` has one row. The
+verdict, the deciding numbers and the link come from the record that the chapter's run stored
+with :func:`sgdrank.report.claim` (an output of MIME type ``CLAIM_MIME``); nothing on the page is
+typed here except the one-line statement of each claim. A claim whose chapter exists but holds no
+record is an error (so are a record for a claim the registry gives to another chapter, two records
+for one claim, and a link to a label the chapter does not define); a claim whose chapter does not
+exist yet gets a row that says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import booktools  # noqa: E402
+
+from sgdrank.report import CLAIM_MIME  # noqa: E402
+PAGE = booktools.ROOT / "claims.md"
+NO_CHAPTER = "not yet tested"
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper: str
+    statement: str
+    chapter: str | None  # notebook stem that tests it; None: no chapter yet
+
+
+REGISTRY = [
+    Claim("C1", "GSGP L3.2, GP22 L1", "the gradient of a scalar ReLU net w.r.t. a fully-connected "
+          "matrix has rank <= 1", "01_rank_one_gradients"),
+    Claim("C2", "GSGP L3.1", "a conv filter matrix's gradient has rank <= the number of patches",
+          "01_rank_one_gradients"),
+    Claim("C3", "GP22 L2", "with BN (variance detached) a batch gradient has rank <= B",
+          "01_rank_one_gradients"),
+    Claim("C4", "WD2L L2.1", "the ReLU activation pattern is locally constant almost everywhere",
+          "01_rank_one_gradients"),
+    Claim("C5", "GP22 Prop 1-2", "with lambda > 0, SGD cannot converge (zero gradient on every "
+          "batch) unless f = 0 or the inputs are collinear", "04_sgd_noise"),
+    Claim("C6", "GP22 Thm 1", "distance to rank <= B* is at most (1/2 lambda) x the smallest "
+          "batch gradient", "04_sgd_noise"),
+    Claim("C7", "GSGP Thm 3.3", "unrolled SGD: W_t/||W_t|| is (1 - 2 mu lambda)^k-close to rank "
+          "<= N B k", "03_rank_sweeps"),
+    Claim("C8", "JANUS Thm 1", "linear regression: the null-space component decays by "
+          "(1 - 2 eta lambda) per step, SGD and GD alike", "02_linear_regression"),
+    Claim("C9", "JANUS Lemma 1", "weight-normalised nets at an SGD equilibrium have rank <= 2",
+          "04_sgd_noise"),
+    Claim("C10", "WD2L Thm 2.4/2.6", "two-layer ReLU net: zero (small) batch gradients imply rank "
+          "<= 2 (near rank 2)", "05_two_layer"),
+    Claim("C11", "WD2L Thm 3.11", "the low-rank bias improves the generalization bound",
+          "05_two_layer"),
+    Claim("E1", "JANUS Fig A.1-A.2", "linear regression d=11, N=10: SGD vs GD, init 0 vs random",
+          "02_linear_regression"),
+    Claim("E2", "JANUS Fig A.3, A.4, A.6", "sparse features, online one-pass, a target component "
+          "independent of the data", "02_linear_regression"),
+    Claim("E3", "JANUS Fig A.5", "online, constant learning rate: noise that does not decrease",
+          "02_linear_regression"),
+    Claim("E4", "JANUS Fig A.7", "slope ratio of log sigma_min, SGD/GD ~ N",
+          "02_linear_regression"),
+    Claim("E5", "GP22 Fig 1", "MLP on images: SGD with weight decay does not converge",
+          "04_sgd_noise"),
+    Claim("E6", "JANUS Figs 1-5", "weight-normalised conv net: margins, GD vs SGD, update norms, "
+          "ranks vs lambda", "04_sgd_noise"),
+    Claim("E7", "GSGP Figs 3, 7, 10-12; GP22 Figs 2, 3, 5", "rank falls with smaller B, larger "
+          "mu and lambda; none with lambda = 0", "03_rank_sweeps"),
+    Claim("E8", "GP22 Figs 6-7", "per-layer ranks: MLP bottleneck, residual balance",
+          "03_rank_sweeps"),
+    Claim("E9", "GSGP Figs 1, 2, 4, 13-17", "ResNet-18, VGG-16-BN, ViT on CIFAR-10: rank vs mu, "
+          "lambda, B", None),
+    Claim("E10", "GSGP Figs 5-6", "among nets that fit, lower rank goes with higher test accuracy",
+          "03_rank_sweeps"),
+    Claim("E11", "WD2L Figs 1-3, 8", "two-layer regression: stable rank vs lambda, gap, batch "
+          "gradient norms", "05_two_layer"),
+    Claim("E12", "WD2L Figs 4-7, 9", "two-layer classification: the same plus accuracies",
+          "05_two_layer"),
+]
+
+
+class ClaimsError(RuntimeError):
+    pass
+
+
+def records(nb: dict) -> list[dict]:
+    """The claim records stored in a notebook's outputs, in order."""
+    out = []
+    for c in booktools.code_cells(nb):
+        for o in c.get("outputs", []):
+            raw = o.get("data", {}).get(CLAIM_MIME)
+            if raw is not None:
+                out.append(json.loads(raw if isinstance(raw, str) else "".join(raw)))
+    return out
+
+
+def labels(nb: dict) -> set[str]:
+    """MyST targets ``(label)=`` defined in a notebook's Markdown cells."""
+    found = set()
+    for c in nb["cells"]:
+        if c["cell_type"] == "markdown":
+            src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            found |= set(re.findall(r"^\(([A-Za-z0-9_-]+)\)=\s*$", src, flags=re.M))
+    return found
+
+
+def collect(chapters: list[Path] | None = None) -> dict[str, dict]:
+    """``{claim id: record}`` for every claim whose chapter exists, checked against the registry
+    (raises :class:`ClaimsError` listing every problem)."""
+    paths = {p.stem: p for p in (chapters if chapters is not None else booktools.chapter_paths())}
+    owner = {c.id: c.chapter for c in REGISTRY}
+    got: dict[str, dict] = {}
+    problems = []
+    for stem, path in paths.items():
+        nb = booktools.load(path)
+        defined = labels(nb)
+        for rec in records(nb):
+            cid = rec.get("id")
+            if cid not in owner:
+                problems.append(f"{path.name}: record for unknown claim {cid!r}")
+            elif owner[cid] != stem:
+                problems.append(f"{path.name}: records {cid}, which the registry gives to "
+                                f"{owner[cid] or 'no chapter'} (tools/claims.py REGISTRY)")
+            elif cid in got:
+                problems.append(f"{path.name}: two records for {cid}")
+            elif rec.get("where") not in defined:
+                problems.append(f"{path.name}: {cid} links to label {rec.get('where')!r}, which "
+                                f"no Markdown cell of the chapter defines")
+            else:
+                got[cid] = {**rec, "chapter": stem}
+    for c in REGISTRY:
+        if c.chapter in paths and c.id not in got:
+            problems.append(f"{c.chapter}.ipynb exists but stores no record for {c.id}: add "
+                            f"report.claim({c.id!r}, ...) to its closing section and re-execute it")
+    if problems:
+        raise ClaimsError("claims page: " + "; ".join(problems))
+    return got
+
+
+def _cell(text: str) -> str:
+    return text.replace("\n", " ").strip()
+
+
+def render(got: dict[str, dict]) -> str:
+    """The page's MyST source."""
+    counts: dict[str, int] = {}
+    for c in REGISTRY:
+        v = got[c.id]["verdict"] if c.id in got else NO_CHAPTER
+        counts[v] = counts.get(v, 0) + 1
+    order = ["holds", "holds with caveat", "fails", "not resolved", NO_CHAPTER]
+    tally = ", ".join(f"{counts[v]} {v}" for v in order if counts.get(v))
+    lines = [
+        "(claims-at-a-glance)=",
+        "# Claims at a glance",
+        "",
+        "One row per claim (C1-C11) and experiment (E1-E12) of the four papers, with the book's",
+        "verdict, the numbers that decide it and a link to the section that computes them. The",
+        "rows are not typed: `tools/claims.py` collects them from the records that the chapters",
+        "store when they run (`sgdrank.report.claim`), so they are the verdicts of the committed",
+        "outputs (the `book` profile). A verdict is decided by the chapter's code from its",
+        "numbers and their seed spread. Rows without a chapter say so.",
+        "",
+        f"**Tally:** {tally}.",
+        "",
+        "```{list-table}",
+        ":header-rows: 1",
+        ":widths: 6 30 12 40 12",
+        "",
+        "* - id",
+        "  - claim (paper)",
+        "  - verdict",
+        "  - deciding numbers",
+        "  - where",
+    ]
+    for c in REGISTRY:
+        rec = got.get(c.id)
+        lines += [f"* - **{c.id}**", f"  - {_cell(c.statement)} ({c.paper})"]
+        if rec:
+            lines += [f"  - **{rec['verdict']}**", f"  - {_cell(rec['evidence'])}",
+                      f"  - {{ref}}`{rec['where']}`"]
+        else:
+            why = "no chapter yet" if c.chapter is None else f"chapter `{c.chapter}` not written yet"
+            lines += [f"  - **{NO_CHAPTER}**", f"  - {why}", "  - --"]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare with claims.md instead of writing")
+    args = ap.parse_args()
+    try:
+        text = render(collect())
+    except ClaimsError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.check:
+        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
+            print("claims.md is stale: run python tools/claims.py (make claims)", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(text, encoding="utf-8")
+    print(f"wrote {PAGE.relative_to(booktools.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
