@@ -63,9 +63,10 @@ def test_spearman_and_its_interval():
 def test_claim_record_is_displayed_and_machine_readable(monkeypatch):
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append((obj, raw)))
-    rec = report.claim("C8", "holds", "ratio 1.000 (5 seeds)", "ch2-null-space")
+    assert report.claim("C8", "holds", "ratio 1.000 (5 seeds)", "ch2-null-space") is None
     (bundle, raw), = shown
-    assert raw and json.loads(bundle[report.CLAIM_MIME]) == rec
+    assert raw and json.loads(bundle[report.CLAIM_MIME]) == {
+        "id": "C8", "verdict": "holds", "evidence": "ratio 1.000 (5 seeds)", "where": "ch2-null-space"}
     assert bundle["text/markdown"].startswith("**C8 — holds.**")
     with pytest.raises(ValueError, match="verdict"):
         report.claim("C8", "true-ish", "x", "ch2-a")

@@ -201,13 +201,14 @@ def md(text: str) -> None:
     display(Markdown(text))
 
 
-def claim(cid: str, verdict: str, evidence: str, where: str) -> dict:
+def claim(cid: str, verdict: str, evidence: str, where: str) -> None:
     """Record the verdict on claim or experiment ``cid`` (``"C8"``, ``"E4"``) for the claims
     page, and show it as one line.
 
     ``verdict`` is one of :data:`VERDICTS`; ``evidence`` is one sentence of Markdown with the
     one or two numbers that decide it (computed, not typed); ``where`` is the MyST label of
-    the chapter section that computes them. Returns the record.
+    the chapter section that computes them. Returns nothing (so a cell ending in a call shows
+    only the verdict line).
     """
     if not _ID.match(cid):
         raise ValueError(f"claim id {cid!r} is not of the form C<n> or E<n> (see ../shared/papers/README.md)")
@@ -220,4 +221,3 @@ def claim(cid: str, verdict: str, evidence: str, where: str) -> dict:
 
     line = f"**{cid} — {verdict}.** {rec['evidence']}"
     display({"text/markdown": line, CLAIM_MIME: json.dumps(rec)}, raw=True)
-    return rec
