@@ -211,3 +211,80 @@ def test_errors_say_what_exists():
         L.simulate([p, L.make_problem(4, 2, 1, seed=0)], [L.Run(0, np.zeros((1, 3)), 0.1, 0.1)], 1, progress=False)
     with pytest.raises(ValueError, match="inv_sqrt"):
         L.lr_schedule("cosine", 0.1, 3)
+
+
+# ---- conventions, l0 search, other optimisers ------------------------------------------------
+def test_torch_mse_settings_reproduce_the_book_step():
+    """nn.MSELoss (mean over |b| m entries) + SGD(lr=m eta, weight_decay=2 lam / m) == (ch2.1)."""
+    torch = pytest.importorskip("torch")
+    p = L.make_problem(7, 4, 3, seed=3)
+    W0 = L.random_init(3, 7, 0.2, seed=4)
+    eta, lam = 0.04, 0.03
+    run = L.Run(0, W0, lam, eta, scheme="cyclic", B=2)
+    ref = L.simulate([p], [run], 5, keep_steps=True, progress=False).step_W[:, 0]
+    lr_t, wd_t = L.torch_mse_settings(eta, lam, 3)
+    W = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+    opt = torch.optim.SGD([W], lr=lr_t, weight_decay=wd_t)
+    X, Y = torch.tensor(p.X), torch.tensor(p.Y)
+    got = []
+    for _ in range(5):
+        for s in (0, 2):
+            opt.zero_grad()
+            torch.nn.MSELoss()(W @ X[:, s:s + 2], Y[:, s:s + 2]).backward()
+            opt.step()
+            got.append(W.detach().numpy().copy())
+    np.testing.assert_allclose(np.stack(got), ref, rtol=0, atol=1e-13)
+    with pytest.raises(ValueError):
+        L.torch_mse_settings(0.1, 0.01, 0)
+
+
+def test_best_subset_finds_a_sparse_support_with_n_below_d():
+    """l0 search recovers a 2-sparse teacher's support from N = 5 < d = 10 dense samples."""
+    for seed in range(3):
+        p = L.make_problem(10, 5, 2, seed=seed, relevant=[3, 7])
+        S, res = L.best_subset(p.X, p.Y, 2)
+        assert S == (3, 7) and res < 1e-10
+    with pytest.raises(ValueError):
+        L.best_subset(p.X, p.Y, 0)
+
+
+def test_optimizer_run_sgd_equals_plain_sgd(small):
+    p, W0 = small
+    Ws = L.optimizer_run(p, W0, 0.02, 0.05, "sgd", 3, B=2)
+    batches = [[0, 1], [2, 3], [4]] * 3
+    ref = L.direct_sgd(p, W0, 0.02, [0.05] * 9, batches)
+    np.testing.assert_allclose(Ws, np.stack(ref), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError):
+        L.optimizer_run(p, W0, 0.02, 0.05, "lbfgs", 1)
+
+
+@pytest.mark.parametrize("B", [1, None])
+def test_momentum_null_space_follows_the_data_free_recursion(B):
+    p = L.rotate_problem(L.make_problem(10, 5, 2, seed=200, support=[0, 1]), seed=1)
+    W0 = L.random_init(2, 10, 0.1, seed=3)
+    Ws = L.optimizer_run(p, W0, 0.01, 0.05, "momentum", 40, B=B, beta=0.9)
+    n = L.null_norm(Ws, p.X)
+    f = L.momentum_null_factor(0.05, 0.01, 0.9, len(n) - 1)
+    assert np.abs(n / (n[0] * f) - 1).max() < 1e-10
+    assert f[-1] < (1 - 2 * 0.05 * 0.01) ** (len(n) - 1)  # faster than plain SGD per step
+
+
+def test_adamw_keeps_the_mechanism_only_for_coordinate_aligned_null_spaces():
+    p = L.make_problem(10, 5, 2, seed=200, support=[0, 1], relevant=[0, 1])
+    W0 = L.random_init(2, 10, 0.1, seed=3)
+    lr, lam, T = 0.01, 0.01, 100
+    for prob, exact in ((p, True), (L.rotate_problem(p, seed=1), False)):
+        n = L.null_norm(L.optimizer_run(prob, W0, lam, lr, "adamw", T // 5), prob.X)
+        dev = np.abs(n / (n[0] * (1 - 2 * lr * lam) ** np.arange(len(n))) - 1).max()
+        assert (dev < 1e-12) if exact else (dev > 1e-2)
+
+
+def test_rotate_problem_rotates_sgd_trajectories(small):
+    p, W0 = small
+    pr = L.rotate_problem(p, seed=5)
+    Q = pr.X @ np.linalg.pinv(p.X)  # recovers the rotation on span(X)
+    a = L.optimizer_run(p, W0 @ np.eye(8), 0.02, 0.05, "sgd", 4)
+    Qfull, _ = np.linalg.qr(np.random.default_rng(5).standard_normal((8, 8)))
+    b = L.optimizer_run(pr, W0 @ Qfull.T, 0.02, 0.05, "sgd", 4)
+    np.testing.assert_allclose(b, a @ Qfull.T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(Q @ p.X, pr.X, atol=1e-12)

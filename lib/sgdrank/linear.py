@@ -663,3 +663,109 @@ def direct_sgd(problem: Problem, W0: np.ndarray, lam: float, lrs_per_step: Seque
         W = W - eta * gradient(W, problem.X, problem.Y, lam, b)
         out.append(W.copy())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Other conventions, other estimators, other optimisers
+# --------------------------------------------------------------------------------------------
+def torch_mse_settings(lr: float, lam: float, m: int) -> tuple[float, float]:
+    """PyTorch settings that give the book's step (ch2.1) with ``nn.MSELoss()`` (mean over the
+    ``|b| * m`` entries of the batch) and ``torch.optim.SGD(lr=..., weight_decay=...)``:
+    ``(lr_torch, weight_decay) = (m * lr, 2 lam / m)``. (``conventions.torch_weight_decay``'s
+    ``2 lam`` is for a loss that already sums over the outputs.)"""
+    if m < 1 or lr <= 0 or lam < 0:
+        raise ValueError(f"need m >= 1, lr > 0, lam >= 0 (got m={m}, lr={lr}, lam={lam})")
+    return m * lr, 2.0 * lam / m
+
+
+def best_subset(X: np.ndarray, Y: np.ndarray, k: int) -> tuple[tuple[int, ...], float]:
+    """l0 search: the ``k`` coordinates whose least-squares fit of ``Y`` (``m x N``) from those
+    rows of ``X`` (``d x N``) has the smallest residual; returns ``(support, residual_fro)``.
+    Exhaustive over all ``C(d, k)`` subsets (small ``d`` only)."""
+    from itertools import combinations
+
+    d = X.shape[0]
+    if not 1 <= k <= d:
+        raise ValueError(f"need 1 <= k <= d = {d}, got k = {k}")
+    if math.comb(d, k) > 200_000:
+        raise ValueError(f"C({d}, {k}) subsets is too many for an exhaustive search")
+    best, best_res = None, math.inf
+    for S in combinations(range(d), k):
+        A = X[list(S)]  # k x N
+        coef, *_ = np.linalg.lstsq(A.T, Y.T, rcond=None)
+        res = float(np.linalg.norm(coef.T @ A - Y))
+        if res < best_res - 1e-12 * max(1.0, best_res if math.isfinite(best_res) else 1.0):
+            best, best_res = S, res
+    return best, best_res
+
+
+def momentum_null_factor(lr: float, lam: float, beta: float, steps: int) -> np.ndarray:
+    """Heavy-ball SGD (PyTorch form ``v <- beta v + g``, ``W <- W - lr v``, ``v_0 = 0``) on the
+    book's loss: the null-space part obeys the data-free recursion
+    ``P_{t+1} = (1 - 2 lr lam + beta) P_t - beta P_{t-1}``, ``P_1 = (1 - 2 lr lam) P_0``.
+    Returns ``P_t / P_0`` for ``t = 0..steps``. Its slow root is ``~ 1 - 2 lr lam / (1 - beta)``."""
+    if not 0 <= beta < 1:
+        raise ValueError(f"momentum beta must lie in [0, 1), got {beta}")
+    out = np.empty(steps + 1)
+    out[0] = 1.0
+    if steps:
+        out[1] = 1.0 - 2 * lr * lam
+    for t in range(1, steps):
+        out[t + 1] = (1 - 2 * lr * lam + beta) * out[t] - beta * out[t - 1]
+    return out
+
+
+OPTIMIZERS = ("sgd", "momentum", "adamw", "adam_l2")
+
+
+def optimizer_run(problem: Problem, W0: np.ndarray, lam: float, lr: float, kind: str, epochs: int,
+                  *, B: int | None = 1, beta: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8) -> np.ndarray:
+    """Train on the book's loss with one of :data:`OPTIMIZERS`, batches in the fixed order
+    (``B=None``: GD); returns every iterate, shape ``(steps + 1, m, d)``.
+
+    - ``"sgd"``: step (ch2.1). ``"momentum"``: heavy ball, ``v <- beta v + grad L_b``,
+      ``W <- W - lr v`` (PyTorch's ``SGD(momentum=beta)``).
+    - ``"adamw"``: decoupled decay, ``W <- (1 - 2 lr lam) W - lr mhat / (sqrt(vhat) + eps)`` with
+      Adam's moments of the *data* gradient (PyTorch's ``AdamW(weight_decay=2 lam)``).
+    - ``"adam_l2"``: Adam on the full gradient ``grad L_b`` including ``2 lam W``
+      (PyTorch's ``Adam(weight_decay=2 lam)``).
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimiser {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
+    X, Y = problem.X, problem.Y
+    N = X.shape[1]
+    Bv = N if B is None or B >= N else int(B)
+    batches = [np.arange(s, min(s + Bv, N)) for s in range(0, N, Bv)]
+    W = np.array(W0, dtype=float)
+    out = [W.copy()]
+    mom, v2 = np.zeros_like(W), np.zeros_like(W)
+    b1, b2 = betas
+    t = 0
+    for _ in range(epochs):
+        for b in batches:
+            t += 1
+            g_data = 2.0 / len(b) * (W @ X[:, b] - Y[:, b]) @ X[:, b].T
+            if kind == "sgd":
+                W = W - lr * (g_data + 2 * lam * W)
+            elif kind == "momentum":
+                mom = beta * mom + g_data + 2 * lam * W
+                W = W - lr * mom
+            else:
+                g = g_data if kind == "adamw" else g_data + 2 * lam * W
+                mom = b1 * mom + (1 - b1) * g
+                v2 = b2 * v2 + (1 - b2) * g * g
+                upd = (mom / (1 - b1**t)) / (np.sqrt(v2 / (1 - b2**t)) + eps)
+                W = (1 - 2 * lr * lam) * W - lr * upd if kind == "adamw" else W - lr * upd
+            out.append(W.copy())
+    return np.stack(out)
+
+
+def rotate_problem(problem: Problem, seed: int) -> Problem:
+    """The same problem in rotated input coordinates: ``X -> Q X``, ``W_* -> W_* Q^T`` with a
+    random orthogonal ``Q`` (``Y`` unchanged). Rotation-equivariant methods (GD/SGD on ridge)
+    give rotated trajectories; coordinate-wise ones (Adam) do not."""
+    d = problem.X.shape[0]
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    info = dict(problem.info, rotated=seed)
+    return Problem(Q @ problem.X, problem.Y.copy(), problem.teacher @ Q.T, info)
