@@ -1,0 +1,124 @@
+"""Chapter 3's analysis of rank sweeps: runs compared at equal SGD steps, the total weight decay
+a run has applied, threshold and stable ranks of every recorded epoch in one vectorised pass, and
+per-group summaries over seeds.
+
+Conventions (the book's, :mod:`sgdrank.conventions`): the loss is ``L + lam ||theta||^2``, so one
+SGD step with learning rate ``mu`` multiplies every weight by ``1 - 2 mu lam``. After ``t`` steps
+at a schedule ``mu_1, ..., mu_t`` a component that no gradient touches has been multiplied by
+``prod_s (1 - 2 mu_s lam) ~ exp(-D)`` with the *total decay* ``D = sum_s 2 mu_s lam`` (which
+:func:`total_decay` computes per epoch). Threshold rank: ``#{i : s_i / ||W||_F > atol}``
+(the authors' rule, :func:`sgdrank.metrics.threshold_rank`); stable rank ``||W||_F^2 / ||W||_2^2``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import sweep
+
+
+def at_steps(cfg: sweep.Config, steps: int, drop_at: Sequence[float] = (), gamma: float = 0.1) -> sweep.Config:
+    """``cfg`` trained for (at least) ``steps`` SGD steps, whatever its batch size: ``epochs`` =
+    ``ceil(steps / (n_train // B))``, and learning-rate drops by ``gamma`` after the fractions
+    ``drop_at`` of those epochs (``MultiStepLR`` milestones, rounded to whole epochs).
+
+    Equal steps means equally many decay factors ``1 - 2 mu lam``; at equal epochs a run with
+    batch ``B`` takes ``n / B`` steps per epoch."""
+    if cfg.n_train is None:
+        raise ValueError("at_steps needs cfg.n_train (the number of training samples) to count steps")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if any(not 0 < f < 1 for f in drop_at):
+        raise ValueError(f"drop_at are fractions of the run in (0, 1), got {tuple(drop_at)}")
+    spe = sweep.steps_per_epoch(cfg.n_train, cfg.batch_size, cfg.drop_last)
+    if spe < 1:
+        raise ValueError(f"batch size {cfg.batch_size} exceeds n_train={cfg.n_train}")
+    epochs = math.ceil(steps / spe)
+    milestones = tuple(sorted({max(1, int(round(f * epochs))) for f in drop_at}))
+    return sweep.replace(cfg, epochs=epochs, lr_milestones=milestones, lr_gamma=gamma)
+
+
+def total_decay(epochs: pd.DataFrame) -> pd.Series:
+    """Total decay ``D = sum over the steps so far of 2 mu_s lam`` at every row of a
+    :attr:`sweep.Result.epochs` table (0 at epoch 0), from each row's config (``lr``,
+    ``lr_milestones``, ``lr_gamma``, ``lam``, ``n_train``, ``batch_size``, ``drop_last``).
+    ``exp(-D)`` is what is left of a weight component that no gradient has touched."""
+    need = {"run_id", "epoch", "lr", "lam", "lr_milestones", "lr_gamma", "n_train", "batch_size", "drop_last"}
+    missing = sorted(need - set(epochs.columns))
+    if missing:
+        raise ValueError(f"total_decay needs the columns of sweep.Result.epochs; missing {missing}")
+    out = pd.Series(0.0, index=epochs.index, name="total_decay")
+    for _, g in epochs.groupby("run_id", sort=False):
+        r = g.iloc[0]
+        cfg = sweep.Config(lr=r.lr, lam=r.lam, lr_milestones=tuple(r.lr_milestones), lr_gamma=r.lr_gamma)
+        spe = sweep.steps_per_epoch(int(r.n_train), int(r.batch_size), bool(r.drop_last))
+        emax = int(g.epoch.max())
+        per_epoch = np.array([0.0] + [2.0 * cfg.lr_at(e) * cfg.lam * spe for e in range(1, emax + 1)])
+        cum = np.cumsum(per_epoch)
+        out.loc[g.index] = cum[g.epoch.to_numpy(dtype=int)]
+    return out
+
+
+def _sv_matrix(sv: Sequence[np.ndarray]) -> np.ndarray:
+    """Singular-value vectors of possibly different lengths as one zero-padded matrix."""
+    width = max((len(s) for s in sv), default=0)
+    m = np.zeros((len(sv), width))
+    for i, s in enumerate(sv):
+        m[i, :len(s)] = s
+    return m
+
+
+def layer_ranks(layers: pd.DataFrame, atols: Sequence[float] = (1e-3, 1e-2)) -> pd.DataFrame:
+    """The threshold rank at every tolerance in ``atols`` (columns ``rank@<atol>``) of every row
+    of a :attr:`sweep.Result.layers` table, computed from its stored singular values in one
+    vectorised pass (the same rule as :func:`sgdrank.metrics.threshold_rank`; a zero matrix has
+    rank 0). Returns ``layers`` without ``sv`` plus those columns."""
+    if "sv" not in layers.columns:
+        raise ValueError("layer_ranks needs the 'sv' column of sweep.Result.layers")
+    s = _sv_matrix(list(layers["sv"]))
+    fro = np.sqrt((s ** 2).sum(axis=1, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.where(fro > 0, s / np.where(fro > 0, fro, 1.0), 0.0)
+    out = layers.drop(columns=["sv"]).copy()
+    for a in atols:
+        out[rank_col(a)] = (rel > a).sum(axis=1).astype(int)
+    return out
+
+
+def rank_col(atol: float) -> str:
+    """Column name of the threshold rank at tolerance ``atol``: ``rank@0.001``."""
+    return f"rank@{atol:g}"
+
+
+def run_ranks(res: sweep.Result, atols: Sequence[float] = (1e-3, 1e-2)) -> pd.DataFrame:
+    """One row per run x recorded epoch: the epoch table of ``res`` plus ``total_decay`` and the
+    layer-averaged threshold ranks at ``atols`` (``rank@<atol>``); ``avg_stable_rank`` is the
+    layer-averaged stable rank. Diverged epochs (no layer rows) get NaN ranks."""
+    ep = res.epochs.copy()
+    ep["total_decay"] = total_decay(ep)
+    lr = layer_ranks(res.layers, atols)
+    cols = [rank_col(a) for a in atols]
+    mean = lr.groupby(["run_id", "epoch"])[cols].mean().reset_index()
+    return ep.merge(mean, on=["run_id", "epoch"], how="left")
+
+
+def at_epoch(table: pd.DataFrame, epoch: int | str = "last") -> pd.DataFrame:
+    """The rows of a per-run x epoch table at one epoch per run: a number, ``"last"`` (each run's
+    final epoch) or ``"init"`` (epoch 0)."""
+    if epoch == "last":
+        idx = table.groupby("run_id").epoch.transform("max") == table.epoch
+        return table[idx]
+    if epoch == "init":
+        epoch = 0
+    return table[table.epoch == int(epoch)]
+
+
+def at_step(table: pd.DataFrame, step: int) -> pd.DataFrame:
+    """For each run, the row of the last recorded epoch whose ``step`` is at most ``step``
+    (metrics are recorded once per epoch, so this is the state after ``<= step`` SGD steps)."""
+    sub = table[table.step <= step]
+    idx = sub.groupby("run_id").step.idxmax()
+    return sub.loc[idx.values]

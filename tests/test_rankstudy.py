@@ -1,0 +1,102 @@
+"""Chapter 3's analysis helpers (sgdrank.rankstudy) against direct computations."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sgdrank import metrics, rankstudy as rs, sweep
+
+
+def make_data(seed=0, n_train=64, n_test=32, classes=3, dim=12):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    x = centers[y] + 0.8 * torch.randn(n_train + n_test, dim, generator=g)
+    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
+                           n_classes=classes, input_shape=(dim,))
+
+
+DATA = make_data()
+
+
+@pytest.fixture(autouse=True)
+def _float32_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
+def base(**kw):
+    args = dict(model="MLP-BN-3-16", dataset="synthetic", n_train=64, n_test=32, batch_size=8,
+                lr=0.1, lam=0.0, epochs=1)
+    return sweep.Config(**{**args, **kw})
+
+
+def test_at_steps_counts_steps_and_places_the_drop():
+    for B in (4, 8, 16, 32):
+        c = rs.at_steps(base(batch_size=B), 100, drop_at=(0.5,), gamma=0.2)
+        spe = 64 // B
+        assert c.epochs == math.ceil(100 / spe) and c.epochs * spe >= 100 > (c.epochs - 1) * spe
+        assert c.lr_milestones == (round(0.5 * c.epochs),) and c.lr_gamma == 0.2
+    with pytest.raises(ValueError):
+        rs.at_steps(base(), 0)
+    with pytest.raises(ValueError):
+        rs.at_steps(base(), 10, drop_at=(1.5,))
+    with pytest.raises(ValueError):
+        rs.at_steps(base(batch_size=128), 10)
+
+
+@pytest.fixture(scope="module")
+def result():
+    torch.set_default_dtype(torch.float32)
+    cfgs = [rs.at_steps(c, 24, drop_at=(0.5,), gamma=0.1)
+            for c in sweep.grid(base(), batch_size=[8, 16], lam=[0.0, 0.05], seed=[0, 1])]
+    return sweep.run(cfgs, cache=None, data=DATA, progress=False)
+
+
+def test_total_decay_is_the_sum_of_step_factors(result):
+    ep = result.epochs
+    d = rs.total_decay(ep)
+    for rid, cfg in enumerate(result.configs):
+        spe = 64 // cfg.batch_size
+        rows = ep[ep.run_id == rid]
+        for idx, e in zip(rows.index, rows.epoch):
+            expect = sum(2 * cfg.lr_at(k) * cfg.lam * spe for k in range(1, int(e) + 1))
+            assert d.loc[idx] == pytest.approx(expect, rel=1e-12, abs=1e-15)
+    assert (d[ep.lam == 0] == 0).all() and (d[ep.lam > 0].groupby(ep.run_id).diff().dropna() > 0).all()
+    with pytest.raises(ValueError):
+        rs.total_decay(ep.drop(columns=["lam"]))
+
+
+def test_layer_ranks_agree_with_metrics(result):
+    lay = result.layers
+    lr = rs.layer_ranks(lay, atols=(1e-3, 5e-2))
+    assert "sv" not in lr.columns
+    assert (lr["rank@0.001"].to_numpy() == result.ranks(atol=1e-3).to_numpy()).all()
+    assert (lr["rank@0.05"].to_numpy() == result.ranks(atol=5e-2).to_numpy()).all()
+    assert (lr["rank@0.001"].to_numpy() == lay["rank"].to_numpy()).all()
+    # a zero matrix and matrices of different sizes
+    odd = pd.DataFrame({"sv": [np.zeros(3), np.array([2.0, 1.0, 1e-4]), np.array([1.0, 0.5])]})
+    assert list(rs.layer_ranks(odd, atols=(1e-3,))["rank@0.001"]) == [0, 2, 2]
+
+
+def test_run_ranks_and_selection(result):
+    rr = rs.run_ranks(result, atols=(1e-3,))
+    assert len(rr) == len(result.epochs)
+    lay = result.layers
+    for (rid, e), g in lay.groupby(["run_id", "epoch"]):
+        row = rr[(rr.run_id == rid) & (rr.epoch == e)].iloc[0]
+        assert row["rank@0.001"] == pytest.approx(g["rank"].mean())
+    last = rs.at_epoch(rr, "last")
+    assert len(last) == len(result) and (last.epoch == last.epochs).all()
+    assert (rs.at_epoch(rr, "init").epoch == 0).all()
+    s = rs.at_step(rr, 12)
+    assert len(s) == len(result) and (s.step <= 12).all()
+    spe = 64 // s.batch_size
+    assert ((12 - s.step) < spe).all()   # the last recorded epoch at or before step 12
