@@ -186,15 +186,18 @@ def render(got: dict[str, dict]) -> str:
             lines += [f"  - **{rec['verdict']}**", f"  - {_cell(rec['evidence'])}",
                       f"  - {{ref}}`{rec['where']}`"]
         else:
-            why = "no chapter yet" if c.chapter is None else f"chapter `{c.chapter}` not written yet"
+            why = ("no chapter yet" if c.chapter is None
+                   else f"chapter `{c.chapter}` not written yet")
             lines += [f"  - **{NO_CHAPTER}**", f"  - {why}", "  - --"]
     lines += ["```", ""]
     return "\n".join(lines)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="compare with claims.md instead of writing")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true",
+                    help="compare with claims.md instead of writing")
     args = ap.parse_args()
     try:
         text = render(collect())

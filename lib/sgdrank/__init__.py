@@ -14,6 +14,8 @@ so that importing the package itself stays cheap and each chapter's dependencies
 - :mod:`sgdrank.bounds`    -- GSGP Theorem 3.3, both sides (Chapter 3)
 - :mod:`sgdrank.linear`    -- overparameterised linear regression, batched (Chapter 2)
 - :mod:`sgdrank.sweep`     -- the batched sweep engine (Chapters 3-4)
+- :mod:`sgdrank.dispatch`  -- a sweep's groups as jobs (Slurm or local processes, via submitit)
+- :mod:`sgdrank.report`    -- prose numbers, spreads and verdicts from the run; claim records
 - :mod:`sgdrank.progress`  -- progress bars that read well live and in committed outputs
 - :mod:`sgdrank.plotting`  -- the book's one plot style
 """

@@ -1,0 +1,184 @@
+"""Run a sweep's groups as jobs: on a Slurm cluster, or as separate local processes, through
+`submitit <https://github.com/facebookincubator/submitit>`_.
+
+A *group* is the set of configurations that :func:`sgdrank.sweep.run` trains as one batched
+computation (equal :meth:`sweep.Config.group_key`: same architecture, data, batch size, epochs).
+:func:`run` submits one job per group that is not finished in the on-disk cache; each job calls
+``sweep.run(group, cache=<folder>)``, which writes every finished run to the cache with an atomic
+rename and checkpoints an unfinished group every ``checkpoint_every`` seconds. The caller waits
+with a progress bar over jobs and then reads the results from the cache. So:
+
+- a job that was killed or pre-empted loses at most the epochs since its last checkpoint: calling
+  :func:`run` again submits a job for that group only, and it resumes from the checkpoint; runs
+  that had finished are loaded, not trained again;
+- a job that fails raises :class:`JobFailed`, naming the job, its group and its log files.
+
+Which executor (:func:`executor_from_env`): ``SGDRANK_EXECUTOR`` = ``inprocess`` (default:
+no jobs, plain ``sweep.run``), ``local`` (submitit's local executor: one process per job on this
+machine) or ``slurm``; ``SGDRANK_EXECUTOR_CONFIG`` names a JSON file of submitit parameters,
+e.g. ``{"folder": "/scratch/me/sgdrank-jobs", "slurm_partition": "gpu", "gpus_per_node": 1,
+"cpus_per_task": 8, "mem_gb": 32, "timeout_min": 240, "slurm_array_parallelism": 16}``
+(``folder``: where job logs go; default ``$SGDRANK_RESULTS/_jobs``). The cache folder and the
+data folder (``SGDRANK_DATA``) must be on a file system that the jobs see.
+
+submitit is imported only when jobs are used (``pip install submitit``; it is pinned in the
+project's requirements.txt, and an optional extra ``sgdrank[cluster]``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import runtime, sweep
+
+EXECUTORS = ("inprocess", "local", "slurm")
+ENV_EXECUTOR = "SGDRANK_EXECUTOR"
+ENV_CONFIG = "SGDRANK_EXECUTOR_CONFIG"
+
+
+class JobFailed(RuntimeError):
+    """A job of :func:`run` failed; the message names its group and log files."""
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Which executor and its submitit parameters (see the module docstring)."""
+
+    kind: str = "inprocess"
+    folder: Path | None = None
+    params: tuple = ()  # sorted (name, value) pairs passed to update_parameters
+
+    def make(self):
+        """The submitit executor (None for ``inprocess``)."""
+        if self.kind == "inprocess":
+            return None
+        try:
+            import submitit
+        except ImportError as err:
+            raise ImportError(f"{ENV_EXECUTOR}={self.kind} needs submitit: pip install submitit "
+                              f"(or pip install 'sgdrank[cluster]')") from err
+        folder = self.folder or runtime.results_dir("_jobs")
+        ex = submitit.AutoExecutor(folder=str(folder), cluster=self.kind)
+        if self.params:
+            ex.update_parameters(**dict(self.params))
+        return ex
+
+
+def executor_from_env(environ: dict | None = None) -> ExecutorSpec:
+    """Read ``SGDRANK_EXECUTOR`` and ``SGDRANK_EXECUTOR_CONFIG`` (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    kind = (env.get(ENV_EXECUTOR) or "inprocess").strip().lower()
+    if kind not in EXECUTORS:
+        raise ValueError(f"unknown {ENV_EXECUTOR}={kind!r}: use one of {', '.join(EXECUTORS)}")
+    params: dict[str, Any] = {}
+    folder = None
+    path = env.get(ENV_CONFIG)
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{ENV_CONFIG}={path!r} does not exist: write a JSON file of "
+                                    f"submitit parameters there, or unset the variable")
+        params = json.loads(p.read_text())
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: expected a JSON object of submitit parameters")
+        folder = params.pop("folder", None)
+    return ExecutorSpec(kind, Path(folder) if folder else None, tuple(sorted(params.items())))
+
+
+def groups(configs: Iterable[sweep.Config]) -> list[list[sweep.Config]]:
+    """The configurations split into sweep groups (equal ``group_key``), in first-seen order."""
+    out: dict[tuple, list[sweep.Config]] = {}
+    for c in configs:
+        out.setdefault(c.group_key(), []).append(c)
+    return list(out.values())
+
+
+def train_group(configs: list[dict], folder: str, checkpoint_every: float) -> dict:
+    """The body of one job: train one group into the cache ``folder``. Takes plain dicts (so
+    the pickle holds no tensors) and returns counts: runs in the group, runs trained (not loaded
+    from the cache), epochs trained in this job."""
+    cfgs = [sweep.Config.from_dict(d) for d in configs]
+    epochs = [0]
+    res = sweep.run(cfgs, cache=Path(folder), progress=False, checkpoint_every=checkpoint_every,
+                    on_epoch=lambda e, batch: epochs.__setitem__(0, epochs[0] + len(batch)))
+    return {"runs": len(cfgs), "trained": res.n_trained, "run_epochs": epochs[0]}
+
+
+def _cached(cfg: sweep.Config, folder: Path) -> bool:
+    return (folder / f"{sweep.run_key(cfg)}.pt").exists()
+
+
+def submit(configs: Iterable[sweep.Config], cache: str | Path, spec: ExecutorSpec, *,
+           checkpoint_every: float = 60.0) -> list:
+    """Submit one job per group of ``configs`` that has a run missing from ``cache``; returns
+    the submitit jobs (each with ``.group``, its configs, attached)."""
+    folder = sweep._cache_dir(cache)
+    if folder is None:
+        raise ValueError("jobs need an on-disk cache: pass cache='<chapter name>' or a folder")
+    ex = spec.make()
+    if ex is None:
+        raise ValueError("submit() needs a job executor (SGDRANK_EXECUTOR=local or slurm)")
+    jobs = []
+    for g in groups(configs):
+        if all(_cached(c, folder) for c in g):
+            continue
+        job = ex.submit(train_group, [c.to_dict() for c in g], str(folder.resolve()),
+                        checkpoint_every)
+        job.group = g
+        jobs.append(job)
+    return jobs
+
+
+def wait(jobs: list, *, poll: float = 1.0, progress: bool = True) -> list[dict]:
+    """Wait for ``jobs`` (progress over jobs); returns their results, raises :class:`JobFailed`
+    for the first that failed, with its log files."""
+    from .progress import counter
+
+    bar = counter(total=len(jobs), desc="jobs", unit="job") if progress and jobs else None
+    left = list(range(len(jobs)))
+    try:
+        while left:
+            done = [i for i in left if jobs[i].done()]
+            for i in done:
+                left.remove(i)
+                if bar is not None:
+                    bar.update(1)
+            if left:
+                time.sleep(poll)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = []
+    for job in jobs:
+        try:
+            out.append(job.result())
+        except Exception as err:  # submitit raises FailedJobError / UncompletedJobError
+            c0 = job.group[0]
+            raise JobFailed(
+                f"job {job.job_id} ({len(job.group)} runs of {c0.model}, B={c0.batch_size}) "
+                f"failed: {type(err).__name__}: {str(err)[-800:]}\n  logs: {job.paths.stdout} "
+                f"and {job.paths.stderr}\n  calling the sweep again resumes from its checkpoint"
+            ) from err
+    return out
+
+
+def run(configs: sweep.Config | Iterable[sweep.Config], cache: str | Path, *,
+        spec: ExecutorSpec | None = None, progress: bool = True, checkpoint_every: float = 60.0,
+        poll: float = 1.0, **inprocess_kw) -> sweep.Result:
+    """``sweep.run(configs, cache)``, with the groups trained as jobs when ``spec`` (default:
+    :func:`executor_from_env`) names an executor; in-process otherwise (``inprocess_kw`` go to
+    ``sweep.run`` then). Returns the :class:`sweep.Result` read from the cache."""
+    cfgs = [configs] if isinstance(configs, sweep.Config) else list(configs)
+    spec = executor_from_env() if spec is None else spec
+    if spec.kind == "inprocess":
+        return sweep.run(cfgs, cache=cache, progress=progress, checkpoint_every=checkpoint_every,
+                         **inprocess_kw)
+    if inprocess_kw:
+        raise ValueError(f"{sorted(inprocess_kw)} apply in-process only; jobs load data by name")
+    wait(submit(cfgs, cache, spec, checkpoint_every=checkpoint_every), poll=poll,
+         progress=progress)
+    return sweep.load(cfgs, cache)

@@ -1,0 +1,80 @@
+"""Sweeps as jobs through submitit's local executor: real processes, real pickling; a job killed
+mid-run resumes from its checkpoint with nothing lost or trained twice; a failed job is reported
+with its logs; executor settings are read from the environment with clear errors."""
+import json
+import time
+
+import pytest
+import torch
+
+from sgdrank import dispatch, sweep
+
+pytest.importorskip("submitit")
+BASE = sweep.Config(model="MLP-BN-3-32", dataset="fashion-mnist", n_train=512, n_test=256,
+                    batch_size=32, lr=0.1, lam=1e-3, epochs=5)
+
+
+def _final(res):
+    return res.runs[["final_test_loss", "final_train_loss"]].to_numpy()
+
+
+def test_executor_from_env(tmp_path):
+    assert dispatch.executor_from_env({}).kind == "inprocess"
+    cfg = tmp_path / "slurm.json"
+    cfg.write_text(json.dumps({"folder": str(tmp_path / "logs"), "slurm_partition": "gpu",
+                               "gpus_per_node": 1, "timeout_min": 60}))
+    env = {"SGDRANK_EXECUTOR": "Slurm", "SGDRANK_EXECUTOR_CONFIG": str(cfg)}
+    spec = dispatch.executor_from_env(env)
+    assert spec.kind == "slurm" and spec.folder == tmp_path / "logs"
+    assert dict(spec.params) == {"slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 60}
+    with pytest.raises(ValueError, match="unknown SGDRANK_EXECUTOR='pbs'"):
+        dispatch.executor_from_env({"SGDRANK_EXECUTOR": "pbs"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dispatch.executor_from_env({"SGDRANK_EXECUTOR": "local",
+                                    "SGDRANK_EXECUTOR_CONFIG": str(tmp_path / "none.json")})
+
+
+def test_groups_follow_the_engine_grouping():
+    cfgs = sweep.grid(BASE, seed=[0, 1], batch_size=[32, 64])
+    gs = dispatch.groups(cfgs)
+    assert [len(g) for g in gs] == [2, 2] and {g[0].batch_size for g in gs} == {32, 64}
+    assert all(len({c.group_key() for c in g}) == 1 for g in gs)
+
+
+def test_jobs_equal_in_process_and_resume_after_a_kill(tmp_path):
+    cfgs = sweep.grid(sweep.replace(BASE, epochs=30), seed=[0, 1])
+    cfgs += [sweep.replace(BASE, batch_size=64)]
+    spec = dispatch.ExecutorSpec("local", tmp_path / "jobs")
+    cache = tmp_path / "cache"
+    jobs = dispatch.submit(cfgs, cache, spec, checkpoint_every=0)
+    assert len(jobs) == 2  # two groups: B=32 (2 runs, 30 epochs) and B=64 (1 run)
+    long = next(j for j in jobs if len(j.group) == 2)
+    t0 = time.time()
+    while not list(cache.glob("_partial_*.pt")):  # the long group has checkpointed an epoch
+        assert time.time() - t0 < 240 and not long.done(), "no checkpoint appeared"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    long.cancel()
+    while not long.done():
+        time.sleep(0.2)
+    dispatch.wait([j for j in jobs if j is not long], progress=False)
+    finished = {p.name for p in cache.glob("*.pt") if not p.name.startswith("_partial_")}
+    assert len(finished) == 1, "only the short group's run is finished after the kill"
+    # again: only the killed group is submitted, and it resumes from its checkpoint
+    again = dispatch.submit(cfgs, cache, spec, checkpoint_every=0)
+    assert len(again) == 1 and len(again[0].group) == 2
+    (counts,) = dispatch.wait(again, progress=False)
+    assert counts["runs"] == 2 and counts["trained"] == 2
+    assert 0 < counts["run_epochs"] < 2 * 30, counts  # resumed: not all 60 run-epochs again
+    res = dispatch.run(cfgs, cache, spec=spec)  # everything cached now: no job, same results
+    torch.set_num_threads(1)
+    ref = sweep.run(cfgs, cache=tmp_path / "inprocess", progress=False)
+    assert _final(res) == pytest.approx(_final(ref), rel=1e-5, abs=1e-6)
+
+
+def test_a_failed_job_names_its_logs(tmp_path):
+    bad = sweep.replace(BASE, dataset="digits", n_train=100000)  # too many samples: job fails
+    spec = dispatch.ExecutorSpec("local", tmp_path / "jobs")
+    msg = r"(?s)failed: .*n_train=100000.*logs: .*\.out and .*\.err"
+    with pytest.raises(dispatch.JobFailed, match=msg):
+        dispatch.run([bad], tmp_path / "cache", spec=spec, progress=False)
