@@ -1,0 +1,490 @@
+"""Two-layer ReLU networks with a bias, trained batched over (lambda, seed) runs (Chapter 5, WD2L).
+
+The model (WD2L eq. 4, as reconstructed in Chapter 5)::
+
+    f(x) = u sigma(V x + b),   u in R^{k x m},  V in R^{m x n},  b in R^m,   sigma = ReLU,
+
+no output bias, no 1/sqrt(m) factor. Initialisation: Kaiming normal in fan-in mode,
+``V_ij ~ N(0, 2/n)``, ``u_ij ~ N(0, 2/m)``, ``b = 0``.
+
+Objective of a batch ``S`` of size ``B`` (the book's weight-decay convention, ``L + lambda ||.||^2``)::
+
+    L^lambda_S = (1/B) sum_{i in S} ||f(x_i) - y_i||_2^2  +  lambda (||V||_F^2 + ||u||_F^2),
+
+the squared error summed over the ``k`` outputs (for one-hot targets too) and averaged over the
+batch; the bias ``b`` is not decayed (so a constant predictor costs nothing; see Chapter 5).
+One SGD step with learning rate ``mu`` multiplies ``V`` and ``u`` by ``1 - 2 mu lambda`` and
+subtracts ``mu`` times the data gradient; ``b`` only gets the data gradient. This equals
+``torch.optim.SGD`` with ``weight_decay = 2 lambda`` on ``u`` and ``V`` (tested).
+
+Batched layout. ``K`` runs (one per ``(lambda, seed)`` configuration) are one computation: ``V``
+is ``(K, m, n)``, ``u`` is ``(K, k, m)``, ``b`` is ``(K, m)``, every run draws its own mini-batch
+(``(K, B, n)``), and the backward pass is written out (no autograd graph)::
+
+    P = X_S V^T + b            (K, B, m)     R = sigma(P) u^T - Y_S       (K, B, k)
+    dU = (2/B) R^T sigma(P)    (K, k, m)     A = (2/B) (R u) * 1[P > 0]   (K, B, m)
+    dV = A^T X_S               (K, m, n)     db = sum_i A_i                (K, m)
+
+which is exactly what one backward pass of the loss summed over the runs gives each run
+(tested against autograd and a one-at-a-time ``nn.Module`` + ``torch.optim.SGD``). Learning
+rates and weight decays are per-run tensors; the schedule multiplies the learning rate by
+``gamma`` every ``every`` epochs (WD2L: 0.95 every 200).
+
+Per-sample structure (WD2L Lemma 2.2, Chapter 1's rank-one lemma): the gradient of sample ``i``'s
+squared error with respect to ``V`` is the rank-one matrix ``M_i = a_i x_i^T`` with
+``a_i = 2 D(x_i) u^T (f(x_i) - y_i)``, ``D(x) = diag(1[V x + b > 0])``. With the sample's full
+gradient ``g_i = M_i + 2 lambda V``, a batch gradient is ``G_S = (1/B) sum_{i in S} g_i`` and
+
+    ||G_S||_F^2 = (1/B^2) sum_{i,j in S} <a_i,a_j><x_i,x_j> + (4 lambda/B) sum_{i in S} a_i^T V x_i
+                  + 4 lambda^2 ||V||_F^2,
+
+which :func:`batch_grad_norms` evaluates for thousands of batches from one ``N x N`` Gram matrix.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import metrics
+from .progress import progress
+
+ORDER_OFFSET = 1_000_003  # batch-order generator of seed s: torch.Generator().manual_seed(s + ORDER_OFFSET)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters, forward, one-hot targets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Params:
+    """Weights of ``K`` two-layer networks: ``u (K, k, m)``, ``V (K, m, n)``, ``b (K, m)``.
+    :func:`init_params` stores ``V`` as the transpose of a contiguous ``(K, n, m)`` tensor
+    (faster batched products; any layout works)."""
+
+    u: torch.Tensor
+    V: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def K(self) -> int:
+        return int(self.V.shape[0])
+
+    def run(self, i: int) -> "Params":
+        """Run ``i`` alone, as a batch of one (views)."""
+        return Params(self.u[i:i + 1], self.V[i:i + 1], self.b[i:i + 1])
+
+    def clone(self) -> "Params":
+        return Params(self.u.clone(), self.V.clone(), self.b.clone())
+
+
+def init_params(seeds: Sequence[int], n: int, m: int, k: int = 1, dtype=torch.float32) -> Params:
+    """Kaiming-normal (fan-in) initialisation of one network per seed: ``V ~ N(0, 2/n)``,
+    ``u ~ N(0, 2/m)``, ``b = 0``. Run ``i`` uses ``torch.Generator().manual_seed(seeds[i])``
+    (V drawn first, then u), so runs with the same seed start identically."""
+    if n < 1 or m < 1 or k < 1:
+        raise ValueError(f"n, m, k must be positive, got n={n}, m={m}, k={k}")
+    us, Vs = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        Vs.append(torch.randn(m, n, generator=g, dtype=torch.float64) * math.sqrt(2.0 / n))
+        us.append(torch.randn(k, m, generator=g, dtype=torch.float64) * math.sqrt(2.0 / m))
+    K = len(us)
+    if K == 0:
+        raise ValueError("no runs: seeds is empty")
+    V = torch.stack(Vs).to(dtype).mT.contiguous().mT  # (K, m, n) stored as (K, n, m)
+    return Params(torch.stack(us).to(dtype), V, torch.zeros(K, m, dtype=dtype))
+
+
+def forward(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """Outputs ``(K, N, k)`` for inputs ``x`` of shape ``(N, n)`` (shared by all runs) or
+    ``(K, N, n)`` (one batch per run)."""
+    pre = _pre(p, x)
+    return torch.bmm(pre.clamp_min_(0), p.u.mT)
+
+
+def _pre(p: Params, x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 2:
+        x = x.expand(p.K, *x.shape)
+    return torch.baddbmm(p.b.unsqueeze(1), x, p.V.mT)
+
+
+def one_hot(y: torch.Tensor, n_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """Integer labels ``(N,)`` -> one-hot targets ``(N, n_classes)`` (square loss on classes)."""
+    return torch.nn.functional.one_hot(y.long(), n_classes).to(dtype)
+
+
+def as_targets(y: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Regression targets ``(N,)`` -> ``(N, 1)``; ``(N, k)`` unchanged."""
+    return (y.unsqueeze(1) if y.ndim == 1 else y).to(dtype)
+
+
+def loss_grads(p: Params, xb: torch.Tensor, yb: torch.Tensor):
+    """Per-run batch loss ``(1/B) sum_i ||f(x_i) - y_i||^2`` (shape ``(K,)``) and its gradients
+    ``(dU, dV, db)`` (data term only), from the written-out backward of the module docstring.
+    ``xb``: ``(K, B, n)``, ``yb``: ``(K, B, k)``. ``dV`` has the memory layout of ``p.V``
+    (``(K, m, n)`` as the transpose of a contiguous ``(K, n, m)`` block: the fast GEMMs here)."""
+    B = xb.shape[1]
+    pre = torch.baddbmm(p.b.unsqueeze(1), xb, p.V.mT)
+    h = pre.clamp_min(0)
+    r = torch.bmm(h, p.u.mT).sub_(yb)  # (K, B, k)
+    loss = r.square().sum((1, 2)) / B
+    r.mul_(2.0 / B)
+    dU = torch.bmm(r.mT, h)
+    A = torch.ops.aten.threshold_backward(torch.bmm(r, p.u), pre, 0)  # (R u) * 1[P > 0]
+    dV = torch.bmm(xb.mT, A).mT
+    return loss, (dU, dV, A.sum(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def order_generator(seed: int) -> torch.Generator:
+    """The generator of run ``seed``'s batch order: each epoch is ``torch.randperm(N, generator=g)``
+    cut into ``N // B`` batches of ``B`` (the last ``N mod B`` samples of the permutation are
+    left out of that epoch)."""
+    return torch.Generator().manual_seed(int(seed) + ORDER_OFFSET)
+
+
+def lr_at(lr: float, epoch: int, gamma: float, every: int) -> float:
+    """Learning rate in epoch ``epoch`` (0-based): ``lr * gamma ** (epoch // every)``."""
+    return lr * gamma ** (epoch // every)
+
+
+@dataclass
+class Result:
+    """What :func:`train` returns. ``history`` maps names to arrays of shape ``(R,)`` (``epoch``,
+    ``step``) or ``(R, K)`` (one column per run): ``train_loss``, ``test_loss`` (mean over samples
+    of ``||f(x) - y||^2``), ``stable_rank``, ``fro`` (``||V||_F``), ``spec`` (``||V||_2``) and, for
+    classification, ``train_acc`` / ``test_acc``. ``sv``: final singular values of each ``V``
+    ``(K, min(m, n))``; ``last_epoch_grad``: ``||grad_V L^lambda_S||_F`` of every batch of the
+    last epoch, at the parameters where SGD evaluated it ``(K, N // B)``; ``last_epoch_batches``:
+    those batches ``(K, N // B, B)``."""
+
+    params: Params
+    lams: np.ndarray
+    seeds: np.ndarray
+    lr: float
+    batch_size: int
+    epochs: int
+    history: dict
+    sv: np.ndarray
+    last_epoch_grad: np.ndarray
+    last_epoch_batches: torch.Tensor
+    seconds: float
+    steps_per_epoch: int
+    config: dict = field(default_factory=dict)
+
+    def final(self, key: str) -> np.ndarray:
+        """Last recorded value of ``history[key]`` per run, ``(K,)``."""
+        return self.history[key][-1]
+
+    def table(self) -> list[dict]:
+        """One row per run: lambda, seed and the final value of every recorded metric."""
+        keys = [k for k in self.history if k not in ("epoch", "step")]
+        return [dict(lam=float(self.lams[i]), seed=int(self.seeds[i]), B=self.batch_size,
+                     **{k: float(self.history[k][-1, i]) for k in keys}) for i in range(len(self.lams))]
+
+
+def grid(lams: Sequence[float], seeds: Sequence[int]) -> tuple[list[float], list[int]]:
+    """All ``(lambda, seed)`` pairs, lambda-major: ``([l0, l0, .., l1, ..], [s0, s1, .., s0, ..])``."""
+    pairs = list(itertools.product(lams, seeds))
+    return [float(a) for a, _ in pairs], [int(s) for _, s in pairs]
+
+
+def _evaluate(p: Params, x, y, classification: bool):
+    out = forward(p, x)  # (K, N, k)
+    loss = (out - y).square().sum(-1).mean(-1)
+    acc = (out.argmax(-1) == y.argmax(-1)).double().mean(-1) if classification else None
+    return loss, acc
+
+
+def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float],
+          seeds: Sequence[int], lr: float | Sequence[float], batch_size: int, epochs: int,
+          x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None,
+          classification: bool = False, lr_gamma: float = 0.95, lr_every: int = 200,
+          record_every: int = 10, record_steps: Sequence[int] = (), dtype=torch.float32,
+          desc: str = "two-layer runs", init: Params | None = None) -> Result:
+    """Train ``K = len(lams)`` two-layer ReLU networks of width ``width`` with mini-batch SGD
+    (reshuffled every epoch, per-run batch orders from :func:`order_generator`) and weight
+    decay ``lams[i]`` on ``u`` and ``V`` (book convention, see the module docstring).
+
+    ``x``: ``(N, n)``; ``y``: ``(N, k)`` targets (use :func:`as_targets` / :func:`one_hot`).
+    ``lr``: one learning rate or one per run; multiplied by ``lr_gamma`` every ``lr_every``
+    epochs. Metrics are recorded after epochs ``0, record_every, 2 record_every, ..`` (epoch 0:
+    at initialisation), after the last epoch, and after the steps listed in ``record_steps``.
+    ``classification``: also record accuracies (argmax of ``f`` against argmax of ``y``).
+    """
+    lams = [float(v) for v in lams]
+    seeds = [int(s) for s in seeds]
+    K = len(lams)
+    if K == 0 or len(seeds) != K:
+        raise ValueError(f"need one seed per lambda, got {len(lams)} lambdas and {len(seeds)} seeds")
+    if any(v < 0 for v in lams):
+        raise ValueError(f"weight decay must be >= 0, got {lams}")
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be (N, n) and y (N, k) with the same N, got {tuple(x.shape)}, {tuple(y.shape)}")
+    N, n = x.shape
+    k = y.shape[1]
+    if not 1 <= batch_size <= N:
+        raise ValueError(f"batch_size must be in 1..{N}, got {batch_size}")
+    if epochs < 0 or record_every < 1:
+        raise ValueError(f"epochs must be >= 0 and record_every >= 1, got {epochs}, {record_every}")
+    lr_runs = torch.as_tensor([float(lr)] * K if np.ndim(lr) == 0 else [float(v) for v in lr], dtype=dtype)
+    if lr_runs.shape != (K,) or (lr_runs <= 0).any():
+        raise ValueError(f"lr must be positive, one value or one per run (K = {K}), got {lr}")
+    x, y = x.to(dtype), y.to(dtype)
+    has_test = x_test is not None and y_test is not None
+    if has_test:
+        x_test, y_test = x_test.to(dtype), y_test.to(dtype)
+
+    p = init.clone() if init is not None else init_params(seeds, n, width, k, dtype)
+    if p.V.shape != (K, width, n) or p.u.shape != (K, k, width):
+        raise ValueError("init does not match (K, width, n, k)")
+    lam_t = torch.as_tensor(lams, dtype=dtype)
+    gens = [order_generator(s) for s in seeds]
+    S = N // batch_size
+    run_ix = torch.arange(K).unsqueeze(1)
+    rec_steps = set(int(s) for s in record_steps)
+    hist: dict[str, list] = {key: [] for key in ("epoch", "step", "train_loss", "stable_rank", "fro", "spec")}
+    if has_test:
+        hist["test_loss"] = []
+    if classification:
+        hist["train_acc"] = []
+        if has_test:
+            hist["test_acc"] = []
+
+    def record(epoch: float, step: int):
+        with torch.no_grad():
+            ok = torch.isfinite(p.V).all((1, 2)) & torch.isfinite(p.u).all((1, 2))
+            s = metrics.batch_singular_values(torch.where(ok.view(-1, 1, 1), p.V, 0))
+            s[~ok] = math.nan  # a diverged run records nan, not an exception
+            hist["epoch"].append(epoch)
+            hist["step"].append(step)
+            loss, acc = _evaluate(p, x, y, classification)
+            hist["train_loss"].append(loss.double().numpy())
+            hist["stable_rank"].append(metrics.stable_rank(s).numpy())
+            hist["fro"].append(torch.linalg.vector_norm(s, dim=-1).numpy())
+            hist["spec"].append(s[:, 0].numpy())
+            if classification:
+                hist["train_acc"].append(acc.numpy())
+            if has_test:
+                tl, ta = _evaluate(p, x_test, y_test, classification)
+                hist["test_loss"].append(tl.double().numpy())
+                if classification:
+                    hist["test_acc"].append(ta.numpy())
+
+    t0 = time.perf_counter()
+    record(0, 0)
+    step = 0
+    last_grad = torch.zeros(K, S, dtype=torch.float64)
+    last_batches = torch.zeros(K, S, batch_size, dtype=torch.long)
+    for epoch in progress(range(epochs), desc=desc):
+        mu = lr_runs * (lr_gamma ** (epoch // lr_every))
+        shrink = (1 - 2 * mu * lam_t).view(K, 1, 1)
+        mu3 = mu.view(K, 1, 1)
+        perm = torch.stack([torch.randperm(N, generator=g) for g in gens])[:, :S * batch_size]
+        batches = perm.view(K, S, batch_size)
+        last = epoch == epochs - 1
+        for j in range(S):
+            idx = batches[:, j]
+            xb, yb = x[idx], y[idx]
+            _, (dU, dV, db) = loss_grads(p, xb, yb)
+            if last:
+                last_grad[:, j] = torch.linalg.matrix_norm(dV + 2 * lam_t.view(K, 1, 1) * p.V).double()
+            p.V.mul_(shrink).sub_(dV.mul_(mu3))
+            p.u.mul_(shrink).sub_(dU.mul_(mu3))
+            p.b.sub_(db.mul_(mu.view(K, 1)))
+            step += 1
+            if step in rec_steps:
+                record(epoch + (j + 1) / S, step)
+        if last:
+            last_batches = batches.clone()
+        if (epoch + 1) % record_every == 0 or last:
+            if not hist["step"] or hist["step"][-1] != step:
+                record(epoch + 1, step)
+    seconds = time.perf_counter() - t0
+    history = {key: np.asarray(v) for key, v in hist.items()}
+    order = np.argsort(history["step"], kind="stable")
+    history = {key: v[order] for key, v in history.items()}
+    ok = torch.isfinite(p.V).all((1, 2)).view(-1, 1, 1)
+    sv = metrics.batch_singular_values(torch.where(ok, p.V, 0)).numpy()
+    sv[~ok.view(-1).numpy()] = np.nan
+    return Result(p, np.asarray(lams), np.asarray(seeds), float(lr_runs[0]), batch_size, epochs, history, sv,
+                  last_grad.numpy(), last_batches, seconds, S,
+                  dict(width=width, lr_gamma=lr_gamma, lr_every=lr_every, n=n, k=k, N=N))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample and batch gradients at one parameter point (Theorems 2.4 / 2.6)
+# --------------------------------------------------------------------------------------------
+def per_sample_factors(p: Params, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``a_j = 2 D(x_j) u^T (f(x_j) - y_j)`` for every sample ``j`` of run ``i`` (``(N, m)``,
+    float64), so that ``M_j = a_j x_j^T`` is the gradient of ``||f(x_j) - y_j||^2`` w.r.t. ``V``."""
+    u, V, b = (t[i].double() for t in (p.u, p.V, p.b))
+    x, y = x.double(), y.double()
+    pre = x @ V.T + b
+    r = pre.clamp_min(0) @ u.T - y  # (N, k)
+    return 2 * (r @ u) * (pre > 0)
+
+
+@dataclass
+class GradStats:
+    """Gradients of one run at one parameter point: ``per_sample`` = ``||g_j||_F`` for every
+    sample (``g_j = M_j + 2 lambda V``), ``full`` = ``||(1/N) sum_j g_j||_F``, ``reg`` =
+    ``2 lambda ||V||_F`` (the norm of the weight-decay term alone), ``fro`` = ``||V||_F``,
+    ``sv`` the singular values of ``V`` (float64)."""
+
+    per_sample: np.ndarray
+    full: float
+    reg: float
+    fro: float
+    sv: np.ndarray
+    gram: torch.Tensor
+    c: torch.Tensor
+    lam: float
+
+    def batch_norms(self, batches: torch.Tensor, chunk: int = 256) -> np.ndarray:
+        """``||G_S||_F`` for each row ``S`` of ``batches`` (``(nb, B)`` sample indices)."""
+        return batch_grad_norms(self, batches, chunk)
+
+    def eps_upper(self, B: int) -> float:
+        """A certified upper bound on ``max over all batches of size B of ||G_S||_F``: by the
+        triangle inequality ``||G_S|| <= (1/B) sum_{j in S} ||g_j||``, at most the mean of the
+        ``B`` largest per-sample norms."""
+        top = np.sort(self.per_sample)[::-1][:B]
+        return float(top.mean())
+
+
+def grad_stats(p: Params, i: int, lam: float, x: torch.Tensor, y: torch.Tensor) -> GradStats:
+    """:class:`GradStats` of run ``i`` (weight decay ``lam``) on the data ``(x, y)``."""
+    V = p.V[i].double()
+    xd = x.double()
+    a = per_sample_factors(p, i, x, y)
+    gram = (a @ a.T) * (xd @ xd.T)  # <M_i, M_j>
+    c = ((a @ V) * xd).sum(1)  # <V, M_j> = a_j^T V x_j
+    fro2 = float(V.square().sum())
+    ps = (gram.diagonal() + 4 * lam * c + 4 * lam ** 2 * fro2).clamp_min(0).sqrt()
+    N = xd.shape[0]
+    full = math.sqrt(max(float(gram.sum()) / N ** 2 + 4 * lam * float(c.sum()) / N + 4 * lam ** 2 * fro2, 0.0))
+    sv = metrics.batch_singular_values(V).numpy()
+    return GradStats(ps.numpy(), full, 2 * lam * math.sqrt(fro2), math.sqrt(fro2), sv, gram, c, float(lam))
+
+
+def batch_grad_norms(st: GradStats, batches: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """``||G_S||_F`` from the Gram identity of the module docstring, for batches ``(nb, B)``."""
+    batches = torch.as_tensor(batches, dtype=torch.long)
+    if batches.ndim != 2:
+        raise ValueError(f"batches must be (n_batches, B), got shape {tuple(batches.shape)}")
+    B = batches.shape[1]
+    fro2 = st.fro ** 2
+    out = []
+    for s in range(0, batches.shape[0], chunk):
+        bb = batches[s:s + chunk]
+        quad = st.gram[bb.unsqueeze(2), bb.unsqueeze(1)].sum((1, 2)) / B ** 2
+        lin = st.c[bb].sum(1) * (4 * st.lam / B)
+        out.append((quad + lin + 4 * st.lam ** 2 * fro2).clamp_min(0).sqrt())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def random_batches(N: int, B: int, n_batches: int, seed: int) -> torch.Tensor:
+    """``n_batches`` batches of ``B`` distinct samples, each uniform over the ``(N choose B)``."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.stack([torch.randperm(N, generator=g)[:B] for _ in range(n_batches)])
+
+
+def all_batches(N: int, B: int, limit: int = 200_000) -> torch.Tensor:
+    """Every batch of size ``B`` from ``N`` samples, ``(N choose B, B)`` (refuses more than ``limit``)."""
+    count = math.comb(N, B)
+    if count > limit:
+        raise ValueError(f"(N choose B) = {count:,} batches is more than limit={limit:,}")
+    return torch.tensor(list(itertools.combinations(range(N), B)), dtype=torch.long).view(count, B)
+
+
+# --------------------------------------------------------------------------------------------
+# Distances to low rank and the bounds of Chapter 5
+# --------------------------------------------------------------------------------------------
+def dist_to_rank(sv, r: int) -> np.ndarray:
+    """``min_{rank R <= r} ||V - R||_F = sqrt(sum_{i > r} s_i^2)`` (Eckart-Young) from singular
+    values ``sv`` ``(..., p)``, descending."""
+    sv = np.asarray(sv, dtype=float)
+    return np.sqrt(np.square(sv[..., r:]).sum(-1))
+
+
+def uniform_bound(eps: float, lam: float, B: int) -> float:
+    """Chapter 5's form of WD2L Thm 2.6 with one ``lambda`` for every sample: if every batch
+    gradient of size ``B`` has ``||G_S||_F <= eps``, then ``V`` is within
+    ``(2B - 1) eps / (2 lambda)`` of a rank-one matrix."""
+    if lam <= 0:
+        return math.inf
+    return (2 * B - 1) * eps / (2 * lam)
+
+
+def paper_rank2_bound(eps: float, lam_i: float, lam_j: float, B: int) -> float:
+    """WD2L Thm 2.6 as the swap argument gives it for two samples with different weight decays
+    ``lam_i != lam_j``: ``V`` is within ``B eps / |lam_i - lam_j|`` of a rank-two matrix."""
+    d = abs(lam_i - lam_j)
+    return math.inf if d == 0 else B * eps / d
+
+
+def truncate(p: Params, i: int, r: int) -> Params:
+    """Run ``i`` with ``V`` replaced by its best rank-``r`` approximation (a batch of one)."""
+    V = p.V[i].double()
+    U, s, Vh = torch.linalg.svd(V, full_matrices=False)
+    Vr = (U[:, :r] * s[:r]) @ Vh[:r]
+    return Params(p.u[i:i + 1].double(), Vr.unsqueeze(0), p.b[i:i + 1].double())
+
+
+def lipschitz_gap(p: Params, i: int, r: int, x: torch.Tensor) -> tuple[float, float]:
+    """``(max_x |f_V(x) - f_{V_r}(x)|, ||u||_2 ||V - V_r||_2 max_x ||x||)`` over the rows of ``x``
+    for run ``i`` and its rank-``r`` truncation: the measured change of the function and its
+    Lipschitz bound (ReLU is 1-Lipschitz), largest over outputs (max norm over k)."""
+    one = Params(p.u[i:i + 1].double(), p.V[i:i + 1].double(), p.b[i:i + 1].double())
+    tr = truncate(p, i, r)
+    xd = x.double()
+    diff = (forward(one, xd) - forward(tr, xd))[0]
+    meas = float(torch.linalg.vector_norm(diff, dim=-1).max())
+    s = metrics.batch_singular_values(one.V[0])
+    tail = float(s[r]) if r < s.numel() else 0.0
+    bound = float(torch.linalg.matrix_norm(one.u[0], ord=2)) * tail * float(torch.linalg.vector_norm(xd, dim=1).max())
+    return meas, bound
+
+
+# --------------------------------------------------------------------------------------------
+# Generalization bound of WD2L Thm 3.11 (orders of magnitude, constants set to 1)
+# --------------------------------------------------------------------------------------------
+def n_params(n: int, m: int, k: int = 1, rank: int | None = None) -> int:
+    """Parameters of the class the pseudo-dimension bound counts: full first layer
+    ``m n + m + k m`` (V, b, u); rank ``r``: ``V = A C`` with ``C`` ``r x n`` and ``A`` ``m x r``,
+    ``r n + m r + m + k m`` (WD2L eq. 12: a linear map to ``R^r`` followed by a two-layer net)."""
+    if rank is None:
+        return m * n + m + k * m
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return rank * n + m * rank + m + k * m
+
+
+def pdim_order(W: int, L: int) -> float:
+    """``L W log2(W)``: the order of Bartlett et al. (2019)'s pseudo-dimension bound for a
+    piecewise-linear network with ``W`` parameters in ``L`` layers, constant set to 1."""
+    return float(L * W * math.log2(W))
+
+
+def gen_bound_order(pdim: float, N: int) -> float:
+    """``sqrt(Pdim log(N) / N)``: the order of the uniform bound (Anthony-Bartlett Thm 17.1 +
+    18.4) on ``|test loss - train loss|`` for losses scaled to ``[0, 1]``, constant set to 1.
+    At or above 1 it is vacuous."""
+    return math.sqrt(pdim * math.log(N) / N)
+
+
+def n_needed(pdim: float, eps: float = 0.1) -> float:
+    """Smallest ``N`` with ``gen_bound_order(pdim, N) <= eps`` (``N = pdim log(N) / eps^2``
+    solved by fixed-point iteration)."""
+    N = max(pdim / eps ** 2, 3.0)
+    for _ in range(100):
+        N = pdim * math.log(N) / eps ** 2
+    return N

@@ -1,0 +1,203 @@
+"""sgdrank.twolayer: the batched two-layer trainer against a plain nn.Module + torch.optim.SGD,
+the written-out backward against autograd, the Gram formula for batch gradients, and the
+inequalities of Chapter 5 on a problem small enough to enumerate every batch."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from sgdrank import metrics
+from sgdrank import twolayer as tl
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _data(N=13, n=4, k=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, n, generator=g, dtype=torch.float64)
+    y = torch.randn(N, k, generator=g, dtype=torch.float64)
+    return x, y
+
+
+class Plain(nn.Module):
+    """f(x) = u relu(V x + b): one network, autograd, for reference."""
+
+    def __init__(self, u, V, b):
+        super().__init__()
+        self.u, self.V, self.b = nn.Parameter(u.clone()), nn.Parameter(V.clone()), nn.Parameter(b.clone())
+
+    def forward(self, x):
+        return torch.relu(x @ self.V.T + self.b) @ self.u.T
+
+
+@pytest.mark.parametrize("k,B", [(1, 4), (3, 5), (2, 13)])
+def test_batched_training_equals_one_at_a_time_sgd(k, B):
+    x, y = _data(N=13, n=4, k=k)
+    lams, seeds = [0.0, 0.05, 0.3], [3, 4, 3]
+    epochs, lr, gamma, every = 4, 0.03, 0.5, 2
+    res = tl.train(x, y, width=7, lams=lams, seeds=seeds, lr=lr, batch_size=B, epochs=epochs,
+                   lr_gamma=gamma, lr_every=every, dtype=torch.float64, record_every=1)
+    init = tl.init_params(seeds, 4, 7, k, torch.float64)
+    for i, (lam, seed) in enumerate(zip(lams, seeds)):
+        net = Plain(init.u[i], init.V[i], init.b[i])
+        opt = torch.optim.SGD([{"params": [net.u, net.V], "weight_decay": 2 * lam},
+                               {"params": [net.b], "weight_decay": 0.0}], lr=lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=gamma)
+        gen = tl.order_generator(seed)
+        S = 13 // B
+        for _ in range(epochs):
+            perm = torch.randperm(13, generator=gen)
+            for j in range(S):
+                idx = perm[j * B:(j + 1) * B]
+                opt.zero_grad()
+                loss = (net(x[idx]) - y[idx]).square().sum(1).mean()
+                loss.backward()
+                opt.step()
+            sched.step()
+        for got, want in ((res.params.u[i], net.u), (res.params.V[i], net.V), (res.params.b[i], net.b)):
+            assert torch.allclose(got, want.detach(), atol=1e-10, rtol=0), (k, B, lam)
+        with torch.no_grad():
+            final_loss = float((net(x) - y).square().sum(1).mean())
+        assert res.history["train_loss"][-1, i] == pytest.approx(final_loss, abs=1e-10)
+        s = metrics.singular_values(net.V.detach())
+        assert res.final("stable_rank")[i] == pytest.approx(float(metrics.stable_rank(s)), rel=1e-10)
+
+
+def test_runs_with_the_same_seed_start_identically_and_differ_by_lambda():
+    x, y = _data()
+    res = tl.train(x, y, width=5, lams=[0.0, 0.1], seeds=[1, 1], lr=0.05, batch_size=3, epochs=0,
+                   dtype=torch.float64)
+    assert torch.equal(res.params.V[0], res.params.V[1])
+    res = tl.train(x, y, width=5, lams=[0.0, 0.1], seeds=[1, 1], lr=0.05, batch_size=3, epochs=2,
+                   dtype=torch.float64)
+    assert not torch.allclose(res.params.V[0], res.params.V[1])
+    assert res.final("fro")[1] < res.final("fro")[0]
+
+
+def test_written_backward_equals_autograd_of_the_summed_loss():
+    x, y = _data(N=9, n=3, k=2)
+    p = tl.init_params([0, 1, 2], 3, 6, 2, torch.float64)
+    p.b += 0.1 * torch.randn(p.b.shape, generator=torch.Generator().manual_seed(5))
+    idx = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 0, 2, 4]])
+    xb, yb = x[idx], y[idx]
+    loss, (dU, dV, db) = tl.loss_grads(p, xb, yb)
+    q = tl.Params(*(t.clone().requires_grad_(True) for t in (p.u, p.V, p.b)))
+    out = tl.forward(q, xb)
+    per_run = (out - yb).square().sum((1, 2)) / 4
+    per_run.sum().backward()  # one backward gives every run's gradient
+    assert torch.allclose(loss, per_run.detach(), atol=1e-12)
+    for got, want in ((dU, q.u.grad), (dV, q.V.grad), (db, q.b.grad)):
+        assert torch.allclose(got, want, atol=1e-12)
+
+
+def _autograd_batch_grad(p, i, lam, x, y, idx):
+    V = p.V[i].clone().requires_grad_(True)
+    out = torch.relu(x[idx] @ V.T + p.b[i]) @ p.u[i].T
+    L = (out - y[idx]).square().sum(1).mean() + lam * V.square().sum()
+    (g,) = torch.autograd.grad(L, V)
+    return g
+
+
+def test_gram_formula_gives_the_batch_gradient_norms():
+    x, y = _data(N=11, n=4, k=3)
+    p = tl.init_params([7], 4, 9, 3, torch.float64)
+    p.b += 0.3
+    lam = 0.07
+    st = tl.grad_stats(p, 0, lam, x, y)
+    batches = tl.random_batches(11, 4, 25, seed=1)
+    got = st.batch_norms(batches, chunk=7)
+    want = [float(_autograd_batch_grad(p, 0, lam, x, y, b).norm()) for b in batches]
+    assert np.allclose(got, want, atol=1e-10)
+    ps = [float(_autograd_batch_grad(p, 0, lam, x, y, torch.tensor([j])).norm()) for j in range(11)]
+    assert np.allclose(st.per_sample, ps, atol=1e-10)
+    assert st.full == pytest.approx(float(_autograd_batch_grad(p, 0, lam, x, y, torch.arange(11)).norm()), abs=1e-10)
+    assert st.reg == pytest.approx(2 * lam * float(p.V[0].norm()))
+
+
+def test_per_sample_gradient_is_rank_one():
+    x, y = _data(N=6, n=5, k=3)
+    p = tl.init_params([2], 5, 8, 3, torch.float64)
+    a = tl.per_sample_factors(p, 0, x, y)
+    for j in range(6):
+        M = _autograd_batch_grad(p, 0, 0.0, x, y, torch.tensor([j]))
+        assert torch.allclose(M, torch.outer(a[j], x[j]), atol=1e-12)
+        assert metrics.numerical_rank(M) <= 1
+
+
+def test_inequalities_of_chapter_5_on_every_batch():
+    """At a trained point of a small problem, with eps = max over ALL (N choose B) batches:
+    ||g_i|| <= (2B-1) eps, and dist(V, rank 1) <= min_i ||g_i|| / (2 lam) <= (2B-1) eps / (2 lam);
+    the certified eps_upper is >= eps."""
+    x, y = _data(N=10, n=3, k=1, seed=3)
+    lam, B = 0.05, 3
+    res = tl.train(x, y, width=12, lams=[lam], seeds=[0], lr=0.02, batch_size=B, epochs=300,
+                   dtype=torch.float64)
+    st = tl.grad_stats(res.params, 0, lam, x, y)
+    eps = float(st.batch_norms(tl.all_batches(10, B)).max())
+    assert st.per_sample.max() <= (2 * B - 1) * eps * (1 + 1e-12)
+    d1 = float(tl.dist_to_rank(st.sv, 1))
+    assert d1 <= st.per_sample.min() / (2 * lam) * (1 + 1e-12)
+    assert st.per_sample.min() / (2 * lam) <= tl.uniform_bound(eps, lam, B)
+    assert st.eps_upper(B) >= eps * (1 - 1e-12)
+    assert d1 > 0  # the bound is not about an exactly low-rank matrix
+
+
+def test_dist_to_rank_is_the_truncation_error():
+    p = tl.init_params([4], 6, 5, 1, torch.float64)
+    s = metrics.singular_values(p.V[0]).numpy()
+    for r in (1, 2, 5):
+        tr = tl.truncate(p, 0, r)
+        assert float((p.V[0] - tr.V[0]).norm()) == pytest.approx(float(tl.dist_to_rank(s, r)), abs=1e-12)
+        assert metrics.numerical_rank(tr.V[0]) == r
+    meas, bound = tl.lipschitz_gap(p, 0, 1, torch.randn(20, 6, generator=torch.Generator().manual_seed(0)))
+    assert 0 < meas <= bound
+
+
+def test_all_batches_and_random_batches():
+    ab = tl.all_batches(6, 2)
+    assert ab.shape == (15, 2) and len({tuple(r.tolist()) for r in ab}) == 15
+    with pytest.raises(ValueError, match="limit"):
+        tl.all_batches(60, 30)
+    rb = tl.random_batches(10, 4, 50, seed=0)
+    assert rb.shape == (50, 4) and all(len(set(r.tolist())) == 4 for r in rb)
+    assert torch.equal(rb, tl.random_batches(10, 4, 50, seed=0))
+
+
+def test_generalization_terms():
+    assert tl.n_params(8, 100, 1) == 8 * 100 + 100 + 100
+    assert tl.n_params(8, 100, 1, rank=2) == 2 * 8 + 200 + 200
+    assert tl.n_params(784, 1000, 10, rank=2) < tl.n_params(784, 1000, 10)
+    d = tl.pdim_order(tl.n_params(10, 64, 1), 2)
+    N = tl.n_needed(d, 0.1)
+    assert tl.gen_bound_order(d, int(math.ceil(N))) == pytest.approx(0.1, rel=1e-3)
+    assert tl.gen_bound_order(d, 100) > 1  # vacuous with fewer samples than parameters
+
+
+def test_bad_input_raises():
+    x, y = _data()
+    with pytest.raises(ValueError, match="one seed per lambda"):
+        tl.train(x, y, width=4, lams=[0.1, 0.2], seeds=[0], lr=0.1, batch_size=2, epochs=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        tl.train(x, y, width=4, lams=[0.1], seeds=[0], lr=0.1, batch_size=99, epochs=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        tl.train(x, y, width=4, lams=[-1.0], seeds=[0], lr=0.1, batch_size=2, epochs=1)
+    with pytest.raises(ValueError, match="x must be"):
+        tl.train(x, y[:, 0], width=4, lams=[0.1], seeds=[0], lr=0.1, batch_size=2, epochs=1)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        tl.train(x, y, width=4, lams=[0.1], seeds=[0], lr=0.0, batch_size=2, epochs=1)
+
+
+def test_diverged_run_records_nan_not_an_exception():
+    x, y = _data()
+    res = tl.train(x * 100, y, width=50, lams=[0.0, 0.0], seeds=[0, 1], lr=[1e3, 1e-6], batch_size=4,
+                   epochs=5, dtype=torch.float64)
+    assert np.isnan(res.final("stable_rank")[0]) and np.isnan(res.sv[0]).all()
+    assert np.isfinite(res.final("stable_rank")[1])
