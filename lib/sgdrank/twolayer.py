@@ -267,7 +267,9 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
             hist["step"].append(step)
             loss, acc = _evaluate(p, x, y, classification)
             hist["train_loss"].append(loss.double().numpy())
-            hist["stable_rank"].append(metrics.stable_rank(s).numpy())
+            sr = metrics.stable_rank(s)
+            sr[~ok] = math.nan
+            hist["stable_rank"].append(sr.numpy())
             hist["fro"].append(torch.linalg.vector_norm(s, dim=-1).numpy())
             hist["spec"].append(s[:, 0].numpy())
             if classification:
