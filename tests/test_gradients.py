@@ -88,14 +88,117 @@ def test_vector_output_jacobian_and_loss_gradient():
     assert set(G.ranks(g).values()) == {1}
 
 
-def test_random_architectures_never_violate_the_bound():
+def test_random_architectures_never_violate_the_sharp_bound():
     gen = torch.Generator().manual_seed(0)
     for _ in range(25):
         desc, m, draw = G.random_architecture(gen)
-        for row in G.check_ranks(m, draw, batch=4, trials=2):
-            assert row["rank (1 sample)"] <= row["bound (1 sample)"], (desc, row)
-            assert row["rank (B=4)"] <= row["bound (B=4)"], (desc, row)
-            assert row["bound (1 sample)"] <= row["bound (B=4)"], (desc, row)
+        for row in G.check_losses(m, draw, batch=4, trials=2):
+            assert row["rank 1"] <= row["bound 1"] <= row["lemma 1"], (desc, row)
+            assert row["rank B"] <= row["bound B"] <= row["lemma B"], (desc, row)
+            assert row["lemma 1"] <= row["lemma B"], (desc, row)
+            assert row["dropped max"] < 1e-4 * G.RANK_RTOL, (desc, row)
+
+
+def test_reachable_patches_sharpen_the_conv_bound():
+    net = models.ConvNet((3, 8, 8), 2, [(14, 3, 2, 0), (22, 2, 2, 1), (9, 1, 2, 0)])
+    assert net.patches() == [9, 4, 1]
+    assert G.reachable_positions(net) == {"conv1": 1, "conv2": 1, "conv3": 1}
+    x = torch.randn(4, 192)
+    assert G.rank_bounds(net, x, sharp=False)["conv1"] == 9
+    assert G.rank_bounds(net, x)["conv1"] == 1
+    assert G.max_ranks(G.per_sample_gradients(net, x))["conv1"] == 1
+    # a layer whose every output is read keeps N
+    full = models.ConvNet((3, 5, 5), 2, [(12, 3, 2, 0), (12, 2, 1, 0)])
+    assert G.reachable_positions(full) == {"conv1": 4, "conv2": 1}
+    assert G.reachable_positions(models.MLP(3, 1, 1, 2)) == {}
+
+
+def test_sharp_batchnorm_bounds_are_attained():
+    x = torch.randn(6, 10)
+    full = models.MLP(10, 3, 2, 8, bn=True).train()
+    det = models.MLP(10, 3, 2, 8, bn=True, detach_var=True).train()
+    assert G.rank_bounds(full, x, sharp=False) == {"W1": 6, "W2": 6, "head": 3}
+    assert G.rank_bounds(full, x) == {"W1": 5, "W2": 5, "head": 1}
+    assert G.rank_bounds(det, x) == {"W1": 5, "W2": 1, "head": 1}
+    assert G.rank_bounds(det, x, batch_sum=True, output_rank=1) == {"W1": 5, "W2": 5, "head": 1}
+    assert G.max_ranks(G.per_sample_gradients(det, x)) == G.rank_bounds(det, x)
+    res = models.ResMLP(10, 3, 2, 8, bn=True, detach_var=True).train()
+    b = G.rank_bounds(res, x)
+    assert b["stem"] == 6 and b["block1.W1"] == 5 and b["block2.W2"] == 1 and b["head"] == 1
+    assert G.max_ranks(G.per_sample_gradients(res, x)) == b
+
+
+def test_loss_gradients_of_the_classifier_have_rank_min_B_k_or_k_minus_1():
+    m = models.MLP(10, 4, 2, 12, activation="gelu")
+    x = torch.randn(7, 10)
+    g = torch.Generator().manual_seed(1)
+    mse = G.batch_loss_gradient(m, x, G.random_targets(g, 7, 4, "mse"), "mse")
+    ce = G.batch_loss_gradient(m, x, G.random_targets(g, 7, 4, "ce"), "ce")
+    assert G.ranks(mse)["head"] == 4 and G.ranks(ce)["head"] == 3
+    assert G.ranks(mse)["W1"] == 7 and G.ranks(ce)["W2"] == 7
+    assert G.rank_bounds(m, x, batch_sum=True, output_rank=G.output_rank("ce", 4))["head"] == 3
+    for grads in G.per_sample_loss_gradients(m, x, G.random_targets(g, 7, 4, "ce"), "ce"):
+        assert set(G.ranks(grads).values()) == {1}
+    one = models.MLP(5, 1, 1, 4)   # cross-entropy with one class is constant: zero gradient
+    rows = G.check_losses(one, lambda gen, b: torch.randn(b, 5, generator=gen), batch=3,
+                          trials=1, losses=("ce",))
+    assert all(r["bound B"] == 0 == r["rank B"] for r in rows)
+    with pytest.raises(ValueError, match="unknown loss"):
+        G.output_rank("hinge", 3)
+    with pytest.raises(ValueError, match="unknown loss"):
+        G.batch_loss_gradient(m, x, x, "l1")
+
+
+def test_attention_queries_and_keys_lose_one_dimension():
+    att = models.TinyAttention(6, 8, 2, bias=True)
+    x = torch.randn(3, 48)
+    assert G.rank_bounds(att, x, sharp=False)["Wq"] == 6
+    assert G.rank_bounds(att, x)["Wq"] == 5 and G.rank_bounds(att, x)["Wk"] == 5
+    r = G.max_ranks(G.per_sample_gradients(att, x))
+    assert r["Wq"] == 5 and r["Wk"] == 5
+    (gb,) = torch.autograd.grad(att(x[:1]).sum(), att.Wk.bias)   # sum_u delta^k_u = 0
+    assert gb.abs().max() < 1e-12
+    tok = G.TokenAttention(5, 8, 3)
+    xs = torch.randn(40, 40)
+    y = G.random_targets(torch.Generator().manual_seed(0), 40, 3, "mse")
+    rv = G.max_ranks(G.per_sample_loss_gradients(tok, xs, y, "mse"))
+    assert rv["Wv"] == 5 and rv["Wq"] == 4 and G.rank_bounds(tok, xs)["Wv"] == 5
+
+
+def test_tied_gradient_is_the_sum_over_untied_copies():
+    tied = models.TiedMLP(6, 2, 5)
+    x = torch.randn(1, 6)
+    (g_tied,) = torch.autograd.grad(tied(x).sum(), tied.W.weight)
+    w1 = tied.W.weight.detach().clone().requires_grad_(True)
+    w2 = tied.W.weight.detach().clone().requires_grad_(True)
+    h1 = torch.relu(tied.inp(x))
+    out = tied.head(torch.relu(torch.relu(h1 @ w1.T) @ w2.T)).sum()
+    g1, g2 = torch.autograd.grad(out, [w1, w2])
+    assert torch.allclose(g_tied, g1 + g2, atol=1e-12)
+    assert G.numerical_rank(g1) <= 1 and G.numerical_rank(g2) <= 1
+
+
+def test_rank_and_gap_and_tolerance():
+    u, v = torch.randn(6, 2), torch.randn(2, 4)
+    m = u @ v + 1e-14 * torch.randn(6, 4)
+    r, kept, dropped = G.rank_and_gap(m)
+    assert r == 2 and kept > 1e-6 and 0 < dropped < 1e-12
+    assert G.rank_and_gap(torch.zeros(3, 3)) == (0, pytest.approx(float("nan"), nan_ok=True), 0.0)
+    assert G.ranks({"a": m}, rtol=1e-16)["a"] == 4
+
+
+def test_train_briefly_is_sgd_with_the_books_weight_decay():
+    m = models.MLP(4, 2, 1, 3)
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    nn_loss = torch.nn.functional.cross_entropy(m(x), y)
+    grads = dict(zip(before, torch.autograd.grad(nn_loss, list(m.parameters()))))
+    G.train_briefly(m, x, y, "ce", steps=1, batch=5, lr=0.1, lam=0.3)
+    for n, p in m.named_parameters():
+        decay = 2 * 0.3 * before[n] if n.endswith("weight") else 0
+        assert torch.allclose(p, before[n] - 0.1 * (grads[n] + decay), atol=1e-12), n
+    hist = G.train_briefly(m, x, y, "ce", steps=200, batch=5, lr=0.5, lam=0.0)
+    assert hist[-1] < 0.5 * hist[0] and float(nn_loss.detach()) > 0
 
 
 def test_pattern_is_locally_constant_and_f_is_linear_in_each_layer():

@@ -16,6 +16,7 @@ A per-sample quantity uses one sample's count, unless the network couples the sa
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -74,17 +75,169 @@ def couples_batch(model: nn.Module) -> bool:
     )
 
 
-def rank_bounds(model: nn.Module, x: torch.Tensor, *, batch_sum: bool = False) -> dict[str, int]:
-    """The chain-rule bound ``min(M, d_out, d_in)`` for each weight matrix, where ``M`` is the
-    per-sample count of :func:`applications`, times the batch size when the quantity is a
-    batch sum (``batch_sum=True``) or when the model couples samples (BN in training mode)."""
-    per_sample = applications(model, x)
-    factor = x.shape[0] if (batch_sum or couples_batch(model)) else 1
-    out = {}
-    for name, mod in weight_modules(model).items():
-        d_out, d_in = as_matrix(mod.weight).shape
-        out[name] = min(per_sample[name] * factor, d_out, d_in)
+def _counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
+    """Per sample: vectors each weight matrix multiplies (as :func:`applications`) and how many
+    calls (uses) of the matrix that takes."""
+    mods = weight_modules(model)
+    vecs = {name: 0 for name in mods}
+    calls = {name: 0 for name in mods}
+    batch = x.shape[0]
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            calls[name] += 1
+            if isinstance(mod, nn.Conv2d):
+                vecs[name] += output.shape[-1] * output.shape[-2] * output.shape[0] // batch
+            else:
+                vecs[name] += inputs[0].numel() // inputs[0].shape[-1] // batch
+        return fn
+
+    _forward_with_hooks(model, x, {m: hook(n) for n, m in mods.items()})
+    return vecs, calls
+
+
+def reachable_positions(model: nn.Module) -> dict[str, int]:
+    """For a :class:`sgdrank.models.ConvNet`: per conv layer, the number of its output positions
+    that some output of ``f`` depends on through the layers above it (the head reads every
+    position of the last conv; a strided or padded conv above reads only the positions its
+    windows cover). An output position that nothing reads has output gradient ``delta_q = 0``, so
+    its patch does not count in the bound of GSGP Lemma 3.1. Other models: ``{}``."""
+    from .models import ConvNet
+
+    if not isinstance(model, ConvNet):
+        return {}
+    hw = [tuple(model.in_shape[1:])]
+    for conv in model.convs:
+        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        hw.append(tuple((n - k + 2 * p) // s + 1 for n in hw[-1]))
+    mask = torch.ones(1, 1, *hw[-1], dtype=torch.float64)
+    out: dict[str, int] = {}
+    for i in range(len(model.convs) - 1, -1, -1):
+        out[f"conv{i + 1}"] = int((mask > 0).sum())
+        if i == 0:
+            break
+        conv = model.convs[i]
+        inp = torch.zeros(1, 1, *hw[i], dtype=torch.float64, requires_grad=True)
+        ones = torch.ones(1, 1, *conv.kernel_size, dtype=torch.float64)
+        y = nn.functional.conv2d(inp, ones, stride=conv.stride, padding=conv.padding)
+        (grad,) = torch.autograd.grad((y * mask).sum(), inp)
+        mask = (grad > 0).double()
+    return dict(reversed(list(out.items())))
+
+
+def _softmax_projections(model: nn.Module) -> set[int]:
+    """ids of the query and key matrices of every softmax attention in ``model``: the scores
+    ``q_t . k_u`` enter a softmax over ``u``, whose Jacobian annihilates the all-ones vector."""
+    from .models import TinyAttention
+    from .zoo import Attention
+
+    out: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, (TinyAttention, TokenAttention)):
+            out |= {id(m.Wq), id(m.Wk)}
+        elif isinstance(m, Attention):
+            out |= {id(m.q), id(m.k)}
     return out
+
+
+def _bn_structure(model: nn.Module) -> dict[str, tuple[object, list]] | None:
+    """For MLP / ResMLP: per weight name, (the training-mode BN applied directly to its output
+    or None, the training-mode BNs further downstream). None for other models."""
+    from .models import MLP, BatchNorm, ResMLP
+
+    def live(n):
+        ok = isinstance(n, (BatchNorm, nn.modules.batchnorm._BatchNorm)) and n.training
+        return n if ok else None
+
+    if isinstance(model, MLP):
+        norms = [live(n) for n in model.norms]
+        out = {f"W{i + 1}": (norms[i], [n for n in norms[i + 1:] if n is not None])
+               for i in range(len(norms))}
+    elif isinstance(model, ResMLP):
+        seq = []  # (name, BN directly after) in forward order
+        for i, b in enumerate(model.blocks):
+            seq += [(f"block{i + 1}.W1", live(b.n1)), (f"block{i + 1}.W2", live(b.n2))]
+        allbn = [n for _, n in seq if n is not None]
+        out = {"stem": (None, allbn)}
+        for j, (name, after) in enumerate(seq):
+            out[name] = (after, [n for _, n in seq[j + 1:] if n is not None])
+    else:
+        return None
+    out["head"] = (None, [])
+    return out
+
+
+def rank_bounds(model: nn.Module, x: torch.Tensor, *, batch_sum: bool = False, sharp: bool = True,
+                output_rank: int | None = None) -> dict[str, int]:
+    """The bound on the rank of each weight matrix's gradient, for one sample's output
+    (``batch_sum=False``) or for a weighted sum over the batch ``x`` (``batch_sum=True``).
+
+    ``sharp=False``: the chain-rule lemma as is, ``min(M', d_out, d_in)`` with ``M`` the
+    per-sample count of :func:`applications` and ``M' = B M`` for a batch sum or when the model
+    couples samples (BN in training mode).
+
+    ``sharp=True`` (default) adds the refinements of Chapter 1, each a proved identity:
+
+    - coupling is per matrix: only a matrix with a training-mode BN at or after its output
+      (MLP, ResMLP) sees the whole batch; a matrix with none (the classifier) keeps count 1 per
+      sample;
+    - a matrix whose output goes straight into training-mode BN: ``B - 1`` (the batch mean is
+      subtracted; the centred inputs ``h_i - mean(h)`` sum to zero); with detached variance and
+      no BN further downstream, one sample's gradient is rank one and the batch sum ``B - 1``;
+    - the query and key matrices of softmax attention: ``T - 1`` per call (softmax is invariant
+      to adding a constant to a row of scores);
+    - a conv layer of a ConvNet: only the output positions that reach ``f``
+      (:func:`reachable_positions`) count.
+
+    ``output_rank`` caps the classifier (``head``): the dimension of the span of the output
+    gradients ``dl/df(x_j)``. 1 for a fixed projection ``c . f`` (every sample's output gradient
+    is parallel to ``c``), ``k`` for square loss, ``k - 1`` for softmax cross-entropy (each
+    logit gradient sums to zero). None: no cap beyond the count.
+    """
+    per_sample, calls = _counts(model, x)
+    batch = x.shape[0]
+    mods = weight_modules(model)
+    couples = couples_batch(model)
+    if not sharp:
+        factor = batch if (batch_sum or couples) else 1
+        return {n: min(per_sample[n] * factor, *as_matrix(m.weight).shape) for n, m in mods.items()}
+    reach = reachable_positions(model)
+    qk = _softmax_projections(model)
+    bn = _bn_structure(model) if couples else None
+    out = {}
+    for name, mod in mods.items():
+        d_out, d_in = as_matrix(mod.weight).shape
+        m = reach.get(name, per_sample[name])
+        if id(mod) in qk:
+            m = per_sample[name] - calls[name]
+        if couples and bn is None:          # an unknown batch-coupled model: no refinement
+            count = batch * m
+        elif couples and (bn[name][0] is not None or bn[name][1]):
+            after, downstream = bn[name]
+            if after is not None and not downstream and getattr(after, "detach_var", False):
+                count = batch - 1 if batch_sum else m
+            elif after is not None:
+                count = batch - 1
+            else:
+                count = batch * m
+        else:
+            count = batch * m if batch_sum else m
+        bound = min(count, d_out, d_in)
+        if name == "head" and output_rank is not None:
+            bound = min(bound, output_rank)
+        if output_rank == 0:  # dl/df = 0 (cross-entropy with one class): every gradient is 0
+            bound = 0
+        out[name] = max(bound, 0)
+    return out
+
+
+def output_rank(loss: str, k: int) -> int:
+    """The dimension of the span of the output gradients ``dl/df`` for ``loss``: ``"projection"``
+    (a fixed ``c . f``) 1, ``"mse"`` ``k``, ``"ce"`` (softmax cross-entropy) ``k - 1``."""
+    ranks = {"projection": 1, "mse": k, "ce": max(k - 1, 0)}
+    if loss not in ranks:
+        raise ValueError(f"unknown loss {loss!r}: use one of {sorted(ranks)}")
+    return ranks[loss]
 
 
 def _grads(scalar: torch.Tensor, mods: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -124,16 +277,38 @@ def jacobian_matrices(model: nn.Module, x1: torch.Tensor) -> dict[str, torch.Ten
     return {n: torch.stack([r[n] for r in rows]) for n in mods}
 
 
-def ranks(grads: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Exact (float64, LAPACK-tolerance) rank of each gradient matrix."""
-    return {n: numerical_rank(g) for n, g in grads.items()}
+RANK_RTOL = 1e-10
+"""Relative tolerance of the gradient ranks of Chapter 1: a singular value counts when it exceeds
+``RANK_RTOL * s_1``. LAPACK's default ``max(m, n) * eps`` (~1e-15) is too tight for gradients that
+autograd forms as sums that cancel exactly in exact arithmetic (after batch normalisation
+``sum_i delta_i = 0`` holds only to rounding, leaving a remnant of a few ``eps * s_1``);
+:func:`rank_and_gap` reports how far the counted and the discarded values are from it."""
 
 
-def max_ranks(grad_list: list[Mapping[str, torch.Tensor]]) -> dict[str, int]:
+def rank_and_gap(g: torch.Tensor, rtol: float = RANK_RTOL) -> tuple[int, float, float]:
+    """``(rank, smallest counted s_i / s_1, largest discarded s_i / s_1)`` of one gradient
+    matrix (float64 singular values); a zero matrix is ``(0, nan, 0.0)``, a full-rank one has
+    discarded ``0.0``."""
+    s = singular_values(g)
+    if s.numel() == 0 or s[0] <= 0:
+        return 0, float("nan"), 0.0
+    rel = s / s[0]
+    r = int((rel > rtol).sum())
+    kept = float(rel[r - 1])
+    dropped = float(rel[r]) if r < rel.numel() else 0.0
+    return r, kept, dropped
+
+
+def ranks(grads: Mapping[str, torch.Tensor], rtol: float = RANK_RTOL) -> dict[str, int]:
+    """Rank of each gradient matrix: singular values above ``rtol * s_1`` (float64)."""
+    return {n: rank_and_gap(g, rtol)[0] for n, g in grads.items()}
+
+
+def max_ranks(grad_list: list[Mapping[str, torch.Tensor]], rtol: float = RANK_RTOL) -> dict[str, int]:
     """Layer-wise maximum rank over a list of gradient dicts."""
     out: dict[str, int] = {}
     for g in grad_list:
-        for n, r in ranks(g).items():
+        for n, r in ranks(g, rtol).items():
             out[n] = max(out.get(n, 0), r)
     return out
 
@@ -188,40 +363,201 @@ def pattern_margin(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def weighted_batch_gradient(model: nn.Module, x: torch.Tensor, beta: torch.Tensor,
                             direction: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """GP22 Lemma 2's quantity: ``d/dW sum_j beta_j c . f(x_j; X)`` for the batch ``X = x``
-    (any loss gradient over the batch is of this form, with ``beta_j c = dl/df(x_j) / B``)."""
+    with one fixed projection ``c``. A loss gradient has this form only for ``k = 1`` output:
+    a real loss gives each sample its own output gradient ``dl/df(x_j)``, not a multiple of
+    ``c`` (see :func:`batch_loss_gradient`)."""
     mods = weight_modules(model)
     out = model(x)
     c = direction if direction is not None else _unit(out.shape[1], out.dtype)
     return _grads((out @ c) @ beta, mods)
 
 
+def _loss_terms(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-sample losses ``l(f(x_j), y_j)``: ``"mse"`` ``||f - y||^2`` (``y``: ``(B, k)``),
+    ``"ce"`` softmax cross-entropy (``y``: ``(B,)`` class indices)."""
+    if loss == "mse":
+        return ((out - y) ** 2).sum(1)
+    if loss == "ce":
+        return nn.functional.cross_entropy(out, y, reduction="none")
+    raise ValueError(f"unknown loss {loss!r}: use 'mse' or 'ce'")
+
+
+def random_targets(g: torch.Generator, batch: int, k: int, loss: str) -> torch.Tensor:
+    """Random targets for :func:`batch_loss_gradient`: standard normal ``(B, k)`` for ``"mse"``,
+    uniform random labels in ``0..k-1`` for ``"ce"``."""
+    if loss == "mse":
+        return torch.randn(batch, k, generator=g, dtype=torch.float64)
+    if loss == "ce":
+        return torch.randint(0, k, (batch,), generator=g)
+    raise ValueError(f"unknown loss {loss!r}: use 'mse' or 'ce'")
+
+
+def batch_loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
+    """``d/dW (1/B) sum_j l(f(x_j; X), y_j)`` for a real loss (``"mse"`` or ``"ce"``)."""
+    mods = weight_modules(model)
+    return _grads(_loss_terms(model(x), y, loss).mean(), mods)
+
+
+def per_sample_loss_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                              loss: str) -> list[dict[str, torch.Tensor]]:
+    """``d l(f(x_j; X), y_j) / dW`` for every sample ``j``, from one forward pass of the batch."""
+    mods = weight_modules(model)
+    terms = _loss_terms(model(x), y, loss)
+    return [_grads(terms[j], mods) for j in range(x.shape[0])]
+
+
 def check_ranks(model: nn.Module, draw: Callable[[torch.Generator, int], torch.Tensor], *,
-                batch: int, trials: int, seed: int = 0) -> list[dict]:
+                batch: int, trials: int, seed: int = 0, loss: str = "projection") -> list[dict]:
     """Measure the largest gradient rank of every weight matrix over ``trials`` random batches
-    ``x = draw(generator, batch)``, for the per-sample gradient of ``c . f(x_j; X)`` and for the
-    weighted batch sum with random ``beta``; return one row per matrix with ``M`` (vectors it
-    multiplies per sample) and, for both quantities, the chain-rule bound next to the measured
-    maximum rank."""
+    ``x = draw(generator, batch)``, for one sample's gradient and for the batch gradient, and
+    put it next to the bounds: the sharp bound of :func:`rank_bounds` (``bound``) and the plain
+    chain-rule bound ``min(M', d_out, d_in)`` (``lemma``).
+
+    ``loss="projection"``: one sample's ``c . f(x_j; X)`` and the weighted sum
+    ``sum_j beta_j c . f(x_j; X)`` with random ``beta`` (GP22 Lemma 2's quantity);
+    ``loss="mse"`` / ``"ce"``: one sample's loss and the batch-mean loss, on random targets
+    (:func:`random_targets`). One row per matrix, with ``M`` (vectors it multiplies per
+    sample) and, over all gradients measured, the smallest counted and the largest discarded
+    singular value relative to the largest (``kept min``, ``dropped max``; see
+    :func:`rank_and_gap`)."""
     g = torch.Generator().manual_seed(seed)
-    per, tot = {}, {}
+    per, tot, gaps = {}, {}, {}
     x = draw(g, batch)
-    bound_sample = rank_bounds(model, x)
-    bound_batch = rank_bounds(model, x, batch_sum=True)
+    k = model(x).shape[1]
+    cap = output_rank(loss, k)
+    bound_sample = rank_bounds(model, x, output_rank=cap)
+    bound_batch = rank_bounds(model, x, batch_sum=True, output_rank=cap)
+    lemma_sample = rank_bounds(model, x, sharp=False)
+    lemma_batch = rank_bounds(model, x, batch_sum=True, sharp=False)
     m_per_sample = applications(model, x)
     for _ in range(trials):
         x = draw(g, batch)
-        beta = torch.randn(batch, generator=g, dtype=torch.float64).to(x.dtype)
-        for n, r in max_ranks(per_sample_gradients(model, x)).items():
-            per[n] = max(per.get(n, 0), r)
-        for n, r in ranks(weighted_batch_gradient(model, x, beta)).items():
-            tot[n] = max(tot.get(n, 0), r)
+        if loss == "projection":
+            beta = torch.randn(batch, generator=g, dtype=torch.float64).to(x.dtype)
+            one, whole = per_sample_gradients(model, x), weighted_batch_gradient(model, x, beta)
+        else:
+            y = random_targets(g, batch, k, loss)
+            one = per_sample_loss_gradients(model, x, y, loss)
+            whole = batch_loss_gradient(model, x, y, loss)
+        for grads, store in [(gr, per) for gr in one] + [(whole, tot)]:
+            for n, gmat in grads.items():
+                r, kept, dropped = rank_and_gap(gmat)
+                store[n] = max(store.get(n, 0), r)
+                lo, hi = gaps.get(n, (math.inf, 0.0))
+                gaps[n] = (min(lo, kept) if kept == kept else lo, max(hi, dropped))
     rows = []
     for n, mod in weight_modules(model).items():
         d_out, d_in = as_matrix(mod.weight).shape
-        rows.append({"layer": n, "shape": f"{d_out}x{d_in}", "M": m_per_sample[n],
+        rows.append({"layer": n, "kind": "conv" if isinstance(mod, nn.Conv2d) else "linear",
+                     "coupled": couples_batch(model), "shape": f"{d_out}x{d_in}", "M": m_per_sample[n],
+                     "lemma (1 sample)": lemma_sample[n],
                      "bound (1 sample)": bound_sample[n], "rank (1 sample)": per[n],
-                     f"bound (B={batch})": bound_batch[n], f"rank (B={batch})": tot[n]})
+                     f"lemma (B={batch})": lemma_batch[n],
+                     f"bound (B={batch})": bound_batch[n], f"rank (B={batch})": tot[n],
+                     "kept min": gaps[n][0], "dropped max": gaps[n][1]})
     return rows
+
+
+LOSSES = ("projection", "mse", "ce")
+_SHORT = {"projection": "c.f", "mse": "MSE", "ce": "CE"}
+
+
+def check_losses(model: nn.Module, draw: Callable[[torch.Generator, int], torch.Tensor], *,
+                 batch: int, trials: int, seed: int = 0, losses=LOSSES) -> list[dict]:
+    """:func:`check_ranks` for each quantity in ``losses``, in long format: one row per (matrix,
+    loss) with keys ``layer, kind`` (``"linear"``/``"conv"``), ``coupled`` (BN in training mode),
+    ``shape, M, loss, lemma 1, bound 1, rank 1, lemma B, bound B,
+    rank B`` (``1``: one sample's gradient, ``B``: the batch gradient; ``lemma``: the plain
+    chain-rule bound, ``bound``: the sharp one of :func:`rank_bounds`)."""
+    rows = []
+    for loss in losses:
+        for r in check_ranks(model, draw, batch=batch, trials=trials, seed=seed, loss=loss):
+            rows.append({"layer": r["layer"], "kind": r["kind"], "coupled": r["coupled"],
+                         "shape": r["shape"], "M": r["M"], "loss": loss,
+                         "lemma 1": r["lemma (1 sample)"], "bound 1": r["bound (1 sample)"],
+                         "rank 1": r["rank (1 sample)"], "lemma B": r[f"lemma (B={batch})"],
+                         "bound B": r[f"bound (B={batch})"], "rank B": r[f"rank (B={batch})"],
+                         "kept min": r["kept min"], "dropped max": r["dropped max"]})
+    return rows
+
+
+def wide_table(long):
+    """The long rows of :func:`check_losses` (a list or DataFrame with an ``architecture``
+    column) as one row per matrix: ``M``, the per-sample lemma and sharp bound, the measured
+    per-sample rank for each loss, then per loss the batch gradient's sharp bound and rank."""
+    import pandas as pd
+
+    df = pd.DataFrame(long)
+    key = ["architecture", "layer", "shape", "M"]
+    order = list(dict.fromkeys(df["loss"]))
+    first = df[df["loss"] == order[0]].set_index(key)
+    out = pd.DataFrame(index=first.index)
+    out["lemma 1"], out["bound 1"] = first["lemma 1"], first["bound 1"]
+    for loss in order:
+        sub = df[df["loss"] == loss].set_index(key)
+        out[f"rank 1 {_SHORT.get(loss, loss)}"] = sub["rank 1"]
+    out["lemma B"] = first["lemma B"]
+    for loss in order:
+        sub = df[df["loss"] == loss].set_index(key)
+        out[f"bound B {_SHORT.get(loss, loss)}"] = sub["bound B"]
+        out[f"rank B {_SHORT.get(loss, loss)}"] = sub["rank B"]
+    return out.reset_index()
+
+
+def batch_sampler(x: torch.Tensor) -> Callable[[torch.Generator, int], torch.Tensor]:
+    """``draw(generator, batch)`` for :func:`check_ranks` that picks ``batch`` distinct rows of
+    a fixed data set ``x`` (e.g. the training set of a trained model)."""
+    def draw(gen: torch.Generator, batch: int) -> torch.Tensor:
+        return x[torch.randperm(x.shape[0], generator=gen)[:batch]]
+    return draw
+
+
+class TokenAttention(nn.Module):
+    """One self-attention layer over ``T`` tokens of dimension ``d`` with a *per-token* ReLU
+    before the pooling: ``f(X) = head(mean_t relu(o_t))``, ``o_t = sum_s softmax_s(q_t . k_s /
+    sqrt(d)) v_s``. Unlike :class:`sgdrank.models.TinyAttention` (mean pooling straight into a
+    linear head, which sends one and the same ``delta`` to every value vector), each token's
+    value gets its own ``delta``, so ``W_v`` reaches its bound ``T``."""
+
+    def __init__(self, tokens: int, dim: int, out_dim: int, *, bias: bool = False):
+        super().__init__()
+        self.tokens, self.dim = tokens, dim
+        self.Wq = nn.Linear(dim, dim, bias=bias)
+        self.Wk = nn.Linear(dim, dim, bias=bias)
+        self.Wv = nn.Linear(dim, dim, bias=bias)
+        self.head = nn.Linear(dim, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.tokens, self.dim)
+        scores = self.Wq(x) @ self.Wk(x).transpose(1, 2) / self.dim ** 0.5
+        o = torch.softmax(scores, dim=-1) @ self.Wv(x)
+        return self.head(torch.relu(o).mean(1))
+
+    def rank_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("Wq", self.Wq), ("Wk", self.Wk), ("Wv", self.Wv)]
+
+
+def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, steps: int,
+                  batch: int, lr: float, lam: float, seed: int = 0) -> list[float]:
+    """Plain mini-batch SGD with weight decay on ``(x, y)``: each step draws ``batch`` samples
+    without replacement (seeded) and moves every parameter by ``-lr * grad`` of
+    ``mean_j l(f(x_j), y_j) + lam * sum ||W||_F^2`` over the weight matrices of
+    :func:`weight_modules` (the book's convention: the step multiplies ``W`` by
+    ``1 - 2 lr lam``). Returns the batch loss of every step. The model is left in its mode."""
+    g = torch.Generator().manual_seed(seed)
+    mats = {id(m.weight) for m in weight_modules(model).values()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    hist = []
+    for _ in range(steps):
+        idx = torch.randperm(x.shape[0], generator=g)[:batch]
+        data = _loss_terms(model(x[idx]), y[idx], loss).mean()
+        reg = sum(p.pow(2).sum() for p in params if id(p) in mats)
+        grads = torch.autograd.grad(data + lam * reg, params)
+        with torch.no_grad():
+            for p, gr in zip(params, grads):
+                p.sub_(lr * gr)
+        hist.append(float(data.detach()))
+    return hist
 
 
 def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[torch.Generator, int], torch.Tensor]]:
