@@ -183,6 +183,25 @@ class Result:
         """Last recorded value of ``history[key]`` per run, ``(K,)``."""
         return self.history[key][-1]
 
+    def tidy(self) -> list[dict]:
+        """The history as one row per (record, run): ``epoch``, ``step``, ``lam``, ``seed``, ``B``
+        and every recorded metric (for ``pandas.DataFrame``)."""
+        keys = [k for k in self.history if k not in ("epoch", "step")]
+        rows = []
+        for t in range(len(self.history["step"])):
+            for i in range(len(self.lams)):
+                rows.append(dict(epoch=float(self.history["epoch"][t]), step=int(self.history["step"][t]),
+                                 lam=float(self.lams[i]), seed=int(self.seeds[i]), B=self.batch_size,
+                                 **{k: float(self.history[k][t, i]) for k in keys}))
+        return rows
+
+    def at_step(self, step: int) -> dict:
+        """The recorded metrics after step ``step`` (must have been recorded), ``{key: (K,)}``."""
+        hit = np.nonzero(self.history["step"] == step)[0]
+        if hit.size == 0:
+            raise ValueError(f"step {step} was not recorded (recorded: {self.history['step'].tolist()[:8]}...)")
+        return {k: v[hit[0]] for k, v in self.history.items()}
+
     def table(self) -> list[dict]:
         """One row per run: lambda, seed and the final value of every recorded metric."""
         keys = [k for k in self.history if k not in ("epoch", "step")]
@@ -490,3 +509,144 @@ def n_needed(pdim: float, eps: float = 0.1) -> float:
     for _ in range(100):
         N = pdim * math.log(N) / eps ** 2
     return N
+
+
+# --------------------------------------------------------------------------------------------
+# One table per sweep: ranks, errors, gradients and bounds of every run
+# --------------------------------------------------------------------------------------------
+def constant_loss(y_train: torch.Tensor, y_eval: torch.Tensor | None = None) -> float:
+    """Loss of the best constant predictor fitted on the training targets (their mean),
+    ``mean_i ||y_i - ybar||^2`` on ``y_eval`` (default: the training targets)."""
+    y_eval = y_train if y_eval is None else y_eval
+    return float((y_eval.double() - y_train.double().mean(0)).square().sum(1).mean())
+
+
+def analyze(res: Result, x: torch.Tensor, y: torch.Tensor, *, n_random: int = 1000, seed: int = 0,
+            collapse: float = 0.95, keep_norms: bool = False) -> list[dict]:
+    """One row per run of ``res`` at its final parameters, on the training data ``(x, y)``:
+
+    - ``sr``/``sr0``: stable rank of ``V`` now / at initialisation; ``rank``: threshold rank
+      (``atol = 1e-3`` on ``V / ||V||_F``); ``fro``/``fro0``: ``||V||_F``; ``d1``, ``d2``:
+      distance to the nearest matrix of rank 1 / 2; ``collapsed``: train loss at least
+      ``collapse`` times the constant predictor's (then ``V`` carries no fitted signal);
+    - ``eps_sgd``: largest ``||grad_V L^lambda_S||_F`` SGD met in its last epoch;
+      ``eps_last``: the same batches at the final point; ``eps_rand``: largest over ``n_random``
+      random batches at the final point; ``eps_up``: certified upper bound over all batches;
+      ``g_min``, ``g_med``: smallest / median per-sample ``||g_i||``; ``full``: full-batch
+      gradient; ``reg`` = ``2 lambda ||V||_F``;
+    - bounds on ``d1``: ``b_sample = g_min / (2 lambda)`` (GP22 Thm 1 at ``B* = 1``, always
+      valid), ``b_rand``/``b_up`` = ``(2B - 1) eps / (2 lambda)`` with ``eps_rand``/``eps_up``.
+    With ``keep_norms`` the rows also hold the arrays ``norms_rand`` and ``norms_last``."""
+    B = res.batch_size
+    N = x.shape[0]
+    rb = random_batches(N, B, n_random, seed)
+    base = constant_loss(y)
+    s0 = res.history["stable_rank"][0]
+    f0 = res.history["fro"][0]
+    rows = []
+    for i, (lam, sd) in enumerate(zip(res.lams, res.seeds)):
+        row = dict(lam=float(lam), seed=int(sd), B=B, sr=float(res.final("stable_rank")[i]), sr0=float(s0[i]),
+                   fro=float(res.final("fro")[i]), fro0=float(f0[i]))
+        for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            if key in res.history:
+                row[key] = float(res.final(key)[i])
+        if "test_loss" in row:
+            row["gap"] = row["test_loss"] - row["train_loss"]
+        row["collapsed"] = bool(not np.isfinite(row["train_loss"]) or row["train_loss"] >= collapse * base)
+        if not np.all(np.isfinite(res.sv[i])):
+            rows.append(row)
+            continue
+        st = grad_stats(res.params, i, float(lam), x, y)
+        nr = st.batch_norms(rb)
+        nl = st.batch_norms(res.last_epoch_batches[i])
+        row.update(rank=int(metrics.threshold_rank(torch.as_tensor(st.sv))), d1=float(dist_to_rank(st.sv, 1)),
+                   d2=float(dist_to_rank(st.sv, 2)), eps_sgd=float(res.last_epoch_grad[i].max()),
+                   eps_last=float(nl.max()), eps_rand=float(nr.max()), eps_up=st.eps_upper(B),
+                   g_min=float(st.per_sample.min()), g_med=float(np.median(st.per_sample)), full=st.full,
+                   reg=st.reg)
+        row.update(b_sample=row["g_min"] / (2 * lam) if lam > 0 else math.inf,
+                   b_rand=uniform_bound(row["eps_rand"], float(lam), B), b_up=uniform_bound(row["eps_up"], float(lam), B))
+        if keep_norms:
+            row.update(norms_rand=nr, norms_last=nl)
+        rows.append(row)
+    return rows
+
+
+def exact_bounds(p: Params, i: int, x: torch.Tensor, y: torch.Tensor, lam_i: Sequence[float], B: int) -> dict:
+    """Theorems 2.4 / 2.6 on a problem small enough to enumerate every batch (float64).
+
+    Run ``i`` of ``p``, per-sample weight decays ``lam_i`` (WD2L's ``lambda_i = lambda g(x_i, y_i)``;
+    all equal for ordinary weight decay), ``g_j = M_j + 2 lam_j V`` and ``G_S = (1/B) sum_{j in S} g_j``.
+    Returns ``eps`` (max over all ``(N choose B)`` batches of ``||G_S||_F``), the per-sample norms
+    ``g`` and the distances ``d1``, ``d2`` of ``V`` to rank 1 / 2, with the bounds
+
+    - ``paper``: WD2L Thm 2.6 (rank 2), ``B eps / max_{j,l} |lam_j - lam_l|`` (inf if all equal);
+    - ``sample``: ``min_j ||g_j|| / (2 lam_j)`` on ``d1`` (GP22 Thm 1 with ``B* = 1``);
+    - ``book``: ``(2B - 1) eps / (2 max_j lam_j)`` on ``d1``, from ``||g_j|| <= (2B - 1) eps``.
+    """
+    lam = torch.as_tensor(lam_i, dtype=torch.float64)
+    xd, yd = x.double(), y.double()
+    N = xd.shape[0]
+    if lam.shape != (N,) or (lam <= 0).any():
+        raise ValueError(f"need one positive weight decay per sample ({N}), got {list(lam_i)}")
+    V = p.V[i].double()
+    a = per_sample_factors(p, i, xd, yd)
+    g = a.unsqueeze(2) * xd.unsqueeze(1) + 2 * lam.view(N, 1, 1) * V  # (N, m, n)
+    batches = all_batches(N, B)
+    eps = float(torch.linalg.matrix_norm(g[batches].mean(1)).max())
+    gn = torch.linalg.matrix_norm(g)
+    sv = metrics.batch_singular_values(V).numpy()
+    spread = float(lam.max() - lam.min())
+    return dict(eps=eps, g=gn.numpy(), d1=float(dist_to_rank(sv, 1)), d2=float(dist_to_rank(sv, 2)),
+                fro=float(V.norm()), n_batches=int(batches.shape[0]),
+                paper=B * eps / spread if spread > 0 else math.inf,
+                sample=float((gn / (2 * lam)).min()), book=(2 * B - 1) * eps / (2 * float(lam.max())),
+                g_le=bool((gn <= (2 * B - 1) * eps * (1 + 1e-12)).all()))
+
+
+# --------------------------------------------------------------------------------------------
+# Data and the batch-size sweep of Chapter 5
+# --------------------------------------------------------------------------------------------
+def load_xy(name: str, n_train: int | None = None, n_test: int | None = None, seed: int = 0):
+    """``(ds, x, y, x_test, y_test)`` for :func:`train`: :func:`sgdrank.data.load_dataset` (inputs
+    and regression targets standardised with the training statistics), inputs flattened to
+    ``(N, n)``, targets ``(N, 1)`` (regression) or one-hot ``(N, n_classes)`` (classification)."""
+    from . import data
+
+    ds = data.load_dataset(name, n_train=n_train, n_test=n_test, seed=seed)
+    x, xt = ds.x_train.flatten(1), ds.x_test.flatten(1)
+    if ds.task == "regression":
+        return ds, x, as_targets(ds.y_train), xt, as_targets(ds.y_test)
+    k = ds.n_classes
+    return ds, x, one_hot(ds.y_train, k), xt, one_hot(ds.y_test, k)
+
+
+def batch_sweep(x, y, x_test, y_test, *, batch_sizes: Sequence[int], lam: float, seeds: Sequence[int],
+                width: int, lr: float, epochs: int, steps: int, classification: bool = False,
+                desc: str = "B sweep") -> list[dict]:
+    """Stable rank, ``||V||_F``, errors (and accuracies) against the batch size at a fixed
+    number of epochs and at a fixed number of SGD steps, with a constant learning rate (so that
+    the schedule does not differ between batch sizes). Batch size ``B`` runs for
+    ``max(epochs, ceil(steps / (N // B)))`` epochs; one row per (B, seed, ``when``) with
+    ``when`` in ``("epochs", "steps")``."""
+    N = x.shape[0]
+    rows = []
+    for B in batch_sizes:
+        S = N // B
+        ep = max(epochs, -(-steps // S))
+        res = train(x, y, width=width, lams=[lam] * len(seeds), seeds=seeds, lr=lr, batch_size=B, epochs=ep,
+                    x_test=x_test, y_test=y_test, classification=classification, lr_gamma=1.0,
+                    record_every=epochs, record_steps=[steps], desc=f"{desc}, B = {B}")
+        h = res.history
+        at_ep = int(np.nonzero(np.isclose(h["epoch"], epochs))[0][0])
+        at_st = int(np.nonzero(h["step"] == steps)[0][0])
+        for when, t in (("epochs", at_ep), ("steps", at_st)):
+            for i, sd in enumerate(seeds):
+                row = dict(B=B, seed=int(sd), when=when, epoch=float(h["epoch"][t]), step=int(h["step"][t]))
+                for key in h:
+                    if key not in ("epoch", "step"):
+                        row[key] = float(h[key][t, i])
+                if "test_loss" in row:
+                    row["gap"] = row["test_loss"] - row["train_loss"]
+                rows.append(row)
+    return rows
