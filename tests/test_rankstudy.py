@@ -100,3 +100,16 @@ def test_run_ranks_and_selection(result):
     assert len(s) == len(result) and (s.step <= 12).all()
     spe = 64 // s.batch_size
     assert ((12 - s.step) < spe).all()   # the last recorded epoch at or before step 12
+
+
+def test_summarize_and_values():
+    t = pd.DataFrame({"g": [1, 1, 1, 2], "lam": [0.1, 0.1, 0.1, 0.3], "x": [1.0, 2.0, 3.0, 5.0]})
+    s = rs.summarize(t, ["g"], ["x"])
+    assert list(s.runs) == [3, 1] and s.x.iloc[0] == "2.00 ± 1.0" and s.x.iloc[1] == "5.00"
+    assert rs.values(t, "x", g=1) == [1.0, 2.0, 3.0]
+    assert rs.values(t, "x", lam=0.1 + 1e-12) == [1.0, 2.0, 3.0]
+    assert rs.values(t, "x", g=3) == []
+    with pytest.raises(ValueError):
+        rs.summarize(t, ["nope"], ["x"])
+    with pytest.raises(ValueError):
+        rs.values(t, "x", nope=1)

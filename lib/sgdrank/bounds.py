@@ -73,3 +73,31 @@ def unrolled_sgd(w0: np.ndarray, lr: float, lam: float, batch: int, steps: int, 
         g = rng.standard_normal((m, batch)) @ rng.standard_normal((batch, n)) * (grad_scale / batch)
         ws.append((1.0 - 2.0 * lr * lam) * ws[-1] - lr * g)
     return ws
+
+
+def momentum_matrix(lr: float, lam: float, beta: float) -> np.ndarray:
+    """The 2 x 2 map of heavy-ball SGD on the pair ``(W, v)`` (``torch.optim.SGD`` with
+    ``momentum=beta``, ``weight_decay=2 lam``): ``v' = beta v + 2 lam W + G``,
+    ``W' = W - lr v' = (1 - 2 lr lam) W - lr beta v - lr G``, i.e.
+    ``(W', v') = M (W, v) + (-lr, 1) G`` with ``M = [[1 - 2 lr lam, -lr beta], [2 lam, beta]]``."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"need 0 <= beta < 1, got {beta}")
+    return np.array([[1.0 - 2.0 * lr * lam, -lr * beta], [2.0 * lam, beta]], dtype=np.float64)
+
+
+def momentum_factors(lr: float, lam: float, beta: float, k: int) -> tuple[float, float]:
+    """``(a_k, b_k)``, the first row of ``M^k`` (:func:`momentum_matrix`): unrolling ``k`` heavy-ball
+    steps gives ``W_t = a_k W_{t-k} + b_k v_{t-k} + (a combination of G_{t-1}, ..., G_{t-k})``.
+    The remainder is not a multiple of ``W_{t-k}``: it contains the full-rank buffer ``v_{t-k}``.
+    With ``beta = 0``, ``(a_k, b_k) = ((1 - 2 lr lam)^k, 0)``."""
+    if k < 0:
+        raise ValueError(f"need k >= 0, got {k}")
+    mk = np.linalg.matrix_power(momentum_matrix(lr, lam, beta), int(k))
+    return float(mk[0, 0]), float(mk[0, 1])
+
+
+def momentum_rate(lr: float, lam: float, beta: float) -> float:
+    """Spectral radius of :func:`momentum_matrix`: the per-step factor by which the weight-decay
+    part of heavy-ball SGD shrinks ``(W, v)`` in the long run; ``1 - 2 lr lam / (1 - beta)`` to
+    first order in ``lr lam``. The roots solve ``z^2 - (1 + beta - 2 lr lam) z + beta = 0``."""
+    return float(np.max(np.abs(np.linalg.eigvals(momentum_matrix(lr, lam, beta)))))

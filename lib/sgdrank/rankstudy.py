@@ -122,3 +122,39 @@ def at_step(table: pd.DataFrame, step: int) -> pd.DataFrame:
     sub = table[table.step <= step]
     idx = sub.groupby("run_id").step.idxmax()
     return sub.loc[idx.values]
+
+
+def summarize(table: pd.DataFrame, by: Sequence[str], cols: Sequence[str], sig: int = 3) -> pd.DataFrame:
+    """One row per group of ``by``: each column of ``cols`` as ``mean ± sd`` over the group's
+    runs (:func:`sgdrank.report.spread`; sample standard deviation), and ``runs``, the count."""
+    from . import report
+
+    missing = [c for c in list(by) + list(cols) if c not in table.columns]
+    if missing:
+        raise ValueError(f"summarize: columns {missing} are not in the table")
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        for c in cols:
+            s = report.spread(g[c])
+            row[c] = (report.num(s.mean, sig) if s.n == 1 else
+                      f"{report.num(s.mean, sig)} ± {report.num(s.sd, 2)}") if s.n else "n/a"
+        row["runs"] = len(g)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def values(table: pd.DataFrame, col: str, **where) -> list[float]:
+    """The values of ``col`` in the rows where every ``column == value`` of ``where`` holds
+    (floats compared with a relative tolerance of 1e-9)."""
+    mask = np.ones(len(table), dtype=bool)
+    for k, v in where.items():
+        if k not in table.columns:
+            raise ValueError(f"values: no column {k!r}")
+        colv = table[k].to_numpy()
+        if isinstance(v, float):
+            mask &= np.isclose(colv.astype(float), v, rtol=1e-9, atol=0.0)
+        else:
+            mask &= colv == v
+    return [float(x) for x in table.loc[mask, col]]
