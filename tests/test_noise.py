@@ -172,3 +172,30 @@ def test_interpolation_without_weight_decay_is_an_sgd_fixed_point():
     noise.fit_full_batch(model, x, y, 0.0, "mse", max_iter=5000)
     per = noise.per_sample_regularised_gradients(model, x, y, 0.0, "mse")
     assert max(float(torch.linalg.matrix_norm(p[n])) for p in per for n in p) < 1e-6
+
+
+def test_settle_table_reads_trend_floor_tau_and_collapse():
+    import pandas as pd
+
+    rows = []
+    for lam, seed in [(0.0, 0), (0.01, 0), (0.01, 1)]:
+        for e in range(0, 101):
+            if lam == 0:
+                d = 1.0 / (1 + e)            # still falling: the tail is ~1/2 of the middle
+            else:
+                d = 0.02 + 0.001 * seed      # flat from the start
+            rows.append(dict(dataset="toy", loss="ce", lam=lam, seed=seed, epoch=e, step=4 * e,
+                             lr=0.1, conv_dist=d if e else float("nan"), train_acc=1.0,
+                             train_loss=0.1, avg_rank=10.0 - (e > 0), avg_stable_rank=3.0,
+                             head_fro=1.0 if lam == 0 else 0.5 ** e))
+    t = noise.settle_table(pd.DataFrame(rows)).set_index(["lam", "seed"])
+    falling, flat = t.loc[(0.0, 0)], t.loc[(0.01, 1)]
+    mid = 1.0 / (1 + 50)
+    assert falling.trend == pytest.approx((1.0 / (1 + 95.5)) / mid, rel=0.02)
+    assert falling.trend < 0.6 and flat.trend == pytest.approx(1.0)
+    assert flat.floor == pytest.approx(0.021)
+    assert math.isinf(falling.tau_epochs) and flat.tau_epochs == pytest.approx(1 / (2 * 0.1 * 0.01) / 4)
+    assert not falling.collapsed and flat.collapsed
+    assert falling["rank"] == 9.0 and falling["rank0"] == 10.0
+    with pytest.raises(ValueError):
+        noise.settle_table(pd.DataFrame(rows), tail=1.5)

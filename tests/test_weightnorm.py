@@ -175,3 +175,37 @@ def test_margin_fluctuation_measures_epoch_to_epoch_change():
     assert float(wn.margin_fluctuation(noisy)[0]) == pytest.approx(0.1 * math.sqrt(2) / 2, rel=0.05)
     with pytest.raises(ValueError):
         wn.margin_fluctuation(torch.ones(1, 2, 3))
+
+
+def test_margin_fluctuation_lag_compares_equal_step_counts():
+    # a linear drift of 0.01 per record: the change over `lag` records is lag * 0.01
+    t = torch.arange(12, dtype=torch.float64).view(12, 1, 1)
+    drift = 1.0 + 0.01 * t.expand(12, 2, 5)
+    mean_abs = float(drift.abs().mean())
+    for lag in (1, 4):
+        got = wn.margin_fluctuation(drift, lag=lag)
+        torch.testing.assert_close(got, torch.full((2,), 0.01 * lag / mean_abs, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lag"):
+        wn.margin_fluctuation(drift, lag=0)
+    with pytest.raises(ValueError, match="at least 13"):
+        wn.margin_fluctuation(drift, lag=12)
+
+
+def test_layer_ranks_of_known_matrices_and_of_the_init():
+    # layer 1: a rank-2 matrix with singular values 3, 4 (stable rank 25/16); layer 2: identity 3x3
+    a = torch.zeros(1, 4, 5, dtype=torch.float64)
+    a[0, 0, 0], a[0, 1, 1] = 4.0, 3.0
+    eye = torch.eye(3, dtype=torch.float64)[None]
+    out = wn.layer_ranks([a / a.norm(), eye / eye.norm()], TINY)
+    assert out["rank"].tolist() == [[2], [3]]
+    torch.testing.assert_close(out["stable_rank"], torch.tensor([[25 / 16], [3.0]], dtype=torch.float64))
+    V = wn.init_weights(TINY, 2, seed=1, dtype=torch.float64)
+    init = wn.layer_ranks(V, TINY)
+    assert init["rank"].shape == (4, 2)
+    full = [min(metrics.as_matrix(v[0]).shape) for v in V]
+    assert init["rank"][:, 0].tolist() == full  # a Gaussian matrix has full rank
+    rows = wn.WNResult(arch=TINY, lams=[0.0, 0.1], loss="square", batch_size=1, lr=0.0, epochs=0,
+                       history={}, margins=torch.empty(0), grad_batch=torch.empty(0),
+                       grad_full=torch.empty(0), V=V, r=torch.ones(2), rho0=1.0).layer_table()
+    assert [r["rank"] for r in rows[::2]] == init["rank"][:, 0].tolist()
+    assert [r["stable_rank"] for r in rows[1::2]] == pytest.approx(init["stable_rank"][:, 1].tolist())

@@ -327,3 +327,49 @@ def per_sample_regularised_gradients(model: nn.Module, x, y, lam: float, loss: s
     direction with batch size 1. A point is a convergence point of SGD with any ``B < n`` iff all of
     these vanish (GP22 eq. 8-9)."""
     return [autograd_batch_gradient(model, x[i:i + 1], y[i:i + 1], lam, loss) for i in range(x.shape[0])]
+
+
+# --------------------------------------------------------------------------------------------
+# E5: does d(W_{t+1}, W_t) settle? One row per run of a sweep
+# --------------------------------------------------------------------------------------------
+def settle_table(epochs, keys: Sequence[str] = ("dataset", "loss", "lam", "seed"),
+                 tail: float = 0.1, middle: tuple[float, float] = (0.45, 0.55),
+                 collapse: float = 1e-2):
+    """Per run of a :class:`sgdrank.sweep.Result` ``epochs`` table (one row per run x epoch with
+    ``conv_dist``, ``train_acc``, ``train_loss``, ``avg_rank``, ``avg_stable_rank``, ``head_fro``,
+    ``lr``, ``step``): how GP22's distance ``d(W_{t+1}, W_t)`` (``conv_dist``) ends.
+
+    Columns: ``keys``; ``floor`` -- median of ``d`` over the last ``tail`` fraction of epochs;
+    ``trend`` -- ``floor`` over the median in the ``middle`` window of the run (< 1: still
+    falling, ~ 1: levelled off, > 1: rising); ``tau_epochs`` -- ``1/(2 lr lam)`` steps in epochs
+    (inf for lam = 0), the time weight decay needs to act; ``epochs``; ``collapsed`` -- the
+    classifier's ``||W||_F`` fell below ``collapse`` times its initial value (the trivial
+    convergence point ``W -> 0``); final ``train_acc``, ``train_loss``; ``rank``/``stable_rank``
+    (average over hidden matrices) at the end and ``rank0``/``stable_rank0`` at initialisation."""
+    import pandas as pd
+
+    if not 0 < tail < 1 or not 0 <= middle[0] < middle[1] <= 1:
+        raise ValueError(f"need 0 < tail < 1 and 0 <= middle[0] < middle[1] <= 1, got {tail}, {middle}")
+    rows = []
+    for key, run in epochs.groupby(list(keys)):
+        run = run.sort_values("epoch")
+        last = int(run.epoch.max())
+        if last < 2:
+            raise ValueError(f"run {key} has {last} epochs; settle_table needs at least 2")
+        live = run[run.epoch > 0]
+        d_tail = live[live.epoch > (1 - tail) * last].conv_dist
+        d_mid = live[(live.epoch > middle[0] * last) & (live.epoch <= middle[1] * last)].conv_dist
+        if d_mid.empty:
+            d_mid = live.conv_dist.iloc[len(live) // 2:len(live) // 2 + 1]
+        first, end = run.iloc[0], run.iloc[-1]
+        floor, mid = float(d_tail.median()), float(d_mid.median())
+        steps_per_epoch = float(end.step) / last
+        lam, lr = float(end.lam), float(end.lr)
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                     "floor": floor, "trend": floor / mid if mid > 0 else math.nan,
+                     "tau_epochs": 1 / (2 * lr * lam) / steps_per_epoch if lam > 0 else math.inf,
+                     "epochs": last, "collapsed": bool(end.head_fro < collapse * first.head_fro),
+                     "train_acc": float(end.train_acc), "train_loss": float(end.train_loss),
+                     "rank": float(end.avg_rank), "stable_rank": float(end.avg_stable_rank),
+                     "rank0": float(first.avg_rank), "stable_rank0": float(first.avg_stable_rank)})
+    return pd.DataFrame(rows)

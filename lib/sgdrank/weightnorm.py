@@ -388,12 +388,31 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
                     r=r.detach().cpu(), rho0=rho0, seconds=time.time() - t0)
 
 
-def margin_fluctuation(margins: torch.Tensor) -> torch.Tensor:
+def margin_fluctuation(margins: torch.Tensor, lag: int = 1) -> torch.Tensor:
     """SGD noise seen in the margins, the margin analogue of GP22's ``d(W_{t+1}, W_t)``: the RMS over
-    samples and recorded epochs of the epoch-to-epoch change ``fbar_n(t+1) - fbar_n(t)``, divided by the
-    mean ``|fbar_n|`` (margins of different ``lambda`` differ in scale). A smooth drift (GD far from
-    its fixed point) gives small changes, noise large ones. ``margins``: ``(R, K, N)`` -> ``(K,)``."""
-    if margins.shape[0] < 2:
-        raise ValueError("need margins from at least two epochs")
-    step = margins[1:] - margins[:-1]
+    samples and recorded epochs of the change ``fbar_n(t+lag) - fbar_n(t)`` between records ``lag``
+    epochs apart, divided by the mean ``|fbar_n|`` (margins of different ``lambda`` differ in scale).
+    A smooth drift (GD far from its fixed point) gives small changes, noise large ones.
+    ``lag`` compares runs at equal numbers of *steps*: GD makes one step per epoch, SGD with
+    ``N/B`` steps per epoch is compared with GD at ``lag = N/B``. ``margins``: ``(R, K, N)`` ->
+    ``(K,)``."""
+    lag = int(lag)
+    if lag < 1:
+        raise ValueError(f"lag must be >= 1, got {lag}")
+    if margins.shape[0] < lag + 1:
+        raise ValueError(f"need margins from at least {lag + 1} epochs for lag {lag}, got {margins.shape[0]}")
+    step = margins[lag:] - margins[:-lag]
     return step.pow(2).mean((0, 2)).sqrt() / margins.abs().mean((0, 2))
+
+
+def layer_ranks(V: Sequence[torch.Tensor], arch: Arch, atol: float = metrics.DEFAULT_ATOL) -> dict:
+    """Threshold rank (``s_i > atol`` of the unit-norm ``V_k``) and stable rank of every layer of the
+    K networks ``V`` (e.g. :func:`init_weights` for the values at initialisation, or
+    ``WNResult.V``): ``{"rank": (L, K) long, "stable_rank": (L, K) float64}``, layers in
+    ``arch.names()`` order, conv filters as ``c_out x c_in k k``."""
+    rk, st = [], []
+    for v in V:
+        s = metrics.batch_singular_values(v.reshape(v.shape[0], v.shape[1], -1))
+        rk.append(torch.as_tensor(metrics.threshold_rank(s, atol=atol)).long().reshape(-1))
+        st.append(torch.as_tensor(metrics.stable_rank(s), dtype=torch.float64).reshape(-1))
+    return {"rank": torch.stack(rk), "stable_rank": torch.stack(st)}
