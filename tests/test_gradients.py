@@ -213,3 +213,13 @@ def test_pattern_is_locally_constant_and_f_is_linear_in_each_layer():
     assert torch.equal(G.activation_pattern(m, x), p0)
     assert m(x).item() - f0 == pytest.approx(1e-7 * (grad * delta).sum().item(), rel=1e-6)
     assert float(G.pattern_margin(m, x)) > 0
+
+
+def test_trained_checks_train_and_stay_within_the_bounds():
+    checks, weights, loss = G.trained_checks(lambda: models.MLP(6, 3, 2, 5), 6, seed=1,
+                                             steps=150, n=24, batch=6, trials=2)
+    assert loss["last"] < loss["first"]
+    assert {r["when"] for r in checks} == {"init", "trained"}
+    assert all(r["rank 1"] <= r["bound 1"] and r["rank B"] <= r["bound B"] for r in checks)
+    assert [w["layer"] for w in weights] == ["W1", "W2"]
+    assert all(w["stable init"] != w["stable trained"] for w in weights)

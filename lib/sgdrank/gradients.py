@@ -22,7 +22,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from .metrics import as_matrix, numerical_rank, singular_values
+from .metrics import (as_matrix, numerical_rank, rank_matrices, singular_values, stable_rank,
+                      threshold_rank)
 
 
 def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -670,3 +671,43 @@ def pattern_flip_rate(deltas, draws: int, *, in_dim: int = 10, width: int = 32, 
                     l.weight.copy_(w + delta * e)
                 flips[k] += int(not torch.equal(activation_pattern(model, x), p0))
     return [f / draws for f in flips]
+
+
+def trained_checks(build: Callable[[], nn.Module], dim: int, *, seed: int, steps: int,
+                   n: int = 48, k: int = 3, batch: int = 6, lr: float = 0.1, lam: float = 1e-3,
+                   trials: int = 5) -> tuple[list[dict], list[dict], dict]:
+    """The rank checks of :func:`check_losses` at initialisation and after training.
+
+    ``build()`` makes the model (seeded here with ``seed``, float64); it is trained with
+    :func:`train_briefly` (cross-entropy, ``steps`` steps of batch ``batch``) on ``n`` standard
+    normal inputs of size ``dim`` with uniformly random labels in ``0..k-1`` (data seed
+    ``100 + seed``), and checked on batches of that training set. Returns the check rows (with
+    ``when`` = ``"init"`` / ``"trained"``), one row per rank-tracked weight matrix with its
+    threshold rank (``||W||_F``-relative ``atol = 1e-3``) and stable rank at init and trained,
+    and the mean batch loss of the first and last 20 steps."""
+    torch.manual_seed(seed)
+    model = build().double()
+    g = torch.Generator().manual_seed(100 + seed)
+    x, y = torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randint(0, k, (n,), generator=g)
+
+    def weight_ranks():
+        out = {}
+        for name, w in rank_matrices(model).items():
+            s = singular_values(w)
+            out[name] = (int(threshold_rank(s)), float(stable_rank(s)))
+        return out
+
+    checks, before, hist = [], weight_ranks(), []
+    for when in ("init", "trained"):
+        if when == "trained":
+            hist = train_briefly(model, x, y, "ce", steps=steps, batch=batch, lr=lr, lam=lam,
+                                 seed=seed)
+        for r in check_losses(model, batch_sampler(x), batch=batch, trials=trials, seed=seed):
+            checks.append({"seed": seed, "when": when, **r})
+    after = weight_ranks()
+    weights = [{"layer": name, "seed": seed, "rank init": r0, "rank trained": after[name][0],
+                "stable init": s0, "stable trained": after[name][1]}
+               for name, (r0, s0) in before.items()]
+    m = min(20, len(hist))
+    loss = {"seed": seed, "first": sum(hist[:m]) / max(m, 1), "last": sum(hist[-m:]) / max(m, 1)}
+    return checks, weights, loss
