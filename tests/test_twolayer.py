@@ -201,3 +201,19 @@ def test_diverged_run_records_nan_not_an_exception():
                    epochs=5, dtype=torch.float64)
     assert np.isnan(res.final("stable_rank")[0]) and np.isnan(res.sv[0]).all()
     assert np.isfinite(res.final("stable_rank")[1])
+
+
+def test_analyze_table():
+    x, y = _data(N=20, n=4, k=1, seed=2)
+    res = tl.train(x, y, width=16, lams=[0.0, 0.05, 50.0], seeds=[0, 0, 0], lr=0.01, batch_size=4,
+                   epochs=40, x_test=x[:5], y_test=y[:5], dtype=torch.float64)
+    rows = tl.analyze(res, x, y, n_random=50, keep_norms=True)
+    assert [r["lam"] for r in rows] == [0.0, 0.05, 50.0]
+    assert all(r["rank0"] == 4 for r in rows)  # a Gaussian 16 x 4 matrix has full rank
+    assert rows[2]["collapsed"] and not rows[0]["collapsed"]  # lambda = 50 kills V and u
+    r = rows[1]
+    assert r["d1"] <= r["b_sample"] <= r["b_up"] and r["eps_rand"] <= r["eps_up"] * (1 + 1e-12)
+    assert r["reg"] == pytest.approx(2 * 0.05 * r["fro"])
+    assert len(r["norms_rand"]) == 50 and len(r["norms_last"]) == 5
+    assert r["eps_last"] == pytest.approx(r["norms_last"].max())
+    assert tl.constant_loss(y) == pytest.approx(float(((y - y.mean()) ** 2).mean()))

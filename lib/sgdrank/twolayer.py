@@ -525,8 +525,8 @@ def analyze(res: Result, x: torch.Tensor, y: torch.Tensor, *, n_random: int = 10
             collapse: float = 0.95, keep_norms: bool = False) -> list[dict]:
     """One row per run of ``res`` at its final parameters, on the training data ``(x, y)``:
 
-    - ``sr``/``sr0``: stable rank of ``V`` now / at initialisation; ``rank``: threshold rank
-      (``atol = 1e-3`` on ``V / ||V||_F``); ``fro``/``fro0``: ``||V||_F``; ``d1``, ``d2``:
+    - ``sr``/``sr0``: stable rank of ``V`` now / at initialisation; ``rank``/``rank0``: threshold
+      rank (``atol = 1e-3`` on ``V / ||V||_F``) now / at initialisation; ``fro``/``fro0``: ``||V||_F``; ``d1``, ``d2``:
       distance to the nearest matrix of rank 1 / 2; ``collapsed``: train loss at least
       ``collapse`` times the constant predictor's (then ``V`` carries no fitted signal);
     - ``eps_sgd``: largest ``||grad_V L^lambda_S||_F`` SGD met in its last epoch;
@@ -543,10 +543,13 @@ def analyze(res: Result, x: torch.Tensor, y: torch.Tensor, *, n_random: int = 10
     base = constant_loss(y)
     s0 = res.history["stable_rank"][0]
     f0 = res.history["fro"][0]
+    cfg = res.config
+    init = init_params(res.seeds.tolist(), cfg["n"], cfg["width"], cfg["k"], torch.float64)
+    rank0 = metrics.threshold_rank(metrics.batch_singular_values(init.V)).numpy()
     rows = []
     for i, (lam, sd) in enumerate(zip(res.lams, res.seeds)):
         row = dict(lam=float(lam), seed=int(sd), B=B, sr=float(res.final("stable_rank")[i]), sr0=float(s0[i]),
-                   fro=float(res.final("fro")[i]), fro0=float(f0[i]))
+                   fro=float(res.final("fro")[i]), fro0=float(f0[i]), rank0=int(rank0[i]))
         for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
             if key in res.history:
                 row[key] = float(res.final(key)[i])
