@@ -227,7 +227,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
           x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None,
           classification: bool = False, lr_gamma: float = 0.95, lr_every: int = 200,
           record_every: int = 10, record_steps: Sequence[int] = (), dtype=torch.float32,
-          desc: str = "two-layer runs", init: Params | None = None) -> Result:
+          desc: str = "two-layer runs", init: Params | None = None,
+          device: str | torch.device | None = None) -> Result:
     """Train ``K = len(lams)`` two-layer ReLU networks of width ``width`` with mini-batch SGD
     (reshuffled every epoch, per-run batch orders from :func:`order_generator`) and weight
     decay ``lams[i]`` on ``u`` and ``V`` (book convention, see the module docstring).
@@ -237,6 +238,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     epochs. Metrics are recorded after epochs ``0, record_every, 2 record_every, ..`` (epoch 0:
     at initialisation), after the last epoch, and after the steps listed in ``record_steps``.
     ``classification``: also record accuracies (argmax of ``f`` against argmax of ``y``).
+    ``device``: where to train (default: ``x``'s device); the batch orders are drawn on the CPU,
+    so a run's batches do not depend on the device.
     """
     lams = [float(v) for v in lams]
     seeds = [int(s) for s in seeds]
@@ -256,15 +259,18 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     lr_runs = torch.as_tensor([float(lr)] * K if np.ndim(lr) == 0 else [float(v) for v in lr], dtype=dtype)
     if lr_runs.shape != (K,) or (lr_runs <= 0).any():
         raise ValueError(f"lr must be positive, one value or one per run (K = {K}), got {lr}")
-    x, y = x.to(dtype), y.to(dtype)
+    dev = torch.device(device) if device is not None else x.device
+    x, y = x.to(dev, dtype), y.to(dev, dtype)
     has_test = x_test is not None and y_test is not None
     if has_test:
-        x_test, y_test = x_test.to(dtype), y_test.to(dtype)
+        x_test, y_test = x_test.to(dev, dtype), y_test.to(dev, dtype)
 
     p = init.clone() if init is not None else init_params(seeds, n, width, k, dtype)
+    p = Params(p.u.to(dev), p.V.to(dev), p.b.to(dev))
     if p.V.shape != (K, width, n) or p.u.shape != (K, k, width):
         raise ValueError("init does not match (K, width, n, k)")
-    lam_t = torch.as_tensor(lams, dtype=dtype)
+    lam_t = torch.as_tensor(lams, dtype=dtype, device=dev)
+    lr_runs = lr_runs.to(dev)
     gens = [order_generator(s) for s in seeds]
     S = N // batch_size
     run_ix = torch.arange(K).unsqueeze(1)
@@ -285,30 +291,30 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
             hist["epoch"].append(epoch)
             hist["step"].append(step)
             loss, acc = _evaluate(p, x, y, classification)
-            hist["train_loss"].append(loss.double().numpy())
+            hist["train_loss"].append(loss.double().cpu().numpy())
             sr = metrics.stable_rank(s)
             sr[~ok] = math.nan
-            hist["stable_rank"].append(sr.numpy())
-            hist["fro"].append(torch.linalg.vector_norm(s, dim=-1).numpy())
-            hist["spec"].append(s[:, 0].numpy())
+            hist["stable_rank"].append(sr.cpu().numpy())
+            hist["fro"].append(torch.linalg.vector_norm(s, dim=-1).cpu().numpy())
+            hist["spec"].append(s[:, 0].cpu().numpy())
             if classification:
-                hist["train_acc"].append(acc.numpy())
+                hist["train_acc"].append(acc.cpu().numpy())
             if has_test:
                 tl, ta = _evaluate(p, x_test, y_test, classification)
-                hist["test_loss"].append(tl.double().numpy())
+                hist["test_loss"].append(tl.double().cpu().numpy())
                 if classification:
-                    hist["test_acc"].append(ta.numpy())
+                    hist["test_acc"].append(ta.cpu().numpy())
 
     t0 = time.perf_counter()
     record(0, 0)
     step = 0
-    last_grad = torch.zeros(K, S, dtype=torch.float64)
-    last_batches = torch.zeros(K, S, batch_size, dtype=torch.long)
+    last_grad = torch.zeros(K, S, dtype=torch.float64, device=dev)
+    last_batches = torch.zeros(K, S, batch_size, dtype=torch.long, device=dev)
     for epoch in progress(range(epochs), desc=desc):
         mu = lr_runs * (lr_gamma ** (epoch // lr_every))
         shrink = (1 - 2 * mu * lam_t).view(K, 1, 1)
         mu3 = mu.view(K, 1, 1)
-        perm = torch.stack([torch.randperm(N, generator=g) for g in gens])[:, :S * batch_size]
+        perm = torch.stack([torch.randperm(N, generator=g) for g in gens])[:, :S * batch_size].to(dev)
         batches = perm.view(K, S, batch_size)
         last = epoch == epochs - 1
         for j in range(S):
@@ -333,10 +339,10 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     order = np.argsort(history["step"], kind="stable")
     history = {key: v[order] for key, v in history.items()}
     ok = torch.isfinite(p.V).all((1, 2)).view(-1, 1, 1)
-    sv = metrics.batch_singular_values(torch.where(ok, p.V, 0)).numpy()
-    sv[~ok.view(-1).numpy()] = np.nan
+    sv = metrics.batch_singular_values(torch.where(ok, p.V, 0)).cpu().numpy()
+    sv[~ok.view(-1).cpu().numpy()] = np.nan
     return Result(p, np.asarray(lams), np.asarray(seeds), float(lr_runs[0]), batch_size, epochs, history, sv,
-                  last_grad.numpy(), last_batches, seconds, S,
+                  last_grad.cpu().numpy(), last_batches, seconds, S,
                   dict(width=width, lr_gamma=lr_gamma, lr_every=lr_every, n=n, k=k, N=N))
 
 
@@ -347,7 +353,7 @@ def per_sample_factors(p: Params, i: int, x: torch.Tensor, y: torch.Tensor) -> t
     """``a_j = 2 D(x_j) u^T (f(x_j) - y_j)`` for every sample ``j`` of run ``i`` (``(N, m)``,
     float64), so that ``M_j = a_j x_j^T`` is the gradient of ``||f(x_j) - y_j||^2`` w.r.t. ``V``."""
     u, V, b = (t[i].double() for t in (p.u, p.V, p.b))
-    x, y = x.double(), y.double()
+    x, y = x.double().to(V.device), y.double().to(V.device)
     pre = x @ V.T + b
     r = pre.clamp_min(0) @ u.T - y  # (N, k)
     return 2 * (r @ u) * (pre > 0)
@@ -384,7 +390,7 @@ class GradStats:
 def grad_stats(p: Params, i: int, lam: float, x: torch.Tensor, y: torch.Tensor) -> GradStats:
     """:class:`GradStats` of run ``i`` (weight decay ``lam``) on the data ``(x, y)``."""
     V = p.V[i].double()
-    xd = x.double()
+    xd = x.double().to(V.device)
     a = per_sample_factors(p, i, x, y)
     gram = (a @ a.T) * (xd @ xd.T)  # <M_i, M_j>
     c = ((a @ V) * xd).sum(1)  # <V, M_j> = a_j^T V x_j
@@ -392,13 +398,13 @@ def grad_stats(p: Params, i: int, lam: float, x: torch.Tensor, y: torch.Tensor) 
     ps = (gram.diagonal() + 4 * lam * c + 4 * lam ** 2 * fro2).clamp_min(0).sqrt()
     N = xd.shape[0]
     full = math.sqrt(max(float(gram.sum()) / N ** 2 + 4 * lam * float(c.sum()) / N + 4 * lam ** 2 * fro2, 0.0))
-    sv = metrics.batch_singular_values(V).numpy()
-    return GradStats(ps.numpy(), full, 2 * lam * math.sqrt(fro2), math.sqrt(fro2), sv, gram, c, float(lam))
+    sv = metrics.batch_singular_values(V).cpu().numpy()
+    return GradStats(ps.cpu().numpy(), full, 2 * lam * math.sqrt(fro2), math.sqrt(fro2), sv, gram, c, float(lam))
 
 
 def batch_grad_norms(st: GradStats, batches: torch.Tensor, chunk: int = 256) -> np.ndarray:
     """``||G_S||_F`` from the Gram identity of the module docstring, for batches ``(nb, B)``."""
-    batches = torch.as_tensor(batches, dtype=torch.long)
+    batches = torch.as_tensor(batches, dtype=torch.long).to(st.gram.device)
     if batches.ndim != 2:
         raise ValueError(f"batches must be (n_batches, B), got shape {tuple(batches.shape)}")
     B = batches.shape[1]
@@ -409,7 +415,7 @@ def batch_grad_norms(st: GradStats, batches: torch.Tensor, chunk: int = 256) -> 
         quad = st.gram[bb.unsqueeze(2), bb.unsqueeze(1)].sum((1, 2)) / B ** 2
         lin = st.c[bb].sum(1) * (4 * st.lam / B)
         out.append((quad + lin + 4 * st.lam ** 2 * fro2).clamp_min(0).sqrt())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
 def random_batches(N: int, B: int, n_batches: int, seed: int) -> torch.Tensor:
@@ -466,7 +472,7 @@ def lipschitz_gap(p: Params, i: int, r: int, x: torch.Tensor) -> tuple[float, fl
     Lipschitz bound (ReLU is 1-Lipschitz), largest over outputs (max norm over k)."""
     one = Params(p.u[i:i + 1].double(), p.V[i:i + 1].double(), p.b[i:i + 1].double())
     tr = truncate(p, i, r)
-    xd = x.double()
+    xd = x.double().to(one.V.device)
     diff = (forward(one, xd) - forward(tr, xd))[0]
     meas = float(torch.linalg.vector_norm(diff, dim=-1).max())
     s = metrics.batch_singular_values(one.V[0])
@@ -545,7 +551,7 @@ def analyze(res: Result, x: torch.Tensor, y: torch.Tensor, *, n_random: int = 10
     f0 = res.history["fro"][0]
     cfg = res.config
     init = init_params(res.seeds.tolist(), cfg["n"], cfg["width"], cfg["k"], torch.float64)
-    rank0 = metrics.threshold_rank(metrics.batch_singular_values(init.V)).numpy()
+    rank0 = metrics.threshold_rank(metrics.batch_singular_values(init.V)).cpu().numpy()
     rows = []
     for i, (lam, sd) in enumerate(zip(res.lams, res.seeds)):
         row = dict(lam=float(lam), seed=int(sd), B=B, sr=float(res.final("stable_rank")[i]), sr0=float(s0[i]),
@@ -587,20 +593,20 @@ def exact_bounds(p: Params, i: int, x: torch.Tensor, y: torch.Tensor, lam_i: Seq
     - ``sample``: ``min_j ||g_j|| / (2 lam_j)`` on ``d1`` (GP22 Thm 1 with ``B* = 1``);
     - ``book``: ``(2B - 1) eps / (2 max_j lam_j)`` on ``d1``, from ``||g_j|| <= (2B - 1) eps``.
     """
-    lam = torch.as_tensor(lam_i, dtype=torch.float64)
-    xd, yd = x.double(), y.double()
+    lam = torch.as_tensor(lam_i, dtype=torch.float64, device=p.V.device)
+    xd, yd = x.double().to(p.V.device), y.double().to(p.V.device)
     N = xd.shape[0]
     if lam.shape != (N,) or (lam <= 0).any():
         raise ValueError(f"need one positive weight decay per sample ({N}), got {list(lam_i)}")
     V = p.V[i].double()
     a = per_sample_factors(p, i, xd, yd)
     g = a.unsqueeze(2) * xd.unsqueeze(1) + 2 * lam.view(N, 1, 1) * V  # (N, m, n)
-    batches = all_batches(N, B)
+    batches = all_batches(N, B).to(V.device)
     eps = float(torch.linalg.matrix_norm(g[batches].mean(1)).max())
     gn = torch.linalg.matrix_norm(g)
-    sv = metrics.batch_singular_values(V).numpy()
+    sv = metrics.batch_singular_values(V).cpu().numpy()
     spread = float(lam.max() - lam.min())
-    return dict(eps=eps, g=gn.numpy(), d1=float(dist_to_rank(sv, 1)), d2=float(dist_to_rank(sv, 2)),
+    return dict(eps=eps, g=gn.cpu().numpy(), d1=float(dist_to_rank(sv, 1)), d2=float(dist_to_rank(sv, 2)),
                 fro=float(V.norm()), n_batches=int(batches.shape[0]),
                 paper=B * eps / spread if spread > 0 else math.inf,
                 sample=float((gn / (2 * lam)).min()), book=(2 * B - 1) * eps / (2 * float(lam.max())),
@@ -626,7 +632,7 @@ def load_xy(name: str, n_train: int | None = None, n_test: int | None = None, se
 
 def batch_sweep(x, y, x_test, y_test, *, batch_sizes: Sequence[int], lam: float, seeds: Sequence[int],
                 width: int, lr: float, epochs: int, steps: int, classification: bool = False,
-                desc: str = "B sweep") -> list[dict]:
+                desc: str = "B sweep", device: str | torch.device | None = None) -> list[dict]:
     """Stable rank, ``||V||_F``, errors (and accuracies) against the batch size at a fixed
     number of epochs and at a fixed number of SGD steps, with a constant learning rate (so that
     the schedule does not differ between batch sizes). Batch size ``B`` runs for
@@ -639,7 +645,8 @@ def batch_sweep(x, y, x_test, y_test, *, batch_sizes: Sequence[int], lam: float,
         ep = max(epochs, -(-steps // S))
         res = train(x, y, width=width, lams=[lam] * len(seeds), seeds=seeds, lr=lr, batch_size=B, epochs=ep,
                     x_test=x_test, y_test=y_test, classification=classification, lr_gamma=1.0,
-                    record_every=epochs, record_steps=[steps], desc=f"{desc}, B = {B}")
+                    record_every=epochs, record_steps=[steps], desc=f"{desc}, B = {B}",
+                    device=device)
         h = res.history
         at_ep = int(np.nonzero(np.isclose(h["epoch"], epochs))[0][0])
         at_st = int(np.nonzero(h["step"] == steps)[0][0])
