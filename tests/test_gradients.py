@@ -223,3 +223,14 @@ def test_trained_checks_train_and_stay_within_the_bounds():
     assert all(r["rank 1"] <= r["bound 1"] and r["rank B"] <= r["bound B"] for r in checks)
     assert [w["layer"] for w in weights] == ["W1", "W2"]
     assert all(w["stable init"] != w["stable trained"] for w in weights)
+
+
+def test_catalogue_text_shows_bound_and_rank_per_loss():
+    m = models.MLP(10, 3, 2, 8, bn=True).train()
+    rows = [{"architecture": "bn", **r} for r in
+            G.check_losses(m, lambda gen, b: torch.randn(b, 10, generator=gen), batch=6, trials=1)]
+    lines = G.catalogue_text(rows).splitlines()
+    assert lines[0] == "bn" and "c.f" in lines[1] and "CE" in lines[1]
+    head = lines[-1].split()
+    assert head[0] == "head" and head[-3:] == ["1/1", "3/3", "2/2"]
+    assert max(len(l) for l in lines) <= 90
