@@ -233,4 +233,4 @@ def test_catalogue_text_shows_bound_and_rank_per_loss():
     assert lines[0] == "bn" and "c.f" in lines[1] and "CE" in lines[1]
     head = lines[-1].split()
     assert head[0] == "head" and head[-3:] == ["1/1", "3/3", "2/2"]
-    assert max(len(l) for l in lines) <= 90
+    assert max(len(l) for l in lines) <= 80

@@ -507,25 +507,25 @@ def wide_table(long):
 
 def catalogue_text(long) -> str:
     """The long rows of :func:`check_losses` (with an ``architecture`` column) as plain text,
-    one block per architecture: per matrix ``M``, then for one sample the lemma's bound, the
-    sharp bound and the measured rank per loss, then for the batch the lemma's bound and
-    ``sharp bound/rank`` per loss. About 80 characters wide."""
+    one block per architecture: per matrix ``M``, then for one sample (``1:``) the lemma's bound,
+    the sharp bound and the measured rank per loss, then for the batch (``B:``) the lemma's bound
+    and ``sharp bound/rank`` per loss. At most 80 characters wide."""
     wide = wide_table(long)
     losses = [c[len("rank 1 "):] for c in wide.columns if c.startswith("rank 1 ")]
-    head = (f"{'layer':>10} {'shape':>6} {'M':>3} | 1: lemma bound "
-            + " ".join(f"{l:>4}" for l in losses) + " | B: lemma "
-            + " ".join(f"{l:>5}" for l in losses))
+    head = (f"{'layer':>9} {'shape':>6} {'M':>3} | 1: lem bnd"
+            + "".join(f"{l:>4}" for l in losses) + " | B: lem"
+            + "".join(f"{l:>6}" for l in losses))
     lines = []
     for arch, block in wide.groupby("architecture", sort=False):
         lines.append(arch)
         lines.append(head)
         for _, r in block.iterrows():
-            one = " ".join(f"{int(r[f'rank 1 {l}']):>4}" for l in losses)
-            bat = " ".join(f"{int(r[f'bound B {l}'])}/{int(r[f'rank B {l}'])}".rjust(5)
-                           for l in losses)
-            lines.append(f"{r['layer']:>10} {r['shape']:>6} {int(r['M']):>3} | "
-                         f"{int(r['lemma 1']):>8} {int(r['bound 1']):>5} {one} | "
-                         f"{int(r['lemma B']):>8} {bat}")
+            one = "".join(f"{int(r[f'rank 1 {l}']):>4}" for l in losses)
+            bat = "".join(f"{int(r[f'bound B {l}'])}/{int(r[f'rank B {l}'])}".rjust(6)
+                          for l in losses)
+            lines.append(f"{r['layer']:>9} {r['shape']:>6} {int(r['M']):>3} | "
+                         f"{int(r['lemma 1']):>6}{int(r['bound 1']):>4}{one} | "
+                         f"{int(r['lemma B']):>6}{bat}")
     return "\n".join(lines)
 
 
