@@ -217,3 +217,12 @@ def test_analyze_table():
     assert len(r["norms_rand"]) == 50 and len(r["norms_last"]) == 5
     assert r["eps_last"] == pytest.approx(r["norms_last"].max())
     assert tl.constant_loss(y) == pytest.approx(float(((y - y.mean()) ** 2).mean()))
+
+
+def test_quiet_prints_nothing(capsys, monkeypatch):
+    monkeypatch.setenv("SGDRANK_PROGRESS", "summary")
+    x, y = _data()
+    tl.train(x, y, width=4, lams=[0.1], seeds=[0], lr=0.05, batch_size=4, epochs=2, quiet=True)
+    assert capsys.readouterr().out == ""
+    tl.train(x, y, width=4, lams=[0.1], seeds=[0], lr=0.05, batch_size=4, epochs=2, desc="loud")
+    assert "loud: 2/2" in capsys.readouterr().out

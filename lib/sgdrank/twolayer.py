@@ -228,7 +228,7 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
           classification: bool = False, lr_gamma: float = 0.95, lr_every: int = 200,
           record_every: int = 10, record_steps: Sequence[int] = (), dtype=torch.float32,
           desc: str = "two-layer runs", init: Params | None = None,
-          device: str | torch.device | None = None) -> Result:
+          device: str | torch.device | None = None, quiet: bool = False) -> Result:
     """Train ``K = len(lams)`` two-layer ReLU networks of width ``width`` with mini-batch SGD
     (reshuffled every epoch, per-run batch orders from :func:`order_generator`) and weight
     decay ``lams[i]`` on ``u`` and ``V`` (book convention, see the module docstring).
@@ -239,7 +239,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     at initialisation), after the last epoch, and after the steps listed in ``record_steps``.
     ``classification``: also record accuracies (argmax of ``f`` against argmax of ``y``).
     ``device``: where to train (default: ``x``'s device); the batch orders are drawn on the CPU,
-    so a run's batches do not depend on the device.
+    so a run's batches do not depend on the device. ``quiet``: no progress bar or summary line
+    (for checked notebook cells, whose output must not contain a timing).
     """
     lams = [float(v) for v in lams]
     seeds = [int(s) for s in seeds]
@@ -310,7 +311,7 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     step = 0
     last_grad = torch.zeros(K, S, dtype=torch.float64, device=dev)
     last_batches = torch.zeros(K, S, batch_size, dtype=torch.long, device=dev)
-    for epoch in progress(range(epochs), desc=desc):
+    for epoch in (range(epochs) if quiet else progress(range(epochs), desc=desc)):
         mu = lr_runs * (lr_gamma ** (epoch // lr_every))
         shrink = (1 - 2 * mu * lam_t).view(K, 1, 1)
         mu3 = mu.view(K, 1, 1)
