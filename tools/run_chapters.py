@@ -35,13 +35,13 @@ def run(path: Path, profile: str, kernel: str) -> float:
     )
     seconds = time.time() - t0
     nb = booktools.load(path)
+    booktools.relative_papermill_paths(nb)
     stamped = {**nb["metadata"], booktools.META_KEY: booktools.stamp(nb, profile)}
     bad = booktools.problems({**nb, "metadata": stamped}, profile)
     if bad:
         raise SystemExit(f"{path.name}: ran, but: {'; '.join(bad)}")
     nb["metadata"][booktools.META_KEY] = booktools.stamp(nb, profile)
     nb["metadata"][booktools.META_KEY]["seconds"] = round(seconds, 1)
-    booktools.relative_papermill_paths(nb)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return seconds
 
