@@ -8,13 +8,9 @@ from sgdrank import models
 
 
 @pytest.fixture(autouse=True)
-def _float64_and_seed():
-    """Exact ranks need float64; restore the default so other test modules keep float32."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+def _float64_and_seed(float64_default):
+    """Exact ranks need float64 (restored afterwards, see conftest)."""
     torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def test_fc_per_sample_gradient_is_rank_one_for_any_activation():

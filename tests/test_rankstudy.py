@@ -24,12 +24,7 @@ def make_data(seed=0, n_train=64, n_test=32, classes=3, dim=12):
 DATA = make_data()
 
 
-@pytest.fixture(autouse=True)
-def _float32_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default")
 
 
 def base(**kw):

@@ -33,13 +33,7 @@ def make_data(seed=0, n_train=N_TRAIN, n_test=N_TEST):
 DATA = make_data()
 
 
-@pytest.fixture(autouse=True)
-def _float32_default():
-    """These tests build float32 reference modules, whatever another test module set."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float32_default")  # float32 reference modules
 
 
 def plain_train(cfg: sweep.Config, ds=DATA):

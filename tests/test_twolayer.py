@@ -12,12 +12,7 @@ from sgdrank import metrics
 from sgdrank import twolayer as tl
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _data(N=13, n=4, k=1, seed=0):

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .metrics import (as_matrix, numerical_rank, rank_matrices, singular_values, stable_rank,
                       threshold_rank)
+from .models import TinyAttention
 
 
 def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -537,20 +538,12 @@ def batch_sampler(x: torch.Tensor) -> Callable[[torch.Generator, int], torch.Ten
     return draw
 
 
-class TokenAttention(nn.Module):
+class TokenAttention(TinyAttention):
     """One self-attention layer over ``T`` tokens of dimension ``d`` with a *per-token* ReLU
     before the pooling: ``f(X) = head(mean_t relu(o_t))``, ``o_t = sum_s softmax_s(q_t . k_s /
-    sqrt(d)) v_s``. Unlike :class:`sgdrank.models.TinyAttention` (mean pooling straight into a
-    linear head, which sends one and the same ``delta`` to every value vector), each token's
-    value gets its own ``delta``, so ``W_v`` reaches its bound ``T``."""
-
-    def __init__(self, tokens: int, dim: int, out_dim: int, *, bias: bool = False):
-        super().__init__()
-        self.tokens, self.dim = tokens, dim
-        self.Wq = nn.Linear(dim, dim, bias=bias)
-        self.Wk = nn.Linear(dim, dim, bias=bias)
-        self.Wv = nn.Linear(dim, dim, bias=bias)
-        self.head = nn.Linear(dim, out_dim, bias=bias)
+    sqrt(d)) v_s``. Unlike :class:`sgdrank.models.TinyAttention` (same parameters; mean pooling
+    straight into a linear head, which sends one and the same ``delta`` to every value vector),
+    each token's value gets its own ``delta``, so ``W_v`` reaches its bound ``T``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], self.tokens, self.dim)
