@@ -37,50 +37,50 @@ class Claim:
 
 
 REGISTRY = [
-    Claim("C1", "GSGP L3.2, GP22 L1", "the gradient of a scalar ReLU net w.r.t. a fully-connected "
-          "matrix has rank <= 1", "01_rank_one_gradients"),
-    Claim("C2", "GSGP L3.1", "a conv filter matrix's gradient has rank <= the number of patches",
-          "01_rank_one_gradients"),
-    Claim("C3", "GP22 L2", "with BN (variance detached) a batch gradient has rank <= B",
+    Claim("C1", "GSGP L3.2, GP22 L1", r"the gradient of a scalar ReLU net w.r.t. a "
+          r"fully-connected matrix has rank $\le 1$", "01_rank_one_gradients"),
+    Claim("C2", "GSGP L3.1", r"a conv filter matrix's gradient has rank $\le N$, the number of "
+          r"patches", "01_rank_one_gradients"),
+    Claim("C3", "GP22 L2", r"with BN (variance detached) a batch gradient has rank $\le B$",
           "01_rank_one_gradients"),
     Claim("C4", "WD2L L2.1", "the ReLU activation pattern is locally constant almost everywhere",
           "01_rank_one_gradients"),
-    Claim("C5", "GP22 Prop 1-2", "with lambda > 0, SGD cannot converge (zero gradient on every "
-          "batch) unless f = 0 or the inputs are collinear", "04_sgd_noise"),
-    Claim("C6", "GP22 Thm 1", "distance to rank <= B* is at most (1/2 lambda) x the smallest "
-          "batch gradient", "04_sgd_noise"),
-    Claim("C7", "GSGP Thm 3.3", "unrolled SGD: W_t/||W_t|| is (1 - 2 mu lambda)^k-close to rank "
-          "<= N B k", "03_rank_sweeps"),
-    Claim("C8", "JANUS Thm 1", "linear regression: the null-space component decays by "
-          "(1 - 2 eta lambda) per step, SGD and GD alike", "02_linear_regression"),
-    Claim("C9", "JANUS Lemma 1", "weight-normalised nets at an SGD equilibrium have rank <= 2",
-          "04_sgd_noise"),
-    Claim("C10", "WD2L Thm 2.4/2.6", "two-layer ReLU net: zero (small) batch gradients imply rank "
-          "<= 2 (near rank 2)", "05_two_layer"),
+    Claim("C5", "GP22 Prop 1-2", r"with $\lambda > 0$, SGD cannot converge (zero gradient on "
+          r"every batch) unless $f = 0$ or the inputs are collinear", "04_sgd_noise"),
+    Claim("C6", "GP22 Thm 1", r"the distance to rank $\le B^*$ is at most $1/2\lambda$ times "
+          r"the smallest batch gradient", "04_sgd_noise"),
+    Claim("C7", "GSGP Thm 3.3", r"unrolled SGD: $W_t/\lVert W_t\rVert$ is "
+          r"$(1-2\mu\lambda)^k$-close to rank $\le NBk$", "03_rank_sweeps"),
+    Claim("C8", "JANUS Thm 1", r"linear regression: the null-space component decays by "
+          r"$1-2\eta\lambda$ per step, SGD and GD alike", "02_linear_regression"),
+    Claim("C9", "JANUS Lemma 1", r"weight-normalised nets at an SGD equilibrium have rank "
+          r"$\le 2$", "04_sgd_noise"),
+    Claim("C10", "WD2L Thm 2.4/2.6", r"two-layer ReLU net: zero (small) batch gradients imply "
+          r"rank $\le 2$ (near rank 2)", "05_two_layer"),
     Claim("C11", "WD2L Thm 3.11", "the low-rank bias improves the generalization bound",
           "05_two_layer"),
-    Claim("E1", "JANUS Fig A.1-A.2", "linear regression d=11, N=10: SGD vs GD, init 0 vs random",
-          "02_linear_regression"),
+    Claim("E1", "JANUS Fig A.1-A.2", r"linear regression $d=11$, $N=10$: SGD vs GD, init 0 vs "
+          r"random", "02_linear_regression"),
     Claim("E2", "JANUS Fig A.3, A.4, A.6", "sparse features, online one-pass, a target component "
           "independent of the data", "02_linear_regression"),
     Claim("E3", "JANUS Fig A.5", "online, constant learning rate: noise that does not decrease",
           "02_linear_regression"),
-    Claim("E4", "JANUS Fig A.7", "slope ratio of log sigma_min, SGD/GD ~ N",
+    Claim("E4", "JANUS Fig A.7", r"slope ratio of $\log\sigma_{\min}$, SGD/GD $\approx N$",
           "02_linear_regression"),
     Claim("E5", "GP22 Fig 1", "MLP on images: SGD with weight decay does not converge",
           "04_sgd_noise"),
     Claim("E6", "JANUS Figs 1-5", "weight-normalised conv net: margins, GD vs SGD, update norms, "
-          "ranks vs lambda", "04_sgd_noise"),
-    Claim("E7", "GSGP Figs 3, 7, 10-12; GP22 Figs 2, 3, 5", "rank falls with smaller B, larger "
-          "mu and lambda; none with lambda = 0", "03_rank_sweeps"),
+          r"ranks vs $\lambda$", "04_sgd_noise"),
+    Claim("E7", "GSGP Figs 3, 7, 10-12; GP22 Figs 2, 3, 5", r"rank falls with smaller $B$, "
+          r"larger $\mu$ and $\lambda$; none with $\lambda = 0$", "03_rank_sweeps"),
     Claim("E8", "GP22 Figs 6-7", "per-layer ranks: MLP bottleneck, residual balance",
           "03_rank_sweeps"),
-    Claim("E9", "GSGP Figs 1, 2, 4, 13-17", "ResNet-18, VGG-16-BN, ViT on CIFAR-10: rank vs mu, "
-          "lambda, B", None),
+    Claim("E9", "GSGP Figs 1, 2, 4, 13-17", r"ResNet-18, VGG-16-BN, ViT on CIFAR-10: rank vs "
+          r"$\mu$, $\lambda$, $B$", None),
     Claim("E10", "GSGP Figs 5-6", "among nets that fit, lower rank goes with higher test accuracy",
           "03_rank_sweeps"),
-    Claim("E11", "WD2L Figs 1-3, 8", "two-layer regression: stable rank vs lambda, gap, batch "
-          "gradient norms", "05_two_layer"),
+    Claim("E11", "WD2L Figs 1-3, 8", r"two-layer regression: stable rank vs $\lambda$, gap, "
+          r"batch-gradient norms", "05_two_layer"),
     Claim("E12", "WD2L Figs 4-7, 9", "two-layer classification: the same plus accuracies",
           "05_two_layer"),
 ]
@@ -171,7 +171,7 @@ def render(got: dict[str, dict]) -> str:
         "",
         "```{list-table}",
         ":header-rows: 1",
-        ":widths: 6 30 12 40 12",
+        ":widths: 6 28 11 43 12",
         "",
         "* - id",
         "  - claim (paper)",
@@ -188,7 +188,7 @@ def render(got: dict[str, dict]) -> str:
         else:
             why = ("no chapter yet" if c.chapter is None
                    else f"chapter `{c.chapter}` not written yet")
-            lines += [f"  - **{NO_CHAPTER}**", f"  - {why}", "  - --"]
+            lines += [f"  - **{NO_CHAPTER}**", f"  - {why}", "  - (no section)"]
     lines += ["```", ""]
     return "\n".join(lines)
 
