@@ -74,3 +74,20 @@ def test_claim_record_is_displayed_and_machine_readable(monkeypatch):
         report.claim("Claim 8", "holds", "x", "ch2-a")
     with pytest.raises(ValueError, match="MyST label"):
         report.claim("C8", "holds", "x", "Not A Label")
+
+
+def test_num_rounding_up_keeps_the_significant_digits():
+    assert report.num(0.09999, 2) == "0.10"
+    assert report.num(0.0999, 2) == "0.10"
+    assert report.num(9.9999, 2) == "10"
+    assert report.spread([94.0, 94.1, 93.9]).pm() == "94.0 ± 0.10"
+
+
+def test_tex_and_pm():
+    assert report.tex(1e-4) == "10^{-4}"
+    assert report.tex(3.2e-4) == "3.2\\times10^{-4}"
+    assert report.tex(3e-3) == "3\\times10^{-3}"
+    assert report.tex(0) == "0" and report.tex(0.05) == "0.05" and report.tex(250) == "250"
+    assert report.pm([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
+    assert report.pm([5.0]) == "5.0"
+    assert report.spread([1.0, 2.0]).text(unit="run") == "1.50 ± 0.71 (2 runs)"

@@ -2,7 +2,8 @@
 is produced by the cell that computed it, so a re-run on another machine yields a chapter that
 agrees with itself.
 
-- :func:`num` formats one number for prose (significant digits, thousands separators).
+- :func:`num` formats one number for prose (significant digits, thousands separators);
+  :func:`tex` the same for inline math (``3.2\\times10^{-4}``).
 - :class:`Spread` / :func:`spread`: mean, sample standard deviation, range and count over seeds.
 - :func:`compare`: the difference of two groups' means and whether it is *resolved*, i.e. larger
   than the seed spread; the word that describes it ("lower", "higher") or
@@ -57,7 +58,29 @@ def num(x: float, sig: int = 3, *, sci_below: float = 1e-3, sci_above: float = 1
         return "0"
     decimals = max(sig - 1 - int(math.floor(math.log10(a))), 0)
     s = f"{x:,.{decimals}f}"
+    if decimals and abs(float(s.replace(",", ""))) >= 10 ** (sig - decimals):  # 0.09999 -> 0.100
+        s = f"{x:,.{decimals - 1}f}"
     return s
+
+
+def tex(x: float, sig: int = 2) -> str:
+    """``x`` for inline math, trailing zeros dropped: ``3.2\\times10^{-4}``, ``3\\times10^{-3}``,
+    an exact power as ``10^{-4}``, numbers between 0.01 and 1000 as in :func:`num` (``0.05``)."""
+    x = float(x)
+    strip = lambda t: t.rstrip("0").rstrip(".") if "." in t else t  # noqa: E731
+    if x == 0 or not math.isfinite(x) or 1e-2 <= abs(x) < 1e3:
+        return strip(num(x, sig))
+    m, e = f"{x:.{max(sig - 1, 0)}e}".split("e")
+    m, e = strip(m), int(e)
+    if m in ("1", "-1"):
+        return f"{'-' if m == '-1' else ''}10^{{{e}}}"
+    return f"{m}\\times10^{{{e}}}"
+
+
+def pm(values: Iterable[float], sig: int = 2) -> str:
+    """``mean ± sd`` of ``values`` without the count (:meth:`Spread.pm`), for tables and
+    parenthetical numbers."""
+    return spread(values).pm(sig)
 
 
 @dataclass(frozen=True)
@@ -73,12 +96,19 @@ class Spread:
     n: int
     n_bad: int = 0
 
-    def text(self, sig: int = 3) -> str:
-        """``90.6 ± 0.4 (3 seeds)``; one run prints without the ``±``."""
+    def pm(self, sig: int = 3) -> str:
+        """``90.6 ± 0.40``: mean and standard deviation, no count (a single run: its value)."""
+        if self.n == 0:
+            return "nan"
+        return num(self.mean, sig) if self.n == 1 else f"{num(self.mean, sig)} ± {num(self.sd, 2)}"
+
+    def text(self, sig: int = 3, unit: str = "seed") -> str:
+        """``90.6 ± 0.4 (3 seeds)``; one run prints without the ``±``; ``unit`` names what
+        was counted (``"seed"``, ``"run"``)."""
         if self.n == 0:
             return "no finite run"
-        body = num(self.mean, sig) if self.n == 1 else f"{num(self.mean, sig)} ± {num(self.sd, 2)}"
-        runs = "1 seed" if self.n == 1 else f"{self.n} seeds"
+        body = self.pm(sig)
+        runs = f"1 {unit}" if self.n == 1 else f"{self.n} {unit}s"
         bad = f", {self.n_bad} non-finite" if self.n_bad else ""
         return f"{body} ({runs}{bad})"
 
