@@ -88,6 +88,6 @@ def test_tex_and_pm():
     assert report.tex(3.2e-4) == "3.2\\times10^{-4}"
     assert report.tex(3e-3) == "3\\times10^{-3}"
     assert report.tex(0) == "0" and report.tex(0.05) == "0.05" and report.tex(250) == "250"
-    assert report.pm([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
-    assert report.pm([5.0]) == "5.0"
+    assert report.pm([1.0, 2.0, 3.0]) == "2.00 ± 1.0"
+    assert report.pm([5.0]) == "5.00"
     assert report.spread([1.0, 2.0]).text(unit="run") == "1.50 ± 0.71 (2 runs)"

@@ -77,7 +77,7 @@ def tex(x: float, sig: int = 2) -> str:
     return f"{m}\\times10^{{{e}}}"
 
 
-def pm(values: Iterable[float], sig: int = 2) -> str:
+def pm(values: Iterable[float], sig: int = 3) -> str:
     """``mean ± sd`` of ``values`` without the count (:meth:`Spread.pm`), for tables and
     parenthetical numbers."""
     return spread(values).pm(sig)
