@@ -452,13 +452,6 @@ def uniform_bound(eps: float, lam: float, B: int) -> float:
     return (2 * B - 1) * eps / (2 * lam)
 
 
-def paper_rank2_bound(eps: float, lam_i: float, lam_j: float, B: int) -> float:
-    """WD2L Thm 2.6 as the swap argument gives it for two samples with different weight decays
-    ``lam_i != lam_j``: ``V`` is within ``B eps / |lam_i - lam_j|`` of a rank-two matrix."""
-    d = abs(lam_i - lam_j)
-    return math.inf if d == 0 else B * eps / d
-
-
 def truncate(p: Params, i: int, r: int) -> Params:
     """Run ``i`` with ``V`` replaced by its best rank-``r`` approximation (a batch of one)."""
     V = p.V[i].double()
