@@ -9,6 +9,11 @@ from sgdrank import conventions, metrics, models, profiles, runtime
 TABLE = {p: {"epochs": i + 1, "width": 10 * (i + 1)} for i, p in enumerate(profiles.PROFILES)}
 
 
+@pytest.fixture(autouse=True)
+def _no_dry_run(monkeypatch):
+    monkeypatch.delenv("SGDRANK_DRYRUN", raising=False)
+
+
 def test_profile_resolution(monkeypatch):
     monkeypatch.delenv("SGDRANK_PROFILE", raising=False)
     assert profiles.resolve() == "book"
@@ -30,6 +35,45 @@ def test_profile_errors(monkeypatch):
         profiles.select({"book": {}}, "book")
     with pytest.raises(AttributeError, match="no setting 'lr'"):
         profiles.select(TABLE, "book").lr
+    with pytest.raises(ValueError, match="unknown entries.*'fast'"):
+        profiles.select({**TABLE, "fast": {}}, "book")
+
+
+def test_dry_run_overrides_paper_only(monkeypatch):
+    table = {**TABLE, "dry": {"epochs": 1}}
+    # without SGDRANK_DRYRUN the "dry" entry changes nothing, in any profile
+    for name in profiles.PROFILES:
+        s = profiles.select(table, name)
+        assert dict(s) == TABLE[name] and not s.dry and s.dry_overrides is None
+        assert "dry" not in repr(s) and "dry" not in s._repr_html_()
+    monkeypatch.setenv("SGDRANK_DRYRUN", "0")
+    assert profiles.select(table, "paper").epochs == TABLE["paper"]["epochs"]
+    monkeypatch.setenv("SGDRANK_DRYRUN", "1")
+    s = profiles.select(table, "paper")
+    assert s.profile == "paper" and s.dry and s.dry_overrides == ("epochs",)
+    assert s.epochs == 1 and s.width == TABLE["paper"]["width"]  # only the override changes
+    assert list(s) == list(TABLE["paper"])  # same keys, same order
+    assert repr(s).startswith("profile: paper (dry run)") and "overrides: epochs" in repr(s)
+    html = s._repr_html_()
+    assert "paper (dry run)" in html and "overridden: epochs" in html
+    assert TABLE["paper"]["epochs"] == 3  # the table itself is not modified
+
+
+def test_dry_run_errors(monkeypatch):
+    with pytest.raises(ValueError, match=r"overrides \['depth'\] name no setting"):
+        profiles.select({**TABLE, "dry": {"depth": 2}}, "book")  # checked in every profile
+    with pytest.raises(ValueError, match="dict of overrides"):
+        profiles.select({**TABLE, "dry": [("epochs", 1)]}, "paper")
+    monkeypatch.setenv("SGDRANK_DRYRUN", "1")
+    for name in ("smoke", "book"):
+        with pytest.raises(ValueError, match="dry run of the paper profile.*SGDRANK_PROFILE=paper"):
+            profiles.select({**TABLE, "dry": {"epochs": 1}}, name)
+    with pytest.raises(ValueError, match="no 'dry' entry"):
+        profiles.select(TABLE, "paper")
+    monkeypatch.setenv("SGDRANK_DRYRUN", "yes")
+    with pytest.raises(ValueError, match="SGDRANK_DRYRUN='yes'"):
+        profiles.select({**TABLE, "dry": {}}, "paper")
+    assert profiles.dry_run({"SGDRANK_DRYRUN": "1"}) and not profiles.dry_run({})
 
 
 def test_weight_decay_convention_matches_torch():

@@ -6,6 +6,23 @@ default (``None``) defers to the environment variable ``SGDRANK_PROFILE``, and t
 - ``smoke``: what CI executes -- seconds per chapter, only checks that everything runs;
 - ``book``:  the published outputs -- minutes per chapter on a 2-core CPU;
 - ``paper``: the papers' own scale (CIFAR-10, hundreds of epochs) -- GPU hours.
+
+**Dry run of the paper profile** (``SGDRANK_DRYRUN=1``, set by ``tools/dryrun.py`` / ``make
+dryrun``): a settings table may have a fourth entry ``"dry"``, a dict of overrides applied on top
+of the ``"paper"`` settings when, and only when, the paper profile runs with ``SGDRANK_DRYRUN=1``
+(with another profile that variable is an error, and so is a paper table without a ``"dry"``
+entry: a dry run must never start the full paper scale by accident). The rule for what an
+override may change, so that the dry run executes the paper profile's own code path:
+
+- it keeps the paper's models (full widths), datasets and loaders, schedules (learning-rate
+  milestones as fractions, decay factors), losses, engines and the lambda / batch-size grids;
+- it only shortens lengths (one or two SGD steps per run: epochs, steps, stream lengths),
+  data sizes (``n_train``, ``n_test``, pools, numbers of draws) and, where the full grid of a
+  full-width model cannot fit the CI budget, reduces repetitions (seeds, learning rates) --
+  never the widths. A chapter says so next to its ``"dry"`` entry.
+
+Overrides must name keys that exist (else ``ValueError``). The displayed table says
+``paper (dry run)`` and lists the overridden keys.
 """
 from __future__ import annotations
 
@@ -15,6 +32,18 @@ from typing import Any, Mapping
 PROFILES = ("smoke", "book", "paper")
 ENV_VAR = "SGDRANK_PROFILE"
 DEFAULT = "book"
+DRY = "dry"  # optional fourth entry of a settings table: overrides of "paper" for a dry run
+DRY_ENV_VAR = "SGDRANK_DRYRUN"
+
+
+def dry_run(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``$SGDRANK_DRYRUN`` is ``1`` (``0`` or unset: False; anything else: error)."""
+    env = os.environ if environ is None else environ
+    value = str(env.get(DRY_ENV_VAR, "") or "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{DRY_ENV_VAR}={value!r}: set it to 1 (dry run of the paper profile) "
+                         f"or 0 / unset")
+    return value == "1"
 
 
 def resolve(profile: str | None = None) -> str:
@@ -39,9 +68,22 @@ class Settings(dict):
     scale at which the outputs below were produced.
     """
 
-    def __init__(self, profile: str, values: Mapping[str, Any]):
+    def __init__(self, profile: str, values: Mapping[str, Any],
+                 dry: tuple[str, ...] | None = None):
         super().__init__(values)
         self.profile = profile
+        # None: not a dry run; a tuple: a dry run of `profile` with these keys overridden
+        self.dry_overrides = None if dry is None else tuple(dry)
+
+    @property
+    def dry(self) -> bool:
+        """True in a dry run of the paper profile (``SGDRANK_DRYRUN=1``)."""
+        return self.dry_overrides is not None
+
+    @property
+    def label(self) -> str:
+        """``paper (dry run)`` in a dry run, else the profile name."""
+        return f"{self.profile} (dry run)" if self.dry else self.profile
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -54,18 +96,26 @@ class Settings(dict):
 
     def __repr__(self) -> str:
         width = max([len(k) for k in self] + [7])
-        lines = [f"profile: {self.profile}"] + [f"  {k:<{width}}  {v}" for k, v in self._rows()]
+        lines = [f"profile: {self.label}"] + [f"  {k:<{width}}  {v}" for k, v in self._rows()]
+        if self.dry:
+            lines.append(f"dry-run overrides: {', '.join(self.dry_overrides) or 'none'}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         from html import escape
 
+        over = set(self.dry_overrides or ())
         rows = "".join(
-            f"<tr><td><code>{escape(k)}</code></td><td><code>{escape(v)}</code></td></tr>"
+            f"<tr><td><code>{escape(k)}</code></td><td><code>{escape(v)}</code>"
+            f"{' (dry run)' if k in over else ''}</td></tr>"
             for k, v in self._rows()
         )
+        note = ""
+        if self.dry:
+            note = (f" (dry run; overridden: "
+                    f"{escape(', '.join(self.dry_overrides) or 'nothing')})")
         return (
-            f"<table><caption>profile <b>{escape(self.profile)}</b></caption>"
+            f"<table><caption>profile <b>{escape(self.label)}</b>{note}</caption>"
             f"<thead><tr><th>setting</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>"
         )
 
@@ -74,9 +124,15 @@ def select(table: Mapping[str, Mapping[str, Any]], profile: str | None = None) -
     """Pick one profile's settings from ``table`` (``{profile name: {setting: value}}``).
 
     Every profile must define the same keys, so a chapter cannot silently depend on a setting
-    that exists in one profile only.
+    that exists in one profile only. An optional entry ``"dry"`` holds overrides of the paper
+    settings for a dry run (``SGDRANK_DRYRUN=1``; see the module docstring for what they may
+    change); they must name existing keys.
     """
     name = resolve(profile)
+    unknown = [p for p in table if p not in PROFILES and p != DRY]
+    if unknown:
+        raise ValueError(f"settings table has unknown entries {unknown}; allowed: "
+                         f"{', '.join(PROFILES)} and {DRY!r} (dry-run overrides of 'paper')")
     missing = [p for p in PROFILES if p not in table]
     if missing:
         raise ValueError(f"settings table lacks profile(s) {missing}; it must define {PROFILES}")
@@ -87,4 +143,24 @@ def select(table: Mapping[str, Mapping[str, Any]], profile: str | None = None) -
                 f"profiles define different settings: {sorted(keys ^ set(table[p]))} differ "
                 f"between {PROFILES[0]!r} and {p!r}"
             )
+    dry = table.get(DRY)
+    if dry is not None:
+        if not isinstance(dry, Mapping):
+            raise ValueError(f"the {DRY!r} entry must be a dict of overrides of 'paper', "
+                             f"got {type(dry).__name__}")
+        bad = sorted(set(dry) - keys)
+        if bad:
+            raise ValueError(f"dry-run overrides {bad} name no setting of the table; "
+                             f"the settings are {sorted(keys)}")
+    if dry_run():
+        if name != "paper":
+            raise ValueError(f"{DRY_ENV_VAR}=1 is a dry run of the paper profile, but the profile "
+                             f"is {name!r}: set {ENV_VAR}=paper (or the notebook parameter "
+                             f"profile='paper'), or unset {DRY_ENV_VAR}")
+        if dry is None:
+            raise ValueError(f"{DRY_ENV_VAR}=1 but this settings table has no {DRY!r} entry: add "
+                             f"one (overrides of 'paper' that shorten the runs; {{}} if the paper "
+                             f"settings are already small)")
+        overridden = tuple(k for k in table[name] if k in dry)
+        return Settings(name, {**table[name], **dry}, dry=overridden)
     return Settings(name, table[name])
