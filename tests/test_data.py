@@ -2,15 +2,13 @@
 small files written here in the real on-disk formats (nothing is downloaded: SGDRANK_OFFLINE=1)."""
 from __future__ import annotations
 
-import gzip
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import realformat  # tools/ (conftest puts it on sys.path)
 from sgdrank import data
 
 HAS_DEBIAN_FASHION = all(
@@ -28,35 +26,9 @@ def _offline(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ file writers
-def write_idx(path: Path, arr: np.ndarray, gz: bool) -> None:
-    """An MNIST 'idx' file: magic 0x0000 08 <ndim> (uint8), big-endian int32 sizes, raw bytes."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    blob = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz:
-        with gzip.open(f"{path}.gz", "wb") as f:
-            f.write(blob)
-    else:
-        path.write_bytes(blob)
-
-
-def write_mnist_like(folder: Path, n_train: int, n_test: int, gz_train: bool, gz_test: bool):
-    rng = np.random.default_rng(0)
-    out = {}
-    for split, n, gz in (("train", n_train, gz_train), ("t10k", n_test, gz_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        write_idx(folder / f"{split}-images-idx3-ubyte", images, gz)
-        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, gz)
-        out[split] = (images, labels)
-    return out
-
-
-def read_idx(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+# The writers of the real formats live in tools/realformat.py (shared with tools/dryrun.py).
+write_idx, read_idx, write_mnist_like = (realformat.write_idx, realformat.read_idx,
+                                         realformat.write_mnist_like)
 
 
 # ------------------------------------------------------------------------------ fashion-mnist
@@ -187,30 +159,13 @@ def test_mnist_from_idx_files(tmp_path):
     assert s.n_train == 20 and abs(s.x_train.mean().item()) < 1e-5
 
 
-def _write_cifar(folder: Path, per_batch: int):
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {
-            "batch_label": name,
-            "data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, size=per_batch).tolist(),
-        }
-        (folder / name).write_bytes(pickle.dumps(entry))
-        batches[name] = entry
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
-    return batches
-
-
 def test_cifar10_from_python_pickles(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as tv_cifar
 
     # The only thing patched: torchvision checks the real files' md5 sums, which files written
     # here cannot match; replace that integrity check by an existence check.
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: Path(fpath).is_file())
-    batches = _write_cifar(tmp_path / "cifar-10-batches-py", per_batch=4)
+    batches = realformat.write_cifar10(tmp_path / "cifar-10-batches-py", per_batch=4)
     d = data.load_dataset("cifar10", root=tmp_path, standardize=False, download=False)
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
     assert d.input_shape == (3, 32, 32) and d.in_dim == 3072
@@ -229,22 +184,8 @@ def test_cifar10_from_python_pickles(tmp_path, monkeypatch):
 
 
 def test_california_from_sklearn_cache(tmp_path):
-    import joblib
-
-    rng = np.random.default_rng(2)
     n = 20
-    # cal_housing_py3.pkz columns, in the order fetch_california_housing reads them:
-    # value ($), median income, age, total rooms, total bedrooms, population, households, lat, lon
-    households = rng.integers(50, 500, n).astype(float)
-    table = np.column_stack([
-        rng.uniform(5e4, 5e5, n), rng.uniform(1, 10, n), rng.integers(1, 52, n),
-        households * rng.uniform(3, 7, n), households * rng.uniform(0.8, 1.5, n),
-        households * rng.uniform(2, 4, n), households, rng.uniform(32, 42, n),
-        rng.uniform(-124, -114, n),
-    ])
-    home = tmp_path / "scikit_learn_data"
-    home.mkdir()
-    joblib.dump(table, home / "cal_housing_py3.pkz", compress=6)
+    table = realformat.write_california(tmp_path / "scikit_learn_data", n)
 
     d = data.load_dataset("california", root=tmp_path, standardize=False, download=False)
     assert d.task == "regression" and d.x_train.shape == (16, 8) and d.x_test.shape == (4, 8)
