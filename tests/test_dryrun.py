@@ -1,0 +1,118 @@
+"""The dry run of the paper profile (tools/dryrun.py): its data files, its one patch, its error
+reports, and (marked slow; tools/test.sh runs it as its own stage) every chapter's dry run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import booktools
+import dryrun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dryrun")
+    return base, dryrun.prepare(base)
+
+
+def _python(code: str, env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_environment_names_paper_dry_run_and_temporary_folders(prepared):
+    base, env = prepared
+    assert env["SGDRANK_PROFILE"] == "paper" and env["SGDRANK_DRYRUN"] == "1"
+    assert env["SGDRANK_OFFLINE"] == "1" and env["SGDRANK_EXECUTOR"] == "local"
+    for key in ("SGDRANK_DATA", "SGDRANK_RESULTS"):
+        assert Path(env[key]).is_relative_to(base)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(base / "site")
+
+
+LOAD_ALL = """
+import json
+from sgdrank import data
+out = {}
+for name, kw in [("mnist", {}), ("cifar10", {}), ("california", dict(n_train=1800, n_test=600))]:
+    d = data.load_dataset(name, download=False, **kw)
+    out[name] = [d.n_train, d.n_test, list(d.input_shape), int(d.y_train.unique().numel())]
+print(json.dumps(out))
+"""
+
+
+def test_real_format_files_load_at_the_paper_sizes(prepared):
+    _, env = prepared
+    r = _python(LOAD_ALL, env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    n, t = dryrun.N_TRAIN, dryrun.N_TEST
+    assert got["mnist"] == [n, t, [1, 28, 28], 10]
+    assert got["cifar10"][:3] == [5 * -(-n // 5), t, [3, 32, 32]] and got["cifar10"][3] == 10
+    assert got["california"][:3] == [1800, 600, [8]]
+    assert n >= 512  # Chapter 4's paper profile measures noise at B = 512
+
+
+def test_sitecustomize_changes_only_the_cifar_md5_check(prepared):
+    _, env = prepared
+    # lazily: torchvision is not imported at start-up
+    r = _python("import sys; print('torchvision' in sys.modules)", env)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    probe = ("import torchvision.datasets.cifar as c, torchvision.datasets.utils as u, inspect\n"
+             "print(c.check_integrity.__module__, u.check_integrity.__module__)")
+    r = _python(probe, env)
+    assert r.stdout.split() == ["sitecustomize", "torchvision.datasets.utils"], r.stderr
+    # without the dry run's PYTHONPATH the same small files fail torchvision's md5 check
+    plain = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    r = _python("from sgdrank import data; data.load_dataset('cifar10', download=False)",
+                {**plain, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    assert r.returncode != 0 and "corrupted" in r.stderr
+
+
+def _notebook(path: Path, cells: list[str]) -> Path:
+    nb = {"cells": [], "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                   "language": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    for i, src in enumerate(cells):
+        meta = {"tags": ["parameters"]} if i == 0 else {}
+        nb["cells"].append({"cell_type": "code", "id": f"c{i}", "metadata": meta,
+                            "source": src, "outputs": [], "execution_count": None})
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def test_a_failing_chapter_is_named_with_its_cell(tmp_path, capsys):
+    ok = _notebook(tmp_path / "98_fine.ipynb", [
+        "profile = None",
+        "import os\nassert profile == 'paper' and os.environ['SGDRANK_DRYRUN'] == '1'\n"
+        "assert os.environ['SGDRANK_EXECUTOR'] == 'local'"])
+    bad = _notebook(tmp_path / "99_broken.ipynb", [
+        "profile = None", "x = 1", "values = []\nprint(max(values))  # an empty selection"])
+    before = bad.read_text()
+    code = dryrun.main([str(ok), str(bad), "--keep", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "98_fine.ipynb: ok" in out
+    assert "FAILED 99_broken.ipynb" in out and "id c2" in out and "ValueError" in out
+    assert "1 of 2 chapters ran" in out
+    assert bad.read_text() == before  # the chapter itself is never written
+    assert (tmp_path / "work" / "executed" / "99_broken.ipynb").is_file()
+    assert os.environ.get("SGDRANK_DRYRUN") != "1"  # the caller's environment is restored
+
+
+@pytest.mark.slow
+def test_every_chapter_runs_its_paper_profile_in_miniature(tmp_path, capsys):
+    code = dryrun.main(["--keep", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    print(out)
+    failed = [line for line in out.splitlines() if line.startswith("FAILED")]
+    assert code == 0 and not failed, "\n".join(failed)
+    ran = json.loads((tmp_path / "work" / "dryrun.json").read_text())
+    assert [r["chapter"] for r in ran] == [p.name for p in booktools.chapter_paths()]

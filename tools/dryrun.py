@@ -1,0 +1,224 @@
+"""Dry run of the paper profile: every chapter executed top to bottom with its paper settings,
+in miniature, through the paper profile's own code path.
+
+    python tools/dryrun.py [chapters/NN_name.ipynb ...] [--keep DIR] [--cell-timeout S]
+    make dryrun
+
+What it does, in a fresh temporary folder (deleted afterwards unless ``--keep``):
+
+1. writes small files in the real on-disk formats of the online datasets into a temporary
+   ``SGDRANK_DATA`` (``tools/realformat.py``): CIFAR-10's python batches
+   (``cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta``), MNIST's idx files
+   (``MNIST/raw``) and California housing's ``scikit_learn_data/cal_housing_py3.pkz``;
+   Fashion-MNIST comes from Debian's package as always;
+2. sets ``SGDRANK_PROFILE=paper SGDRANK_DRYRUN=1 SGDRANK_OFFLINE=1``, a temporary
+   ``SGDRANK_RESULTS`` and ``SGDRANK_EXECUTOR=local``, so that the sweeps that go through
+   ``sgdrank.dispatch.run`` run as real submitit local jobs (separate processes, real pickling);
+3. executes every chapter with papermill (``profile="paper"``) into the temporary folder -- the
+   committed notebooks are never written -- and fails, naming the chapter and the failing cell,
+   when a cell raises.
+
+With ``SGDRANK_DRYRUN=1`` each chapter's ``profiles.select`` applies the table's ``"dry"``
+overrides on top of the paper settings: the same models (full widths), datasets, schedules,
+losses, engines and lambda / batch-size grids, with one or two SGD steps per run and small data
+(see ``sgdrank.profiles``).
+
+The one thing changed in the code path: torchvision's CIFAR-10 loader checks the md5 sums of
+the real files, which small files cannot pass. A ``sitecustomize.py`` on a ``PYTHONPATH`` that
+only the dry run sets (so that it also applies in the notebook kernels and in the submitit job
+processes) replaces ``torchvision.datasets.cifar.check_integrity`` by a check that the file
+exists, when that module is first imported. Nothing else is patched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import booktools  # noqa: E402
+import realformat  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Sizes of the real-format files: enough that the paper profiles' largest batches (B = 512 in
+# Chapter 4's noise measurement, 256 in Chapter 5) fit into the training sets, and that the
+# California subset of WD2L (1,800 train + 600 test of an 80/20 split) exists.
+N_TRAIN, N_TEST, N_CALIFORNIA = 600, 200, 3000
+
+SITECUSTOMIZE = '''\
+"""Written by tools/dryrun.py; on PYTHONPATH only during a dry run of the paper profile.
+
+torchvision's CIFAR-10 loader verifies the md5 sums of the real files, which the small files of
+the dry run cannot match: when torchvision.datasets.cifar is first imported, its check_integrity
+is replaced by a check that the file exists. Nothing else is changed.
+"""
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_TARGET = "torchvision.datasets.cifar"
+
+
+def _exists(fpath, md5=None):
+    return os.path.isfile(fpath)
+
+
+class _PatchCifarIntegrity(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != _TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.check_integrity = _exists
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _PatchCifarIntegrity())
+
+# chain to the interpreter's own sitecustomize (e.g. Debian's), which this file shadows
+_here = os.path.dirname(os.path.abspath(__file__))
+for _p in sys.path:
+    _f = os.path.join(_p, "sitecustomize.py")
+    if os.path.abspath(_p or ".") != _here and os.path.isfile(_f):
+        with open(_f) as _fh:
+            exec(compile(_fh.read(), _f, "exec"), {"__name__": "_sitecustomize_chained"})
+        break
+'''
+
+
+class ChapterFailed(RuntimeError):
+    """A chapter's dry run raised; the message names the chapter and the failing cell."""
+
+
+@dataclass
+class Outcome:
+    chapter: str
+    seconds: float
+    error: str | None = None  # None: ran top to bottom
+
+
+def prepare(base: Path) -> dict[str, str]:
+    """Write the real-format data, the sitecustomize and the folders under ``base``; return the
+    environment variables of the dry run."""
+    data, results, site = base / "data", base / "results", base / "site"
+    for d in (data, results, site):
+        d.mkdir(parents=True, exist_ok=True)
+    realformat.write_all(data, n_train=N_TRAIN, n_test=N_TEST, n_california=N_CALIFORNIA)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    pythonpath = os.pathsep.join([str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return {
+        "SGDRANK_PROFILE": "paper", "SGDRANK_DRYRUN": "1", "SGDRANK_OFFLINE": "1",
+        "SGDRANK_DATA": str(data), "SGDRANK_RESULTS": str(results),
+        "SGDRANK_EXECUTOR": "local", "SGDRANK_PROGRESS": "summary", "PYTHONHASHSEED": "0",
+        "PYTHONPATH": pythonpath,
+    }
+
+
+def failing_cell(nb_path: Path) -> str:
+    """Describe the first cell with an error output of an executed notebook."""
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    for k, c in enumerate(code):
+        for o in c.get("outputs", []):
+            if o.get("output_type") == "error":
+                first = "".join(c["source"]).strip().splitlines()[:1]
+                return (f"code cell {k + 1} (id {c.get('id')}, {first[0][:70] if first else ''!r})"
+                        f": {o.get('ename')}: {str(o.get('evalue'))[:600]}")
+    return "no cell has an error output"
+
+
+def execute(chapter: Path, out_dir: Path, cwd: Path, cell_timeout: int | None = None) -> Outcome:
+    """Execute ``chapter`` in the paper profile into ``out_dir`` (environment already set)."""
+    import papermill as pm
+
+    out = out_dir / chapter.name
+    t0 = time.time()
+    try:
+        pm.execute_notebook(str(chapter), str(out), parameters={"profile": "paper"},
+                            kernel_name="python3", cwd=str(cwd), progress_bar=False,
+                            log_output=False, execution_timeout=cell_timeout)
+    except pm.PapermillExecutionError as err:
+        where = failing_cell(out) if out.exists() else f"cell {err.exec_count}"
+        return Outcome(chapter.name, time.time() - t0, where)
+    except Exception as err:  # kernel died, timeout, bad notebook
+        return Outcome(chapter.name, time.time() - t0, f"{type(err).__name__}: {err}"[:800])
+    return Outcome(chapter.name, time.time() - t0)
+
+
+def dry_run(chapters: list[Path], base: Path, cell_timeout: int | None = None,
+            log=print) -> list[Outcome]:
+    """Prepare ``base`` and execute ``chapters`` there; returns one :class:`Outcome` each."""
+    env = prepare(base)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    out_dir, cwd = base / "executed", base / "cwd"
+    out_dir.mkdir(exist_ok=True)
+    cwd.mkdir(exist_ok=True)
+    outcomes = []
+    try:
+        for ch in chapters:
+            log(f"{ch.name}: dry run of the paper profile ...")
+            o = execute(ch, out_dir, cwd, cell_timeout)
+            outcomes.append(o)
+            log(f"{ch.name}: {'ok' if o.error is None else 'FAILED'} in {o.seconds:.0f} s"
+                + (f"\n  {o.error}" if o.error else ""))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    (base / "dryrun.json").write_text(json.dumps(
+        [o.__dict__ for o in outcomes], indent=1) + "\n")
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="*", type=Path, help="chapters (default: every chapter)")
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (data, results, "
+                    "executed notebooks, job logs)")
+    ap.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell")
+    args = ap.parse_args(argv)
+    chapters = [p.resolve() for p in args.paths] or booktools.chapter_paths()
+    for p in chapters:
+        if not p.is_file():
+            raise SystemExit(f"no such chapter: {p}")
+    t0 = time.time()
+    if args.keep:
+        base = args.keep.resolve()
+        if base.exists():
+            shutil.rmtree(base)
+        base.mkdir(parents=True)
+        outcomes = dry_run(chapters, base, args.cell_timeout)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sgdrank-dryrun-") as tmp:
+            outcomes = dry_run(chapters, Path(tmp), args.cell_timeout)
+    failed = [o for o in outcomes if o.error]
+    times = ", ".join(f"{o.chapter[:2]} {o.seconds:.0f} s" for o in outcomes)
+    print(f"dry run: {len(outcomes) - len(failed)} of {len(outcomes)} chapters ran "
+          f"({times}; {time.time() - t0:.0f} s in all)")
+    for o in failed:
+        print(f"FAILED {o.chapter}: {o.error}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
