@@ -12,8 +12,10 @@ What it does, in a fresh temporary folder (deleted afterwards unless ``--keep``)
    (``MNIST/raw``) and California housing's ``scikit_learn_data/cal_housing_py3.pkz``;
    Fashion-MNIST comes from Debian's package as always;
 2. sets ``SGDRANK_PROFILE=paper SGDRANK_DRYRUN=1 SGDRANK_OFFLINE=1``, a temporary
-   ``SGDRANK_RESULTS`` and ``SGDRANK_EXECUTOR=local``, so that the sweeps that go through
-   ``sgdrank.dispatch.run`` run as real submitit local jobs (separate processes, real pickling);
+   ``SGDRANK_RESULTS`` and ``SGDRANK_EXECUTOR=local`` (with a 30-minute job time limit in
+   ``SGDRANK_EXECUTOR_CONFIG``; submitit's local default is 2 minutes), so that the sweeps that go
+   through ``sgdrank.dispatch.run`` run as real submitit local jobs (separate processes, real
+   pickling); ``OMP_NUM_THREADS=1``, since those jobs run side by side;
 3. executes every chapter with papermill (``profile="paper"``) into the temporary folder -- the
    committed notebooks are never written -- and fails, naming the chapter and the failing cell,
    when a cell raises.
@@ -121,12 +123,17 @@ def prepare(base: Path) -> dict[str, str]:
         d.mkdir(parents=True, exist_ok=True)
     realformat.write_all(data, n_train=N_TRAIN, n_test=N_TEST, n_california=N_CALIFORNIA)
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    # submitit's local executor kills a job after timeout_min (default 2): give jobs room
+    executor = base / "executor.json"
+    executor.write_text(json.dumps({"folder": str(results / "_jobs"), "timeout_min": 30}))
     pythonpath = os.pathsep.join([str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     return {
         "SGDRANK_PROFILE": "paper", "SGDRANK_DRYRUN": "1", "SGDRANK_OFFLINE": "1",
         "SGDRANK_DATA": str(data), "SGDRANK_RESULTS": str(results),
-        "SGDRANK_EXECUTOR": "local", "SGDRANK_PROGRESS": "summary", "PYTHONHASHSEED": "0",
-        "PYTHONPATH": pythonpath,
+        "SGDRANK_EXECUTOR": "local", "SGDRANK_EXECUTOR_CONFIG": str(executor),
+        "SGDRANK_PROGRESS": "summary", "PYTHONHASHSEED": "0", "PYTHONPATH": pythonpath,
+        # the local jobs of a sweep run side by side: one thread each on a small CI machine
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
     }
 
 
