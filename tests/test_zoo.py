@@ -117,7 +117,7 @@ def test_unknown_names():
     with pytest.raises(ValueError, match="VGG16-BN, RESNET18, VIT"):
         zoo.build("RESNET50")
     with pytest.raises(ValueError, match="too small"):
-        zoo.build("VGG16-BN", in_shape=(1, 28, 28))
+        zoo.build("VGG16-BN", in_shape=(1, 16, 16))  # the fifth pool would see 1x1
     with pytest.raises(ValueError, match="channels, height, width"):
         zoo.build("RESNET18", in_shape=784)
     assert zoo.ZOO == ("VGG16-BN", "RESNET18", "VIT")
@@ -162,3 +162,119 @@ def test_vit_per_sample_gradient_rank_is_at_most_tokens():
         assert G.numerical_rank(g["block6.attn.q"]) == 1
         assert G.numerical_rank(g["block6.attn.k"]) <= 8
         assert G.numerical_rank(g["patch_embed"]) <= 48
+
+
+# --------------------------------------------------------------- reduced models (Chapter 6)
+
+SPECS = ["VGG16-BN:width=8", "RESNET18:width=8", "VIT:dim=32,depth=2,heads=4,mlp=64,patch=7"]
+
+
+def test_parse_spec():
+    assert zoo.parse_spec("VGG16-BN") == ("VGG16-BN", {})
+    assert zoo.parse_spec("vgg16_bn:WIDTH=8") == ("VGG16-BN", {"width": 8})
+    assert zoo.parse_spec("ResNet-18: width = 4") == ("RESNET18", {"width": 4})
+    assert zoo.parse_spec("VIT:DIM=32,DEPTH=2,HEADS=4,MLP=64,PATCH=7,DROPOUT=0") == (
+        "VIT", {"embed_dim": 32, "depth": 2, "heads": 4, "mlp_dim": 64, "patch": 7, "dropout": 0.0})
+    assert zoo.is_zoo("VIT:dim=32") and zoo.is_zoo("resnet18") and not zoo.is_zoo("MLP-BN-3-32")
+    assert not zoo.is_zoo(None) and not zoo.is_zoo("RESNET50:width=8")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("VGG16-BN:depth=3", r"valid options: width=<int>"),
+    ("VIT:width=8", r"valid options: dim=<int>, depth=<int>, heads=<int>, mlp=<int>, patch=<int>"),
+    ("RESNET18:width", r"unknown option 'width'"),
+    ("RESNET18:width=eight", r"not a int"),
+    ("RESNET18:width=4,width=8", r"given twice"),
+    ("RESNET18:width=0", r"width must be >= 1"),
+    ("RESNET50:width=8", r"VGG16-BN, RESNET18, VIT"),
+])
+def test_spec_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        zoo.build(spec, (1, 28, 28))
+
+
+def test_spec_and_keyword_conflict():
+    with pytest.raises(ValueError, match="both in the spec"):
+        zoo.build("VIT:dim=32", embed_dim=64)
+
+
+def test_reduced_widths():
+    vgg = zoo.build("VGG16-BN:width=8", (1, 28, 28), seed=0)
+    assert [m.weight.shape[0] for _, m in vgg.rank_layers()] == [8, 8, 16, 16, 32, 32, 32,
+                                                                 64, 64, 64, 64, 64, 64]
+    assert vgg.head.in_features == 64
+    res = zoo.build("RESNET18:width=8", (1, 28, 28), seed=0)
+    assert res.stem.weight.shape[0] == 8 and res.head.in_features == 64
+    assert [getattr(res, f"stage{s}").block1.conv1.weight.shape[0] for s in (1, 2, 3, 4)] == [
+        8, 16, 32, 64]
+    vit = zoo.build("VIT:dim=32,depth=2,heads=4,mlp=64,patch=7", (1, 28, 28), seed=0)
+    assert vit.tokens == 17 and vit.depth == 2 and vit.block1.attn.heads == 4
+    assert metrics.rank_matrices(vit)["patch_embed"].shape == (32, 49)
+    assert metrics.rank_matrices(vit)["block2.mlp.fc1"].shape == (64, 32)
+    # the spec string and the keyword arguments build the same seeded model
+    a = zoo.build("RESNET18:width=8", (1, 28, 28), seed=5).state_dict()
+    b = zoo.build("resnet18", (1, 28, 28), seed=5, width=8).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_forward_28x28_and_rank_layer_names(spec):
+    m = zoo.build(spec, (1, 28, 28), seed=0)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert m(x).shape == (3, 10)
+    assert m(x.flatten(1)).shape == (3, 10)  # the sweep passes flattened images
+    full = zoo.build(spec.split(":")[0], (1, 28, 28), seed=0)
+    assert [n for n, _ in m.rank_layers()][:1] == [n for n, _ in full.rank_layers()][:1]
+    if not spec.startswith("VIT"):  # same layers as the full model, only narrower
+        assert [n for n, _ in m.rank_layers()] == [n for n, _ in full.rank_layers()]
+    paths = dict(m.named_modules())
+    assert all(paths[n] is mod for n, mod in m.rank_layers())
+
+
+def test_vgg_ceil_pools_are_bit_identical_on_32x32(built):
+    """ceil_mode=True changes nothing on even sizes: the paper's model on CIFAR-sized inputs is
+    the one it was before the pools went to ceil mode."""
+    m = built["VGG16-BN"].eval()
+    x = _images(2)
+    with torch.no_grad():
+        y_ceil = m(x)
+        pools = [mod for mod in m.modules() if isinstance(mod, nn.MaxPool2d)]
+        assert len(pools) == 5 and all(p.ceil_mode for p in pools)
+        for p in pools:
+            p.ceil_mode = False
+        try:
+            y_floor = m(x)
+        finally:
+            for p in pools:
+                p.ceil_mode = True
+    m.train()
+    assert torch.equal(y_ceil, y_floor)
+
+
+def test_patches_per_layer_on_28x28():
+    """Chapter 1's count N (patches per conv, tokens per ViT matrix) on Fashion-MNIST shapes."""
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    vgg = zoo.build("VGG16-BN:width=8", (1, 28, 28), seed=0).eval()
+    app = G.applications(vgg, x)
+    assert [app[f"stage{s}.conv1"] for s in range(1, 6)] == [784, 196, 49, 16, 4]
+    res = zoo.build("RESNET18:width=8", (1, 28, 28), seed=0).eval()
+    app = G.applications(res, x)
+    assert app["stem"] == 784 and app["stage2.block1.shortcut"] == 196
+    assert app["stage3.block2.conv2"] == 49 and app["stage4.block1.conv1"] == 16
+    vit = zoo.build("VIT:dim=32,depth=2,heads=4,mlp=64,patch=7", (1, 28, 28), seed=0).eval()
+    app = G.applications(vit, x)
+    assert app["patch_embed"] == 16 and app["block2.mlp.fc2"] == 17
+
+
+def test_build_model_and_sweep_accept_options():
+    from sgdrank import batched, models, sweep
+
+    cfg = sweep.Config(model="vgg16-bn:width=4")
+    assert cfg.model == "VGG16-BN:WIDTH=4"
+    m = models.build_model(cfg.model, (1, 28, 28), 10, seed=0)
+    assert m.stage1.conv1.weight.shape[0] == 4
+    assert batched.Arch(cfg.model, (1, 28, 28), 10).parse()[0] == "ZOO"
+    with pytest.raises(ValueError, match="valid options"):
+        sweep.Config(model="VGG16-BN:widht=4")
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("VGG19", (1, 28, 28), 10)

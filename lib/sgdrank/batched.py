@@ -69,7 +69,8 @@ class Arch:
         if not m:
             from . import zoo
 
-            if zoo._key(self.model) in {zoo._key(z) for z in zoo.ZOO}:
+            if zoo.is_zoo(self.model):
+                zoo.parse_spec(self.model)  # raises for unknown options
                 return "ZOO", True, 0, 0
             raise ValueError(f"unknown model {self.model!r}: use one of {', '.join(models.FAMILIES)} "
                              f"or {', '.join(zoo.ZOO)}")

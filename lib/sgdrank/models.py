@@ -255,7 +255,7 @@ def build_model(spec: str, in_shape: int | Sequence[int], out_dim: int, *, bias:
     if not m:
         from . import zoo
 
-        if zoo._key(spec) in {zoo._key(z) for z in zoo.ZOO}:
+        if zoo.is_zoo(spec):
             return zoo.build(spec, _image_shape(in_shape), out_dim, seed=seed)
         raise ValueError(f"unknown model {spec!r}: use one of {', '.join(FAMILIES)} (e.g. 'MLP-BN-10-100') "
                          f"or, for CIFAR-sized images, one of {', '.join(zoo.ZOO)}")

@@ -21,6 +21,22 @@ per-sample gradient of a scalar output w.r.t. its filter matrix has rank <= ``mi
 9 c_in)`` as long as samples are not coupled (BatchNorm in eval mode). In the ViT every Linear
 of a block multiplies ``T = 65`` token vectors (64 patches + class token) and the patch
 embedding multiplies 64 patches (its 256 x 48 matrix caps the rank at 48 anyway).
+
+Reduced models by name (Chapter 6, the book profile): a spec is a model name, optionally
+followed by ``:`` and comma-separated ``option=value`` pairs, case-insensitive
+(:func:`parse_spec`, :data:`OPTIONS`):
+
+- ``"VGG16-BN:width=8"``: the VGG-16 channel plan scaled by ``width / 64``
+  (8, 8 | 16, 16 | 32, 32, 32 | 64, 64, 64 | 64, 64, 64);
+- ``"RESNET18:width=8"``: stage widths ``(w, 2w, 4w, 8w)`` = 8, 16, 32, 64;
+- ``"VIT:dim=32,depth=2,heads=4,mlp=64,patch=7"``: embedding dimension, blocks, heads, MLP width,
+  patch size (``dropout=0.1`` too).
+
+No options: the paper's full model. All three take 28x28 inputs (Fashion-MNIST, ``(1, 28, 28)``):
+VGG's pools use ``ceil_mode=True`` (28 -> 14 -> 7 -> 4 -> 2 -> 1; on even sizes such as CIFAR's
+32x32 this is the same as floor mode, so the paper's model is unchanged), ResNet's stride-2
+convs give 28 -> 14 -> 7 -> 4, and the ViT needs a patch size that divides 28 (7: 16 patches + the
+class token = 17 tokens; 4: 49 + 1 = 50).
 """
 from __future__ import annotations
 
@@ -55,8 +71,13 @@ class VGG16BN(nn.Module):
 
         5 stages, conv channels (64, 64 | 128, 128 | 256, 256, 256 | 512, 512, 512 | 512, 512, 512),
         each conv:  Conv2d(c_in, c_out, 3, stride 1, padding 1, bias=True) -> BatchNorm2d -> ReLU,
-        after each stage: MaxPool2d(2, 2)           (32 -> 16 -> 8 -> 4 -> 2 -> 1)
-        flatten (512 * h/32 * w/32 = 512 features at 32x32) -> head = Linear(512, out_dim).
+        after each stage: MaxPool2d(2, 2, ceil_mode=True)  (32 -> 16 -> 8 -> 4 -> 2 -> 1;
+                                                            28 -> 14 -> 7 -> 4 -> 2 -> 1)
+        flatten (512 * ceil(h/32) * ceil(w/32) = 512 features at 32x32 and 28x28)
+        -> head = Linear(512, out_dim).
+
+    ``width``: the channel plan scaled by ``width / 64`` (``width=8``: 8, 8 | 16, 16 | 32, 32, 32
+    | 64, 64, 64 | 64, 64, 64; the head then reads 64 features); None: the paper's 64.
 
     This is GSGP's "VGG-16 ... with dropout replaced by batch normalization layers, and a single
     fully-connected layer at the end", and the authors' code: BN after every conv (before the
@@ -67,24 +88,33 @@ class VGG16BN(nn.Module):
 
     Rank-tracked: the 13 conv filter matrices, named ``stage{s}.conv{i}``
     (``stage1.conv1`` is 64 x 27, ``stage5.conv3`` is 512 x 4608); the classifier is excluded,
-    as in the authors' code. Output positions per conv at 32x32: 1024, 256, 64, 16, 4 for
-    stages 1-5.
+    as in the authors' code. Output positions (patches) per conv at 32x32: 1024, 256, 64, 16, 4
+    for stages 1-5; at 28x28: 784, 196, 49, 16, 4.
     """
 
     def __init__(self, in_shape: Sequence[int] = (3, 32, 32), out_dim: int = 10,
-                 cfg: Sequence[int | str] = VGG16_CFG):
+                 cfg: Sequence[int | str] = VGG16_CFG, width: int | None = None):
         super().__init__()
         c, h, w = _image_shape(in_shape)
+        if width is not None:
+            if int(width) < 1:
+                raise ValueError(f"VGG16-BN: width must be >= 1, got {width}")
+            cfg = tuple(v if v == "M" else max(1, int(v) * int(width) // 64) for v in cfg)
         pools = sum(1 for v in cfg if v == "M")
-        if h >> pools < 1 or w >> pools < 1:
+        sizes = [(h, w)]
+        for _ in range(pools):  # ceil-mode 2x2 pools: every pooled map must be at least 2x2
+            sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+        if min(min(hw) for hw in sizes[:-1]) < 2:
             raise ValueError(f"VGG16-BN halves the input {pools} times: {h}x{w} is too small "
-                             f"(needs height and width >= {2 ** pools}, e.g. CIFAR's 32x32)")
+                             f"(needs height and width >= {2 ** (pools - 1) + 1}, e.g. 28x28 or "
+                             f"CIFAR's 32x32)")
         self.in_shape = (c, h, w)
+        self.cfg = tuple(cfg)
         self._convs: list[tuple[str, nn.Conv2d]] = []
         stage, items, i = 1, [], 0
         for v in cfg:
             if v == "M":
-                items.append(("pool", nn.MaxPool2d(2, 2)))
+                items.append(("pool", nn.MaxPool2d(2, 2, ceil_mode=True)))
                 self.add_module(f"stage{stage}", nn.Sequential(OrderedDict(items)))
                 stage, items, i = stage + 1, [], 0
                 continue
@@ -97,7 +127,7 @@ class VGG16BN(nn.Module):
             self.add_module(f"stage{stage}", nn.Sequential(OrderedDict(items)))
             stage += 1
         self.stages = stage - 1
-        self.head = nn.Linear(c * (h >> pools) * (w >> pools), out_dim)
+        self.head = nn.Linear(c * sizes[-1][0] * sizes[-1][1], out_dim)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The flattened input of the classifier, ``(B, 512)`` at 32x32."""
@@ -160,13 +190,22 @@ class ResNet18(nn.Module):
     and the three 1x1 shortcut convs ``stage{2,3,4}.block1.shortcut`` (listed after ``conv2`` of
     their block). The authors' average rank used 17 matrices (stem and block convs, no
     shortcuts): ``rank_layers(shortcuts=False)`` gives that set. Output positions per conv at
-    32x32: 1024 (stem, stage1), 256, 64, 16 (stages 2-4, shortcut included).
+    32x32: 1024 (stem, stage1), 256, 64, 16 (stages 2-4, shortcut included); at 28x28: 784, 196,
+    49, 16.
+
+    ``width``: stage widths ``(width, 2 width, 4 width, 8 width)`` (``width=8``: 8, 16, 32, 64);
+    None: ``widths`` (the paper's 64, 128, 256, 512).
     """
 
     def __init__(self, in_shape: Sequence[int] = (3, 32, 32), out_dim: int = 10,
-                 widths: Sequence[int] = (64, 128, 256, 512), blocks: Sequence[int] = (2, 2, 2, 2)):
+                 widths: Sequence[int] = (64, 128, 256, 512), blocks: Sequence[int] = (2, 2, 2, 2),
+                 width: int | None = None):
         super().__init__()
         c, h, w = _image_shape(in_shape)
+        if width is not None:
+            if int(width) < 1:
+                raise ValueError(f"RESNET18: width must be >= 1, got {width}")
+            widths = tuple(int(width) * 2 ** i for i in range(len(widths)))
         self.in_shape = (c, h, w)
         self.stem = nn.Conv2d(c, widths[0], 3, stride=1, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(widths[0])
@@ -333,27 +372,80 @@ class ViT(nn.Module):
 
 _BUILDERS = {"VGG16-BN": VGG16BN, "RESNET18": ResNet18, "VIT": ViT}
 
+#: the options of a spec string, per model: option name -> (constructor argument, type)
+OPTIONS = {
+    "VGG16-BN": {"width": ("width", int)},
+    "RESNET18": {"width": ("width", int)},
+    "VIT": {"dim": ("embed_dim", int), "depth": ("depth", int), "heads": ("heads", int),
+            "mlp": ("mlp_dim", int), "patch": ("patch", int), "dropout": ("dropout", float)},
+}
+
 
 def _key(name: str) -> str:
-    return "".join(ch for ch in name.upper() if ch.isalnum())
+    return "".join(ch for ch in name.split(":", 1)[0].upper() if ch.isalnum())
+
+
+def _canonical(spec: str) -> str | None:
+    """The :data:`ZOO` name of a spec's model part, or None."""
+    return {_key(k): k for k in ZOO}.get(_key(spec)) if isinstance(spec, str) else None
+
+
+def is_zoo(spec) -> bool:
+    """True if ``spec`` names a zoo model (with or without options; the options are not
+    checked here: :func:`build` and :func:`parse_spec` check them)."""
+    return _canonical(spec) is not None
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"VGG16-BN:width=8"`` -> ``("VGG16-BN", {"width": 8})`` (constructor keyword arguments).
+
+    Case-insensitive; spaces are ignored; the model part as in :func:`build`. Raises a
+    ValueError naming the valid options for an unknown option, a repeated one, or a value that
+    is not a number of the option's type."""
+    name = _canonical(spec)
+    if name is None:
+        raise ValueError(f"unknown zoo model {spec!r}: use one of {', '.join(ZOO)} "
+                         f"(the MLP/RES/CONV families are in sgdrank.models.build_model)")
+    _, _, rest = spec.partition(":")
+    valid = OPTIONS[name]
+    kw: dict = {}
+    for item in (p.strip() for p in rest.replace(" ", "").split(",")):
+        if not item:
+            continue
+        opt, eq, val = item.partition("=")
+        opt = opt.lower()
+        if opt not in valid or not eq:
+            raise ValueError(f"{name}: unknown option {item!r} in {spec!r}; valid options: "
+                             f"{', '.join(f'{o}=<{t.__name__}>' for o, (_, t) in valid.items())}")
+        arg, typ = valid[opt]
+        if arg in kw:
+            raise ValueError(f"{name}: option {opt!r} given twice in {spec!r}")
+        try:
+            kw[arg] = typ(val)
+        except ValueError:
+            raise ValueError(f"{name}: option {opt}={val!r} is not a {typ.__name__}") from None
+    return name, kw
 
 
 def build(spec: str, in_shape: Sequence[int] = (3, 32, 32), out_dim: int = 10, *,
           seed: int | None = None, **kw) -> nn.Module:
-    """Build a zoo model by name: ``build("RESNET18")``, ``build("vit", embed_dim=384, seed=0)``.
+    """Build a zoo model by name: ``build("RESNET18")``, ``build("vit", embed_dim=384, seed=0)``,
+    ``build("VGG16-BN:width=8", (1, 28, 28))``.
 
     ``spec`` is one of :data:`ZOO` (case-insensitive; hyphens, underscores and spaces are
-    ignored, so ``"ResNet-18"`` and ``"vgg16_bn"`` work). ``in_shape`` is ``(c, h, w)``;
+    ignored, so ``"ResNet-18"`` and ``"vgg16_bn"`` work), optionally with options after a colon
+    (:func:`parse_spec`, :data:`OPTIONS`: ``width`` for VGG16-BN and RESNET18; ``dim``,
+    ``depth``, ``heads``, ``mlp``, ``patch``, ``dropout`` for VIT). ``in_shape`` is ``(c, h, w)``;
     ``out_dim`` the number of classes; ``kw`` goes to the constructor (:class:`VGG16BN`,
     :class:`ResNet18`, :class:`ViT`). ``seed`` seeds the initialisation without touching the
     global RNG state (as :func:`sgdrank.models.build_model`). The model is returned in training
     mode, float32, on the CPU.
     """
-    key = _key(spec) if isinstance(spec, str) else ""
-    cls = {_key(k): v for k, v in _BUILDERS.items()}.get(key)
-    if cls is None:
-        raise ValueError(f"unknown zoo model {spec!r}: use one of {', '.join(ZOO)} "
-                         f"(the MLP/RES/CONV families are in sgdrank.models.build_model)")
+    name, opts = parse_spec(spec)
+    both = sorted(set(opts) & set(kw))
+    if both:
+        raise ValueError(f"{name}: {both} given both in the spec {spec!r} and as arguments")
+    cls, kw = _BUILDERS[name], {**opts, **kw}
     fork = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     with fork:
         if seed is not None:

@@ -1,0 +1,112 @@
+"""Chapter 6's helpers (sgdrank.zoostudy): layer counts, the per-sample gradient check, the
+sweep grid and the init/end rank tables, on the reduced zoo models and a tiny real sweep."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from sgdrank import rankstudy, sweep, zoo, zoostudy
+
+VGG = "VGG16-BN:width=4"
+VIT = "VIT:dim=16,depth=1,heads=2,mlp=32,patch=7"
+
+
+def test_layer_counts_vgg_28x28():
+    m = zoo.build(VGG, (1, 28, 28), seed=0)
+    t = zoostudy.layer_counts(m, (1, 28, 28), batch_size=8)
+    assert list(t.layer) == [n for n, _ in m.rank_layers()]
+    assert list(t.N) == [784] * 2 + [196] * 2 + [49] * 3 + [16] * 3 + [4] * 3
+    assert t.shape[0] == 13 and t.loc[0, "shape"] == "4 x 9" and t.loc[0, "min_dim"] == 4
+    assert (t.BN == 8 * t.N).all()
+    assert (t.per_sample == t[["N", "min_dim"]].min(axis=1)).all()
+    assert (t.batch == pd.concat([t.BN, t.min_dim], axis=1).min(axis=1)).all()
+    # stage 5: 32 x 288 filter matrices, N = 4: B N = 32 is not below 32 at B = 8; at B = 4
+    # (16 < 32) it bites there, and stage 4 (N = 16, B N = 64) still does not
+    assert not t.bites.any()
+    t4 = zoostudy.layer_counts(m, (1, 28, 28), batch_size=4)
+    assert list(t4.layer[t4.bites]) == ["stage5.conv1", "stage5.conv2", "stage5.conv3"]
+    assert m.training  # the mode is restored
+    with pytest.raises(ValueError, match="batch_size"):
+        zoostudy.layer_counts(m, (1, 28, 28), batch_size=0)
+
+
+def test_layer_counts_vit_tokens():
+    m = zoo.build(VIT, (1, 28, 28), seed=0)
+    t = zoostudy.layer_counts(m, (1, 28, 28), batch_size=4).set_index("layer")
+    assert t.loc["patch_embed", "N"] == 16 and t.loc["patch_embed", "shape"] == "16 x 49"
+    assert t.loc["block1.attn.q", "N"] == 17 and t.loc["block1.mlp.fc1", "shape"] == "32 x 16"
+
+
+@pytest.mark.parametrize("spec", [VGG, "RESNET18:width=2", VIT])
+def test_gradient_check_within_bound(spec):
+    m = zoo.build(spec, (1, 28, 28), seed=0)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    t = zoostudy.gradient_check(m, x)
+    assert len(t) == len(m.rank_layers())
+    assert t.within.all()
+    assert (t.measured > 0).all()
+    assert m.training and next(m.parameters()).dtype == torch.float32
+
+
+def test_gradient_check_attains_token_bound():
+    """A ViT with more token vectors than the matrix side: q of block 1 is full rank (the
+    bound is the matrix size); with 2 tokens (patch 14 on 28x28, 4 patches + class = 5 tokens)
+    and dim 16 the bound is N = 5 and it is attained by the value matrix."""
+    m = zoo.build("VIT:dim=16,depth=2,heads=2,mlp=32,patch=14", (1, 28, 28), seed=0)
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    t = zoostudy.gradient_check(m, x).set_index("layer")
+    assert t.loc["block1.attn.v", "N"] == 5 and t.loc["block1.attn.v", "bound"] == 5
+    assert t.loc["block1.attn.v", "attained"]
+    assert t.loc["patch_embed", "N"] == 4 and t.loc["patch_embed", "measured"] <= 4
+
+
+def test_grid_controls_and_steps():
+    base = sweep.Config(n_train=64, n_test=32)
+    cfgs = zoostudy.grid(base, models=[VGG, VIT], lams=[0.0, 1e-2], batch_sizes=[4, 8],
+                         lrs=[0.1], seeds=[0, 1], steps=32, drop_at=(0.5,), gamma=0.1,
+                         control_batch_sizes=[4])
+    assert len(cfgs) == 2 * (1 + 2) * 2  # lam = 0 only at B = 4
+    assert all(c.lam > 0 or c.batch_size == 4 for c in cfgs)
+    for c in cfgs:
+        assert c.epochs * sweep.steps_per_epoch(64, c.batch_size) >= 32
+    e = zoostudy.grid(base, models=["VIT"], lams=[0.0], batch_sizes=[8], lrs=[0.1], seeds=[0],
+                      epochs={"VIT": 3}, milestones=(1, 2), gamma=0.2)
+    assert e[0].epochs == 3 and e[0].lr_milestones == (1, 2) and e[0].lr_gamma == 0.2
+    with pytest.raises(ValueError, match="exactly one"):
+        zoostudy.grid(base, models=[VGG], lams=[0], batch_sizes=[4], lrs=[0.1], seeds=[0])
+    with pytest.raises(ValueError, match="no entry"):
+        zoostudy.grid(base, models=[VGG], lams=[0], batch_sizes=[4], lrs=[0.1], seeds=[0],
+                      epochs={"VIT": 1})
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep():
+    torch.set_num_threads(1)
+    base = sweep.Config(dataset="fashion-mnist", n_train=32, n_test=16)
+    cfgs = zoostudy.grid(base, models=[VIT], lams=[0.0, 5e-2], batch_sizes=[8], lrs=[0.1],
+                         seeds=[0, 1], steps=8)
+    return cfgs, sweep.run(cfgs, progress=False)
+
+
+def test_layer_ranks_and_run_table(tiny_sweep):
+    cfgs, res = tiny_sweep
+    lr = zoostudy.layer_ranks(res, atols=(1e-3, 4e-2))
+    n_layers = len(zoo.build(VIT, (1, 28, 28)).rank_layers())
+    assert len(lr) == len(cfgs) * n_layers
+    for c in ("rank@0.001_init", "rank@0.04_end", "stable_rank_init", "stable_rank_end"):
+        assert c in lr.columns and lr[c].notna().all()
+    # init is the same network for equal seeds, whatever lambda
+    a = lr[(lr.seed == 0) & (lr.lam == 0)].stable_rank_init.to_numpy()
+    b = lr[(lr.seed == 0) & (lr.lam > 0)].stable_rank_init.to_numpy()
+    assert (a == b).all()
+    assert not (lr.stable_rank_init == lr.stable_rank_end).all()  # training changed something
+    rt = zoostudy.run_table(res)
+    assert len(rt) == len(cfgs) and not rt.diverged.any()
+    assert math.isclose(rt.loc[rt.lam > 0, "total_decay"].iloc[0], 2 * 0.1 * 5e-2 * 8)
+    assert (rt.loc[rt.lam == 0, "total_decay"] == 0).all()
+    assert rt["rank@0.001_init"].between(1, 16).all() and rt.test_acc.between(0, 1).all()
+    assert zoostudy.values(rt, "test_acc", lam=5e-2) == list(rt.loc[rt.lam > 0, "test_acc"])
+    pl = zoostudy.per_layer_means(lr, "stable_rank_end")
+    assert len(pl) == 2 * n_layers and (pl["min"] <= pl["mean"]).all()
+    assert zoostudy.short_name("VGG16-BN:WIDTH=4") == "VGG16-BN"
