@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from sgdrank import cache as cache_mod
 from sgdrank import dispatch, sweep
 
 pytest.importorskip("submitit")
@@ -49,8 +50,9 @@ def test_jobs_equal_in_process_and_resume_after_a_kill(tmp_path):
     jobs = dispatch.submit(cfgs, cache, spec, checkpoint_every=0)
     assert len(jobs) == 2  # two groups: B=32 (2 runs, 30 epochs) and B=64 (1 run)
     long = next(j for j in jobs if len(j.group) == 2)
+    ckpt = cache_mod.checkpoint_path(cache, [sweep.run_key(c) for c in long.group])
     t0 = time.time()
-    while not list(cache.glob("_partial_*.pt")):  # the long group has checkpointed an epoch
+    while not ckpt.exists():  # the long group has checkpointed an epoch
         assert time.time() - t0 < 240 and not long.done(), "no checkpoint appeared"
         time.sleep(0.2)
     time.sleep(1.0)

@@ -326,3 +326,65 @@ def test_grid_config_and_tables():
     # eval_train=False skips the whole-training-set evaluation
     quiet = sweep.run(sweep.replace(g[0], eval_train=False), data=DATA, progress=False, device="cpu")
     assert quiet.epochs.train_loss.isna().all() and quiet.epochs.test_loss.notna().all()
+
+
+# ---------------------------------------------------------------------------------- the recorder
+def test_record_every_records_fewer_epochs_of_the_same_run():
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=7, lr=0.1, lam=1e-2)
+    every = sweep.run(base, data=DATA, progress=False, device="cpu")
+    sparse_cfg = sweep.replace(base, record_every=3)
+    assert sweep.recorded_epochs(sparse_cfg) == [0, 3, 6, 7]
+    for engine in ("batched", "loop"):
+        sparse = sweep.run(sparse_cfg, data=DATA, progress=False, device="cpu", engine=engine)
+        ep, full = sparse.epochs.set_index("epoch"), every.epochs.set_index("epoch")
+        assert list(ep.index) == [0, 3, 6, 7]
+        for col in ("train_loss", "test_acc", "batch_loss", "avg_rank", "head_fro", "step"):
+            assert np.allclose(ep[col], full.loc[[0, 3, 6, 7], col], rtol=1e-5, equal_nan=True), col
+        # the change is measured since the previous *recorded* epoch
+        ly, lf = sparse.layers, every.layers
+        w3 = ly[(ly.epoch == 3) & (ly["index"] == 0)].delta_fro.iloc[0]
+        assert w3 > lf[(lf.epoch == 1) & (lf["index"] == 0)].delta_fro.iloc[0]
+        for k, v in every.state_dict(0).items():
+            assert rel(sparse.state_dict(0)[k], v) < 1e-5, (engine, k)
+    with pytest.raises(ValueError, match="record_every"):
+        sweep.Config(record_every=0)
+
+
+def test_bn_running_variance_is_recorded_by_both_engines():
+    cfg = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=2, lr=0.1, lam=1e-3)
+    a = sweep.run(cfg, data=DATA, progress=False, device="cpu", engine="batched")
+    b = sweep.run(cfg, data=DATA, progress=False, device="cpu", engine="loop")
+    assert a.epochs.bn_var_min.iloc[0] == 1.0  # running variances start at 1
+    assert np.allclose(a.epochs.bn_var_min, b.epochs.bn_var_min, rtol=1e-5)
+    m = a.model(0)
+    smallest = min(float(buf.min()) for n, buf in m.named_buffers() if n.endswith("running_var"))
+    assert a.runs.final_bn_var_min.iloc[0] == pytest.approx(smallest, rel=1e-6)
+    plain = sweep.run(sweep.replace(cfg, model="MLP-3-8"), data=DATA, progress=False, device="cpu")
+    assert plain.epochs.bn_var_min.isna().all()
+
+
+def test_eval_blowup_is_flagged_only_when_eval_breaks_while_training_does_not():
+    from sgdrank import record
+
+    layer = record.Layer("layers.0.weight", "W1", (2, 3))
+    sv = {"layers.0.weight": torch.tensor([[2.0, 1.0]], dtype=torch.float64),
+          "head.weight": torch.tensor([[1.0, 0.5]], dtype=torch.float64)}
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    delta = {"layers.0.weight": one(0.1), "head.weight": one(0.2)}
+    rec = record.new(sweep.Config(), "k", batched.Arch("MLP-3-8", (3,), 2), "batched", "cpu")
+    record.append([rec], [layer], record.Measurement(0, 0, [float("nan")], sv, train_loss=one(2.3)))
+    cases = [(1, 0.5, 0.4, False),     # eval and batch loss alike
+             (2, 0.3, 0.01, False),    # 30x the batch loss but below the loss at init
+             (3, 50.0, 0.02, True),    # the eval-mode model broke down
+             (4, 50.0, 20.0, False)]   # both bad: training diverges, not an eval blow-up
+    for epoch, tl, bl, _ in cases:
+        m = record.Measurement(epoch, 10 * epoch, [0.1], sv, delta, train_loss=one(tl),
+                               batch_loss=one(bl), bn_var_min=one(1e-11))
+        record.append([rec], [layer], m)
+    assert rec["epochs"]["eval_blowup"] == [False] + [c[3] for c in cases]
+    assert rec["epochs"]["bn_var_min"][1:] == [1e-11] * 4
+    assert rec["epochs"]["conv_dist"][1] == pytest.approx(0.15)  # mean over all matrices
+    assert rec["layers"]["rank"][0] == 2 and rec["epochs"]["head_stable_rank"][0] == 1.25
+    res = sweep.Result([sweep.Config()], [rec], [False])
+    assert res.runs.eval_blowup_epoch.iloc[0] == 3
+    assert res.epochs.eval_blowup.dtype == bool and "1 with an eval-mode blow-up" in repr(res)

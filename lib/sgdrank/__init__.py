@@ -13,7 +13,11 @@ so that importing the package itself stays cheap and each chapter's dependencies
 - :mod:`sgdrank.gradients` -- per-sample and batch gradients and their ranks (Chapter 1)
 - :mod:`sgdrank.bounds`    -- GSGP Theorem 3.3, both sides (Chapter 3)
 - :mod:`sgdrank.linear`    -- overparameterised linear regression, batched (Chapter 2)
-- :mod:`sgdrank.sweep`     -- the batched sweep engine (Chapters 3-4)
+- :mod:`sgdrank.sweep`     -- sweeps: many runs, grouped and cached (Chapters 3, 4, 6), built from
+  :mod:`sgdrank.runconfig` (what a run is), :mod:`sgdrank.inputs` (its data as tensors),
+  :mod:`sgdrank.engine_batched` and :mod:`sgdrank.engine_loop` (the two engines),
+  :mod:`sgdrank.record` (what a recorded epoch is, for both engines), :mod:`sgdrank.cache`
+  (keys and files) and :mod:`sgdrank.results` (the tables)
 - :mod:`sgdrank.dispatch`  -- a sweep's groups as jobs (Slurm or local processes, via submitit)
 - :mod:`sgdrank.report`    -- prose numbers, spreads and verdicts from the run; claim records
 - :mod:`sgdrank.progress`  -- progress bars that read well live and in committed outputs

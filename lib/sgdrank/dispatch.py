@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from . import cache as _cache
 from . import runtime, sweep
 
 EXECUTORS = ("inprocess", "local", "slurm")
@@ -116,7 +117,7 @@ def submit(configs: Iterable[sweep.Config], cache: str | Path, spec: ExecutorSpe
            checkpoint_every: float = 60.0) -> list:
     """Submit one job per group of ``configs`` that has a run missing from ``cache``; returns
     the submitit jobs (each with ``.group``, its configs, attached)."""
-    folder = sweep._cache_dir(cache)
+    folder = _cache.folder(cache)
     if folder is None:
         raise ValueError("jobs need an on-disk cache: pass cache='<chapter name>' or a folder")
     ex = spec.make()
