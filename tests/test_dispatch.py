@@ -80,3 +80,10 @@ def test_a_failed_job_names_its_logs(tmp_path):
     msg = r"(?s)failed: .*n_train=100000.*logs: .*\.out and .*\.err"
     with pytest.raises(dispatch.JobFailed, match=msg):
         dispatch.run([bad], tmp_path / "cache", spec=spec, progress=False)
+
+
+def test_local_jobs_get_a_long_time_limit_unless_configured(tmp_path):
+    ex = dispatch.ExecutorSpec("local", tmp_path / "jobs").make()
+    assert ex._executor.parameters["timeout_min"] == dispatch.LOCAL_TIMEOUT_MIN
+    short = dispatch.ExecutorSpec("local", tmp_path / "jobs", (("timeout_min", 3),)).make()
+    assert short._executor.parameters["timeout_min"] == 3

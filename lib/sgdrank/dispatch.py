@@ -19,7 +19,11 @@ machine) or ``slurm``; ``SGDRANK_EXECUTOR_CONFIG`` names a JSON file of submitit
 e.g. ``{"folder": "/scratch/me/sgdrank-jobs", "slurm_partition": "gpu", "gpus_per_node": 1,
 "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 240, "slurm_array_parallelism": 16}``
 (``folder``: where job logs go; default ``$SGDRANK_RESULTS/_jobs``). The cache folder and the
-data folder (``SGDRANK_DATA``) must be on a file system that the jobs see.
+data folder (``SGDRANK_DATA``) must be on a file system that the jobs see. The groups of one
+call are submitted together, as one job array on Slurm, so ``slurm_array_parallelism`` caps how
+many run at once. The local executor starts every job at once, one process each (give each
+few threads: ``OMP_NUM_THREADS``), and kills a job after ``timeout_min`` (submitit's default is
+2 minutes; here :data:`LOCAL_TIMEOUT_MIN` unless the config sets it).
 
 submitit is imported only when jobs are used (``pip install submitit``; it is pinned in the
 project's requirements.txt, and an optional extra ``sgdrank[cluster]``).
@@ -39,6 +43,7 @@ from . import runtime, sweep
 EXECUTORS = ("inprocess", "local", "slurm")
 ENV_EXECUTOR = "SGDRANK_EXECUTOR"
 ENV_CONFIG = "SGDRANK_EXECUTOR_CONFIG"
+LOCAL_TIMEOUT_MIN = 24 * 60  # local jobs: a day unless the config says otherwise
 
 
 class JobFailed(RuntimeError):
@@ -64,8 +69,11 @@ class ExecutorSpec:
                               f"(or pip install 'sgdrank[cluster]')") from err
         folder = self.folder or runtime.results_dir("_jobs")
         ex = submitit.AutoExecutor(folder=str(folder), cluster=self.kind)
-        if self.params:
-            ex.update_parameters(**dict(self.params))
+        params = dict(self.params)
+        if self.kind == "local":  # submitit kills a local job after 2 minutes by default
+            params.setdefault("timeout_min", LOCAL_TIMEOUT_MIN)
+        if params:
+            ex.update_parameters(**params)
         return ex
 
 
@@ -123,14 +131,14 @@ def submit(configs: Iterable[sweep.Config], cache: str | Path, spec: ExecutorSpe
     ex = spec.make()
     if ex is None:
         raise ValueError("submit() needs a job executor (SGDRANK_EXECUTOR=local or slurm)")
-    jobs = []
-    for g in groups(configs):
-        if all(_cached(c, folder) for c in g):
-            continue
-        job = ex.submit(train_group, [c.to_dict() for c in g], str(folder.resolve()),
-                        checkpoint_every)
+    todo = [g for g in groups(configs) if not all(_cached(c, folder) for c in g)]
+    if not todo:
+        return []
+    with ex.batch():  # one submission: a job array on Slurm (slurm_array_parallelism applies)
+        jobs = [ex.submit(train_group, [c.to_dict() for c in g], str(folder.resolve()),
+                          checkpoint_every) for g in todo]
+    for job, g in zip(jobs, todo):
         job.group = g
-        jobs.append(job)
     return jobs
 
 
