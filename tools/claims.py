@@ -76,7 +76,7 @@ REGISTRY = [
     Claim("E8", "GP22 Figs 6-7", "per-layer ranks: MLP bottleneck, residual balance",
           "03_rank_sweeps"),
     Claim("E9", "GSGP Figs 1, 2, 4, 13-17", r"ResNet-18, VGG-16-BN, ViT on CIFAR-10: rank vs "
-          r"$\mu$, $\lambda$, $B$", None),
+          r"$\mu$, $\lambda$, $B$", "06_conv_transformers"),
     Claim("E10", "GSGP Figs 5-6", "among nets that fit, lower rank goes with higher test accuracy",
           "03_rank_sweeps"),
     Claim("E11", "WD2L Figs 1-3, 8", r"two-layer regression: stable rank vs $\lambda$, gap, "

@@ -103,7 +103,8 @@ def grid(base: sweep.Config, *, models: Sequence[str], lams: Sequence[float],
         for lr in lrs:
             for B in batch_sizes:
                 for lam in lams:
-                    if lam == 0 and control_batch_sizes is not None and B not in control_batch_sizes:
+                    controls = control_batch_sizes
+                    if lam == 0 and controls is not None and B not in controls:
                         continue
                     for s in seeds:
                         cfg = sweep.replace(base, model=m, lr=lr, lam=lam, batch_size=B, seed=s)
