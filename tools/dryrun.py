@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,23 +169,41 @@ def execute(chapter: Path, out_dir: Path, cwd: Path, cell_timeout: int | None = 
     return Outcome(chapter.name, time.time() - t0)
 
 
+def book_seconds(chapter: Path) -> float:
+    """How long the committed (book-profile) run of ``chapter`` took, from papermill's metadata
+    (0 if unknown): the dry run starts the longest chapters first."""
+    try:
+        meta = json.loads(chapter.read_text(encoding="utf-8"))["metadata"]
+        return float(meta.get("papermill", {}).get("duration") or 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def dry_run(chapters: list[Path], base: Path, cell_timeout: int | None = None,
-            log=print) -> list[Outcome]:
-    """Prepare ``base`` and execute ``chapters`` there; returns one :class:`Outcome` each."""
+            log=print, jobs: int = 2) -> list[Outcome]:
+    """Prepare ``base`` and execute ``chapters`` there, ``jobs`` at a time (each in its own
+    kernel); returns one :class:`Outcome` each, in the order of ``chapters``."""
     env = prepare(base)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     out_dir, cwd = base / "executed", base / "cwd"
     out_dir.mkdir(exist_ok=True)
     cwd.mkdir(exist_ok=True)
-    outcomes = []
+    def one(ch: Path) -> Outcome:
+        log(f"{ch.name}: dry run of the paper profile ...")
+        o = execute(ch, out_dir, cwd / ch.stem, cell_timeout)
+        log(f"{ch.name}: {'ok' if o.error is None else 'FAILED'} in {o.seconds:.0f} s"
+            + (f"\n  {o.error}" if o.error else ""))
+        return o
+
+    for ch in chapters:
+        (cwd / ch.stem).mkdir(exist_ok=True)
     try:
-        for ch in chapters:
-            log(f"{ch.name}: dry run of the paper profile ...")
-            o = execute(ch, out_dir, cwd, cell_timeout)
-            outcomes.append(o)
-            log(f"{ch.name}: {'ok' if o.error is None else 'FAILED'} in {o.seconds:.0f} s"
-                + (f"\n  {o.error}" if o.error else ""))
+        # longest first (by the committed book run's duration), `jobs` chapters at a time
+        order = sorted(chapters, key=book_seconds, reverse=True)
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            done = dict(zip(order, pool.map(one, order)))
+        outcomes = [done[ch] for ch in chapters]
     finally:
         for k, v in saved.items():
             if v is None:
@@ -203,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (data, results, "
                     "executed notebooks, job logs)")
     ap.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell")
+    ap.add_argument("--jobs", type=int, default=2, help="chapters executed at a time (default 2:"
+                    " the chapters run one thread each, CI has 2 cores)")
     args = ap.parse_args(argv)
     chapters = [p.resolve() for p in args.paths] or booktools.chapter_paths()
     for p in chapters:
@@ -214,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         if base.exists():
             shutil.rmtree(base)
         base.mkdir(parents=True)
-        outcomes = dry_run(chapters, base, args.cell_timeout)
+        outcomes = dry_run(chapters, base, args.cell_timeout, jobs=args.jobs)
     else:
         with tempfile.TemporaryDirectory(prefix="sgdrank-dryrun-") as tmp:
-            outcomes = dry_run(chapters, Path(tmp), args.cell_timeout)
+            outcomes = dry_run(chapters, Path(tmp), args.cell_timeout, jobs=args.jobs)
     failed = [o for o in outcomes if o.error]
     times = ", ".join(f"{o.chapter[:2]} {o.seconds:.0f} s" for o in outcomes)
     print(f"dry run: {len(outcomes) - len(failed)} of {len(outcomes)} chapters ran "
