@@ -16,7 +16,6 @@ def test_registry_is_the_papers_list():
     ids = re.findall(r"^- ([CE]\d+) \(", text, flags=re.M)
     assert ids, f"no claim ids found in {PAPERS_README}"
     assert [c.id for c in claims.REGISTRY] == ids
-    chapters = {p.stem for p in booktools.chapter_paths()}
     for c in claims.REGISTRY:
         assert c.chapter is None or re.match(r"^\d\d_\w+$", c.chapter), c
 
@@ -50,7 +49,10 @@ def _chapter(tmp_path, stem, recs, labels=("ch9-sec",)):
 
 
 def test_generator_rejects_missing_wrong_and_duplicate_records(tmp_path, monkeypatch):
-    rec = lambda cid, where="ch9-sec": {"id": cid, "verdict": "holds", "evidence": "n = 3",
+    subs = [{"text": "it holds", "verdict": "reproduced", "evidence": "n = 3", "central": True},
+            {"text": "side", "verdict": "not resolved", "evidence": "interval -1 to 2",
+             "central": False}]
+    rec = lambda cid, where="ch9-sec": {"id": cid, "verdict": "partly reproduced", "subs": subs,
                                         "where": where}
     reg = [claims.Claim("C1", "P", "s", "09_x"), claims.Claim("C2", "P", "s", "09_x"),
            claims.Claim("E9", "P", "s", None)]
@@ -60,6 +62,15 @@ def test_generator_rejects_missing_wrong_and_duplicate_records(tmp_path, monkeyp
     assert set(got) == {"C1", "C2"}
     page = claims.render(got)
     assert "{ref}`ch9-sec`" in page and "**not yet tested**" in page and "no chapter yet" in page
+    assert "  - - **central** it holds: *reproduced*. n = 3\n    - side: *not resolved*" in page
+    assert "2 partly reproduced, 1 not yet tested" in page and "*vacuous*:" in page
+    wrong = _chapter(tmp_path, "09_x", [rec("C1"), {**rec("C2"), "verdict": "reproduced"}])
+    with pytest.raises(claims.ClaimsError, match="not what the rule gives"):
+        claims.collect([wrong])
+    old = _chapter(tmp_path, "09_x", [rec("C1"), {"id": "C2", "verdict": "holds",
+                                                  "evidence": "x", "where": "ch9-sec"}])
+    with pytest.raises(claims.ClaimsError, match="no sub-claims"):
+        claims.collect([old])
     missing = _chapter(tmp_path, "09_x", [rec("C1")])
     with pytest.raises(claims.ClaimsError, match="stores no record for C2"):
         claims.collect([missing])

@@ -23,7 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import booktools  # noqa: E402
 
-from sgdrank.report import CLAIM_MIME  # noqa: E402
+from sgdrank.report import (  # noqa: E402
+    CLAIM_MIME, ROW_RULE, SUB_VERDICTS, VERDICTS, row_verdict, sub)
+
 PAGE = booktools.ROOT / "claims.md"
 NO_CHAPTER = "not yet tested"
 
@@ -130,6 +132,13 @@ def collect(chapters: list[Path] | None = None) -> dict[str, dict]:
                                 f"{owner[cid] or 'no chapter'} (tools/claims.py REGISTRY)")
             elif cid in got:
                 problems.append(f"{path.name}: two records for {cid}")
+            elif not rec.get("subs"):
+                problems.append(f"{path.name}: the record for {cid} has no sub-claims (written by "
+                                "an old report.claim): re-execute the chapter with "
+                                "report.claim(cid, [report.sub(...), ...], where)")
+            elif rec.get("verdict") != _rederive(rec):
+                problems.append(f"{path.name}: {cid}'s verdict {rec.get('verdict')!r} is not what "
+                                f"the rule gives its sub-claims ({_rederive(rec)!r})")
             elif rec.get("where") not in defined:
                 problems.append(f"{path.name}: {cid} links to label {rec.get('where')!r}, which "
                                 f"no Markdown cell of the chapter defines")
@@ -144,8 +153,55 @@ def collect(chapters: list[Path] | None = None) -> dict[str, dict]:
     return got
 
 
+def _rederive(rec: dict) -> str:
+    """The row verdict that :data:`ROW_RULE` gives the record's sub-claims."""
+    try:
+        return row_verdict([sub(s["text"], s["verdict"], s["evidence"], central=s["central"])
+                            for s in rec["subs"]])
+    except (KeyError, TypeError, ValueError) as e:
+        return f"invalid sub-claims: {e}"
+
+
 def _cell(text: str) -> str:
     return text.replace("\n", " ").strip()
+
+
+def _subs_cell(rec: dict) -> list[str]:
+    """The sub-claims as a bullet list inside one list-table cell (central ones marked)."""
+    out = []
+    for s in rec["subs"]:
+        mark = "**central** " if s["central"] else ""
+        out.append(f"    - {mark}{_cell(s['text'])}: *{s['verdict']}*. {_cell(s['evidence'])}")
+    return out
+
+
+SUB_MEANING = {
+    "reproduced": "a test that could fail (its negative control fails) passed, or the deciding "
+                  "comparison is resolved in the claimed direction",
+    "not reproduced": "the claimed effect or property is absent at this scale, without a "
+                      "resolved contradiction",
+    "refuted": "a counterexample, or the deciding comparison is resolved in the opposite "
+               "direction",
+    "not resolved": "the 95% interval of the deciding difference contains 0; this is not "
+                    "\"no effect\"",
+    "vacuous": "the check or bound cannot fail here (its negative control passes too, or the "
+               "bound exceeds the trivial one)",
+    "inapplicable": "the statement's premise does not hold for the runs measured",
+}
+
+
+def legend() -> list[str]:
+    """The legend of verdict words and the row rule, as MyST lines."""
+    lines = ["**How to read a row.** Each row lists its sub-claims, each with its own verdict "
+             "and the numbers that decide it; *central* marks the paper's own measure or "
+             "statement. Sub-claim verdicts:", ""]
+    lines += [f"- *{v}*: {SUB_MEANING[v]};" for v in SUB_VERDICTS]
+    lines[-1] = lines[-1][:-1] + "."
+    lines += ["", ROW_RULE, "",
+              "Numbers: `a ± b` is the mean ± sample standard deviation of runs (seeds); a "
+              "difference is given with its 95% interval, *paired* where the two arms share "
+              "seeds (same data draw and initialisation) and *unpaired* otherwise.", ""]
+    return lines
 
 
 def render(got: dict[str, dict]) -> str:
@@ -154,7 +210,7 @@ def render(got: dict[str, dict]) -> str:
     for c in REGISTRY:
         v = got[c.id]["verdict"] if c.id in got else NO_CHAPTER
         counts[v] = counts.get(v, 0) + 1
-    order = ["holds", "holds with caveat", "fails", "not resolved", NO_CHAPTER]
+    order = list(VERDICTS)
     tally = ", ".join(f"{counts[v]} {v}" for v in order if counts.get(v))
     lines = [
         "(claims-at-a-glance)=",
@@ -167,6 +223,7 @@ def render(got: dict[str, dict]) -> str:
         "outputs (the `book` profile). A verdict is decided by the chapter's code from its",
         "numbers and their seed spread. Rows without a chapter say so.",
         "",
+        *legend(),
         f"**Tally:** {tally}.",
         "",
         "```{list-table}",
@@ -176,15 +233,17 @@ def render(got: dict[str, dict]) -> str:
         "* - id",
         "  - claim (paper)",
         "  - verdict",
-        "  - deciding numbers",
+        "  - sub-claims, their verdicts and deciding numbers",
         "  - where",
     ]
     for c in REGISTRY:
         rec = got.get(c.id)
         lines += [f"* - **{c.id}**", f"  - {_cell(c.statement)} ({c.paper})"]
         if rec:
-            lines += [f"  - **{rec['verdict']}**", f"  - {_cell(rec['evidence'])}",
-                      f"  - {{ref}}`{rec['where']}`"]
+            lines += [f"  - **{rec['verdict']}**", "  - "]
+            lines[-1] = "  - " + _subs_cell(rec)[0].lstrip()
+            lines += _subs_cell(rec)[1:]
+            lines += [f"  - {{ref}}`{rec['where']}`"]
         else:
             why = ("no chapter yet" if c.chapter is None
                    else f"chapter `{c.chapter}` not written yet")
