@@ -29,8 +29,9 @@ chapter:  ## execute one chapter in the book profile: make chapter NB=chapters/0
 	@test -n "$(NB)" || { echo "usage: make chapter NB=chapters/NN_name.ipynb"; exit 2; }
 	$(PY) tools/run_chapters.py --profile book $(NB)
 
-claims:  ## regenerate the claims page (claims.md) from the executed chapters
+claims:  ## regenerate the claims and synthesis pages (claims.md, synthesis.md) from the chapters
 	$(PY) tools/claims.py
+	$(PY) tools/synthesis.py
 
 html: claims  ## build the web book into _build/html (warnings are errors)
 	rm -rf _build/html

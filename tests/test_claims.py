@@ -7,6 +7,7 @@ import pytest
 
 import booktools
 import claims
+import synthesis
 
 PAPERS_README = booktools.ROOT.parent / "shared" / "papers" / "README.md"
 
@@ -83,3 +84,19 @@ def test_generator_rejects_missing_wrong_and_duplicate_records(tmp_path, monkeyp
     foreign = _chapter(tmp_path, "09_x", [rec("C1"), rec("C2"), rec("E9")])
     with pytest.raises(claims.ClaimsError, match="gives to no chapter"):
         claims.collect([foreign])
+
+
+def test_synthesis_page_is_fresh_and_reads_by_its_rule(tmp_path):
+    committed = synthesis.PAGE.read_text(encoding="utf-8")
+    assert committed == synthesis.render(synthesis.collect()), \
+        "synthesis.md is stale: run `python tools/synthesis.py` (make claims)"
+    row = dict(fit="acc 0.99", rank_W=10, rank_W0=20, rank_dW=8, srank_W0=9.0)
+    rows = [dict(row, arm="lam=0", lam=0.0, D=0.0, Dstar=4.0, srank_W=5.0, srank_dW=4.0),
+            dict(row, arm="lam=0.01", lam=0.01, D=5.0, Dstar=4.0, srank_W=2.0, srank_dW=2.0),
+            dict(row, arm="lam=0.001", lam=0.001, D=1.0, Dstar=4.0, srank_W=4.0, srank_dW=3.9)]
+    text = synthesis._reading(rows)
+    assert "*lam=0.01*: erases the initialisation" in text and "lower stable rank" in text
+    assert "*lam=0.001*: cannot erase" in text and "no learned part of lower" in text
+    rec = {"experiment": "E0 toy", "where": "ch9-sec", "rows": rows}
+    page = synthesis.render([("09_x", rec)])
+    assert "## E0 toy" in page and "{ref}`ch9-sec`" in page and page.count("| lam=") == 3

@@ -65,7 +65,10 @@ def main() -> None:
         secs = run(p, args.profile, args.kernel)
         print(f"{p.name}: done in {secs:.0f} s", flush=True)
     import claims
+    import synthesis
 
+    synthesis.PAGE.write_text(synthesis.render(synthesis.collect()), encoding="utf-8")
+    print(f"synthesis page rewritten: {synthesis.PAGE.name}", flush=True)
     try:
         text = claims.render(claims.collect())
     except claims.ClaimsError as e:  # the tests fail on it; the executed chapters stay written

@@ -1,0 +1,222 @@
+"""Where a trained matrix comes from: the decayed initialisation and the learned update.
+
+**The decomposition.** Plain SGD with weight decay in the book's convention (loss
+``L + lam ||W||_F^2``) steps ``W_{t+1} = (1 - 2 mu_t lam) W_t - mu_t G_t`` with ``G_t`` the
+mini-batch gradient of ``L`` at step ``t``. Unrolling ``T`` steps gives, exactly,
+
+    W_T = c_T W_0 + DeltaW_T,   c_T = prod_{t<T} (1 - 2 mu_t lam),
+    DeltaW_T = - sum_{t<T} mu_t (prod_{t<s<T} (1 - 2 mu_s lam)) G_t,
+
+the decayed initialisation plus the decayed sum of the gradients. ``D = -ln c_T`` is the *total
+decay* (``D ~ 2 lam sum_t mu_t`` when every ``2 mu_t lam`` is small). The learned part
+``DeltaW_T`` lies in the span of the gradients; at ``lam = 0`` it is ``W_T - W_0``.
+
+With heavy-ball momentum ``m`` (PyTorch's SGD: ``b_t = m b_{t-1} + G_t + 2 lam W_t``,
+``W_{t+1} = W_t - mu_t b_t``, ``b_{-1} = 0``) the map from ``(W_0, G_0, ..., G_{T-1})`` to
+``W_T`` is still linear, so the same split holds with ``c_T`` the ``W``-component of the
+homogeneous recursion (all ``G_t = 0``) started at ``(W, b) = (1, 0)``: :func:`init_factor`
+runs that scalar recursion. ``DeltaW_T = W_T - c_T W_0`` is then exactly the contribution of the
+gradients (through the momentum buffer).
+
+**The decay budget.** The threshold rank at tolerance ``eps`` counts the singular values of
+``W_T`` above ``eps ||W_T||_F`` (:func:`sgdrank.metrics.threshold_rank`). Let ``v`` be the right
+singular vector of ``W_0`` for its smallest singular value ``s_min(W_0)`` (over ``min(m, n)``
+values). If no gradient touched that direction (``DeltaW_T v = 0``) then ``W_T v = c_T W_0 v``
+and ``s_min(W_T) <= ||W_T v|| = c_T s_min(W_0)``: decay alone can bring that direction below the
+threshold only once ``c_T s_min(W_0) <= eps ||W_T||_F``, i.e. once
+
+    D >= D* = ln( s_min(W_0) / (eps ||W_T||_F) ).
+
+With ``D < D*`` the decayed initialisation keeps every one of its directions above the
+threshold, so a lower threshold rank of ``W_T`` then needs the learned part to *cancel* the
+initialisation in some direction; with ``D > D*`` decay alone suffices wherever the gradients
+leave a direction alone. ``D* <= 0`` means the initialisation is already below the threshold in
+some direction (e.g. a wide random square matrix, whose smallest singular value is near 0).
+A uniform shrink changes neither the threshold rank nor the stable rank (both are scale
+invariant): a rank moves only as ``DeltaW_T`` grows relative to ``c_T W_0``.
+
+Functions: :func:`decay_factor`, :func:`total_decay`, :func:`step_lrs`, :func:`init_factor`,
+:func:`split`, :func:`budget`, :func:`parts` (one matrix), :func:`run_parts` and :func:`table`
+(every rank-tracked matrix of a sweep :class:`~sgdrank.results.Result`, for both engines: the
+initialisation is rebuilt from the run's seed, exactly as both engines build it), and
+:func:`show` (a summary for the book's synthesis page).
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics
+
+SYNTHESIS_MIME = "application/vnd.sgdrank.mechanism+json"
+EPS = (1e-3, 0.04)
+SHOW_KEYS = ("arm", "lam", "D", "Dstar", "fit", "rank_W", "rank_W0", "rank_dW", "srank_W",
+             "srank_W0", "srank_dW")
+
+
+def decay_factor(lrs: Iterable[float], lam: float) -> float:
+    """``c_T = prod_t (1 - 2 lr_t lam)`` over the learning rates of every SGD step (plain SGD)."""
+    lr = np.asarray(list(lrs), dtype=float)
+    return float(np.prod(1.0 - 2.0 * lr * lam))
+
+
+def total_decay(lrs: Iterable[float], lam: float) -> float:
+    """``D = -ln c_T`` (:func:`decay_factor`); ``inf`` when some factor is ``<= 0`` (a step with
+    ``2 lr lam >= 1`` overshoots)."""
+    lr = np.asarray(list(lrs), dtype=float)
+    f = 1.0 - 2.0 * lr * lam
+    if (f <= 0).any():
+        return math.inf
+    return float(-np.log(f).sum())
+
+
+def step_lrs(cfg, steps_per_epoch: int, epochs: int | None = None) -> np.ndarray:
+    """The learning rate of every SGD step of run ``cfg`` (:class:`sgdrank.runconfig.Config`):
+    ``cfg.lr_at(e)`` for each of the ``steps_per_epoch`` steps of epochs ``1..epochs``."""
+    E = cfg.epochs if epochs is None else epochs
+    return np.repeat([cfg.lr_at(e) for e in range(1, E + 1)], steps_per_epoch).astype(float)
+
+
+def init_factor(lrs: Iterable[float], lam: float, momentum: float = 0.0) -> float:
+    """``c_T``: the coefficient of ``W_0`` in ``W_T`` (see the module docstring). Plain SGD:
+    :func:`decay_factor`. Momentum ``m``: the homogeneous recursion ``b = m b + 2 lam W``,
+    ``W = W - lr b`` from ``(W, b) = (1, 0)``, in float64."""
+    if momentum == 0.0:
+        return decay_factor(lrs, lam)
+    w, b = 1.0, 0.0
+    for lr in lrs:
+        b = momentum * b + 2.0 * lam * w
+        w = w - lr * b
+    return float(w)
+
+
+def _mat(w: torch.Tensor) -> torch.Tensor:
+    return metrics.as_matrix(w.detach()).double()
+
+
+def split(W_T: torch.Tensor, W_0: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c W_0, DeltaW = W_T - c W_0)`` as float64 matrices (conv filters as
+    ``c_out x c_in k k``, :func:`sgdrank.metrics.as_matrix`)."""
+    w0 = _mat(W_0)
+    cw0 = c * w0
+    return cw0, _mat(W_T) - cw0
+
+
+def budget(W_0: torch.Tensor, fro_T: float, eps: float = 1e-3) -> float:
+    """The decay budget ``D* = ln(s_min(W_0) / (eps ||W_T||_F))`` (module docstring), with
+    ``s_min`` the smallest of the ``min(m, n)`` singular values of ``W_0`` as a matrix. ``-inf``
+    when ``s_min(W_0) = 0``."""
+    s = metrics.singular_values(W_0)
+    smin = float(s[-1])
+    if smin <= 0:
+        return -math.inf
+    return math.log(smin / (eps * float(fro_T)))
+
+
+def _ranks(s: torch.Tensor, eps: Sequence[float]) -> dict:
+    out = {}
+    for e in eps:
+        out[f"rank@{e:g}"] = int(metrics.threshold_rank(s, atol=e))
+    out["srank"] = float(metrics.stable_rank(s))
+    out["fro"] = float(torch.linalg.vector_norm(s))
+    return out
+
+
+def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
+          eps: Sequence[float] = EPS) -> dict:
+    """Ranks of the three matrices of the decomposition of one trained matrix.
+
+    Keys: ``{part}_rank@{eps}`` (threshold rank of the part over its *own* Frobenius norm, for
+    each ``eps``), ``{part}_srank`` (stable rank), ``{part}_fro`` for ``part`` in ``W`` (= W_T),
+    ``W0`` (the initialisation; ``c W_0`` has the same ranks, its norm is ``c`` times), ``dW``
+    (the learned part); ``c``; ``Dstar@{eps}`` (:func:`budget` with ``||W_T||_F``); ``dW_share``
+    = ``||DeltaW||_F / ||W_T||_F``; ``d_out``, ``d_in``."""
+    cw0, dw = split(W_T, W_0, c)
+    w = _mat(W_T)
+    out = {"d_out": int(w.shape[0]), "d_in": int(w.shape[1]), "c": float(c)}
+    for name, m in (("W", w), ("W0", _mat(W_0)), ("dW", dw)):
+        for k, v in _ranks(metrics.batch_singular_values(m), eps).items():
+            out[f"{name}_{k}"] = v
+    s0_min = float(metrics.batch_singular_values(_mat(W_0))[-1])
+    for e in eps:
+        out[f"Dstar@{e:g}"] = (math.log(s0_min / (e * out["W_fro"])) if s0_min > 0
+                               else -math.inf)
+    out["dW_share"] = out["dW_fro"] / out["W_fro"] if out["W_fro"] > 0 else math.nan
+    return out
+
+
+def _steps_per_epoch(rec: dict) -> int:
+    ep, st = rec["epochs"]["epoch"], rec["epochs"]["step"]
+    for e, s in zip(reversed(ep), reversed(st)):
+        if e and s == s:
+            return int(round(s / e))
+    raise ValueError("the run recorded no epoch after the first: cannot tell its steps per epoch")
+
+
+def run_parts(res, run, eps: Sequence[float] = EPS) -> list[dict]:
+    """:func:`parts` of every rank-tracked matrix of run ``run`` of a sweep ``res``
+    (:class:`sgdrank.results.Result`): ``W_T`` from the stored final weights, ``W_0`` rebuilt
+    from the run's seed (``Arch.build(seed)``, as both engines build it), ``c_T`` from the run's
+    schedule (:func:`step_lrs`, :func:`init_factor`, momentum included), ``D = -ln c_T``. Each
+    dict also has ``run_id``, ``layer``, ``index`` and ``D``. A diverged run gives ``[]``."""
+    from .batched import Arch
+
+    i = res._index(run)
+    cfg, rec = res.configs[i], res.records[i]
+    if rec["state"] is None:
+        return []
+    arch = Arch(cfg.model, tuple(rec["arch"]["in_shape"]), rec["arch"]["out_dim"], cfg.bias,
+                cfg.detach_var, cfg.activation)
+    init, final = arch.build(seed=cfg.seed).float(), res.model(i)
+    lrs = step_lrs(cfg, _steps_per_epoch(rec))
+    c = init_factor(lrs, cfg.lam, cfg.momentum)
+    D = -math.log(c) if c > 0 else math.inf
+    rows = []
+    for idx, ((label, m0), (_, m1)) in enumerate(zip(init.rank_layers(), final.rank_layers())):
+        rows.append({"run_id": i, "layer": label, "index": idx, "D": D,
+                     **parts(m1.weight, m0.weight, c, eps)})
+    return rows
+
+
+def table(res, eps: Sequence[float] = EPS):
+    """:func:`run_parts` of every run of ``res`` as one ``pandas.DataFrame``, with the run's
+    config columns (``lam``, ``batch_size``, ``lr``, ``seed``, ...) joined on ``run_id``."""
+    import pandas as pd
+
+    rows = [r for i in range(len(res)) for r in run_parts(res, i, eps)]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    cfg = res.runs.drop(columns=[c for c in ("cached", "seconds", "engine") if c in res.runs])
+    return df.merge(cfg, on="run_id", how="left")
+
+
+def show(experiment: str, rows: Sequence[Mapping], where: str) -> None:
+    """Show the decomposition summary of one experiment and store it for the book's closing
+    synthesis page (``tools/synthesis.py`` collects these records from the chapters).
+
+    ``rows``: one dict per arm with the keys :data:`SHOW_KEYS`: ``arm`` (a label), ``lam``,
+    ``D`` (total decay), ``Dstar`` (the smallest decay budget over the matrices summarised, at
+    ``eps = 1e-3``), ``fit`` (a short text: "train acc 0.99"), the threshold ranks at 1e-3
+    ``rank_W``, ``rank_W0``, ``rank_dW`` and stable ranks ``srank_W``, ``srank_W0``,
+    ``srank_dW`` (means over seeds, and over the layers the chapter names in ``experiment``).
+    ``where``: the MyST label of the section that computes them. Returns nothing."""
+    import pandas as pd
+    from IPython.display import display
+
+    if not rows:
+        raise ValueError("show needs at least one row")
+    clean = []
+    for r in rows:
+        missing = [k for k in SHOW_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"row {r.get('arm', '?')!r} lacks {missing}; keys: {SHOW_KEYS}")
+        clean.append({k: (r[k] if isinstance(r[k], str) else float(r[k])) for k in SHOW_KEYS})
+    rec = {"experiment": experiment, "where": where, "rows": clean}
+    df = pd.DataFrame(clean).set_index("arm")
+    text = df.to_string(float_format=lambda v: f"{v:.3g}")
+    display({"text/plain": text, SYNTHESIS_MIME: json.dumps(rec)}, raw=True)

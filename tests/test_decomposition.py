@@ -1,0 +1,145 @@
+"""sgdrank.decomposition: W_T = c_T W_0 + DeltaW_T exactly, the decay budget D* against a direct
+simulation, and the per-run tables of both sweep engines (the initialisation rebuilt from the
+seed is the one the engines trained from)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sgdrank import conventions, decomposition, metrics, sweep
+
+from test_sweep import DATA
+
+
+def _train_linear(lrs, lam, momentum=0.0, seed=0):
+    """A 6x5 linear least-squares layer trained by torch.optim.SGD (float64) with the book's
+    decay convention; returns W_0, W_T and the mini-batch gradients G_t of the loss alone."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g,
+                                                                              dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(6, 5, generator=g, dtype=torch.float64))
+    w0 = w.detach().clone()
+    opt = torch.optim.SGD([w], lr=lrs[0], momentum=momentum,
+                          weight_decay=conventions.torch_weight_decay(lam))
+    grads = []
+    for t, lr in enumerate(lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        i = torch.arange(8 * t, 8 * t + 8) % 40
+        loss = ((x[i] @ w.T - y[i]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        grads.append(w.grad.detach().clone())
+        opt.step()
+    return w0, w.detach().clone(), grads
+
+
+def test_unrolled_sgd_is_decayed_init_plus_decayed_gradients():
+    lrs = [0.1] * 10 + [0.05] * 10 + [0.01] * 5
+    lam = 0.3
+    w0, wT, grads = _train_linear(lrs, lam)
+    c = decomposition.decay_factor(lrs, lam)
+    dw = torch.zeros_like(w0)
+    for t, (lr, gt) in enumerate(zip(lrs, grads)):
+        dw -= lr * decomposition.decay_factor(lrs[t + 1:], lam) * gt
+    assert torch.allclose(wT, c * w0 + dw, rtol=0, atol=1e-12)
+    cw0, dW = decomposition.split(wT, w0, c)
+    assert torch.allclose(dW, dw, atol=1e-12) and torch.allclose(cw0, c * w0)
+    # negative control: the PyTorch-convention factor (1 - mu lam) misses by far more
+    wrong = decomposition.decay_factor(lrs, lam / 2)
+    assert not torch.allclose(wT, wrong * w0 + dw, atol=1e-3)
+    assert decomposition.total_decay(lrs, lam) == pytest.approx(-math.log(c))
+    assert decomposition.total_decay([1.0], 0.6) == math.inf
+
+
+def test_momentum_split_is_the_gradient_contribution():
+    """With momentum, W_T - c_T W_0 equals the same recursion run from W_0 = 0 on the recorded
+    gradients: exactly the part of W_T that the gradients made."""
+    lrs, lam, m = [0.05] * 20, 0.2, 0.9
+    w0, wT, grads = _train_linear(lrs, lam, momentum=m)
+    c = decomposition.init_factor(lrs, lam, m)
+    w, b = torch.zeros_like(w0), torch.zeros_like(w0)
+    for lr, gt in zip(lrs, grads):
+        b = m * b + gt + 2 * lam * w
+        w = w - lr * b
+    assert torch.allclose(wT - c * w0, w, atol=1e-12)
+    assert not math.isclose(c, decomposition.decay_factor(lrs, lam), rel_tol=1e-3)
+    assert decomposition.init_factor(lrs, lam, 0.0) == decomposition.decay_factor(lrs, lam)
+
+
+def test_budget_matches_a_direct_simulation():
+    """W_T(D) = e^{-D} W_0 + M, with M leaving W_0's weakest direction alone: the 1e-3 threshold
+    rank drops exactly when D crosses D* computed from ||W_T(D)||_F."""
+    s0 = torch.tensor([3.0, 2.0, 1.0, 0.05], dtype=torch.float64)
+    w0 = torch.diag(s0)
+    M = torch.zeros(4, 4, dtype=torch.float64)
+    M[:3, :3] = torch.tensor([[5.0, 1, 0], [0, 4, 1], [1, 0, 3]])
+    eps = 1e-3
+
+    def rank_at(D):
+        wT = math.exp(-D) * w0 + M
+        return int(metrics.threshold_rank(metrics.singular_values(wT), atol=eps)), wT
+
+    _, w_guess = rank_at(4.0)
+    Dstar = decomposition.budget(w0, float(torch.linalg.matrix_norm(w_guess)), eps)
+    for _ in range(20):  # ||W_T||_F depends (weakly) on D: iterate to the fixed point
+        _, wT = rank_at(Dstar)
+        Dstar = decomposition.budget(w0, float(torch.linalg.matrix_norm(wT)), eps)
+    assert rank_at(Dstar - 0.01)[0] == 4 and rank_at(Dstar + 0.01)[0] == 3
+    # negative control: a budget with the wrong tolerance (eps / 10) misplaces the crossing
+    wrong = decomposition.budget(w0, float(torch.linalg.matrix_norm(wT)), eps / 10)
+    assert rank_at(wrong - 0.01)[0] == 3
+    assert decomposition.budget(torch.zeros(3, 3), 1.0) == -math.inf
+
+
+def test_parts_keys_and_scale_invariance():
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    u = torch.randn(8, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    wT = 0.01 * w0 + u @ v  # a rank-one learned part over a decayed initialisation
+    p = decomposition.parts(wT, w0, 0.01)
+    assert p["dW_rank@0.001"] == 1 and p["dW_srank"] == pytest.approx(1.0)
+    assert p["W0_rank@0.001"] == 5 and p["W0_srank"] > 1.5
+    assert p["c"] == 0.01 and (p["d_out"], p["d_in"]) == (8, 5)
+    assert p["Dstar@0.001"] == pytest.approx(decomposition.budget(w0, p["W_fro"], 1e-3))
+    conv = decomposition.parts(torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3), 0.5)
+    assert (conv["d_out"], conv["d_in"]) == (4, 27)
+
+
+@pytest.mark.parametrize("engine", ["batched", "loop"])
+def test_sweep_tables_rebuild_the_engines_initialisation(engine):
+    cfgs = sweep.grid(sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=3,
+                                   lr=0.1, lr_milestones=(2,), lr_gamma=0.5), lam=[0.0, 0.05])
+    res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine=engine)
+    tab = decomposition.table(res)
+    assert len(tab) == 2 * 3 and set(tab.lam) == {0.0, 0.05}
+    # the rebuilt W_0 is the engine's: its singular values are the ones recorded at epoch 0
+    lay = res.layers
+    for _, row in tab.iterrows():
+        rec = lay[(lay.run_id == row.run_id) & (lay.epoch == 0) & (lay.layer == row.layer)]
+        s0 = np.asarray(rec.sv.iloc[0])
+        assert row.W0_fro == pytest.approx(float(np.linalg.norm(s0)), rel=1e-6)
+    steps = 96 // 16
+    lrs = [0.1] * (2 * steps) + [0.05] * steps
+    for lam, sub in tab.groupby("lam"):
+        assert np.allclose(sub.c, decomposition.decay_factor(lrs, lam))
+        assert np.allclose(sub.D, -math.log(decomposition.decay_factor(lrs, lam)))
+    assert np.allclose(tab[tab.lam == 0].c, 1.0)
+
+
+def test_show_validates_and_stores_a_record(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append(obj))
+    row = dict(arm="lam=0.01", lam=0.01, D=3.2, Dstar=4.1, fit="train acc 0.99", rank_W=60,
+               rank_W0=64, rank_dW=40, srank_W=5.0, srank_W0=20.0, srank_dW=3.0)
+    assert decomposition.show("E7 MLP", [row], "ch3-sec") is None
+    import json
+
+    rec = json.loads(shown[0][decomposition.SYNTHESIS_MIME])
+    assert rec["experiment"] == "E7 MLP" and rec["rows"][0]["rank_dW"] == 40.0
+    with pytest.raises(ValueError, match="lacks"):
+        decomposition.show("x", [{"arm": "a"}], "ch3-sec")
