@@ -12,7 +12,7 @@ PY := $(CURDIR)/.venv/bin/python
 # non-vectorised kernels, one thread): a checked output that depends on the CPU fails here.
 NUMERIC_B := OPENBLAS_CORETYPE=Prescott ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-.PHONY: help setup book execute chapter claims html test unit smoke dryrun clean lock
+.PHONY: help setup book execute chapter claims html test unit smoke dryrun redecide clean lock
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -46,6 +46,9 @@ unit:  ## library unit tests only
 smoke:  ## execute every chapter in the smoke profile and check marked outputs (nbval), twice
 	SGDRANK_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider chapters
 	$(NUMERIC_B) SGDRANK_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider chapters
+
+redecide:  ## re-execute the chapters under a second numeric configuration; exit 1 if a verdict flips
+	$(PY) tools/redecide.py
 
 dryrun:  ## every chapter's paper profile in miniature (SGDRANK_DRYRUN=1, local submitit jobs)
 	$(PY) tools/dryrun.py

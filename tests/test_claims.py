@@ -7,6 +7,7 @@ import pytest
 
 import booktools
 import claims
+import redecide
 import synthesis
 
 PAPERS_README = booktools.ROOT.parent / "shared" / "papers" / "README.md"
@@ -100,3 +101,19 @@ def test_synthesis_page_is_fresh_and_reads_by_its_rule(tmp_path):
     rec = {"experiment": "E0 toy", "where": "ch9-sec", "rows": rows}
     page = synthesis.render([("09_x", rec)])
     assert "## E0 toy" in page and "{ref}`ch9-sec`" in page and page.count("| lam=") == 3
+
+
+def test_redecide_reports_every_flip(tmp_path):
+    sub = lambda v, c=False: {"text": "t", "verdict": v, "evidence": "e", "central": c}
+    a = {"id": "C1", "verdict": "reproduced", "subs": [sub("reproduced", True)], "where": "x"}
+    b = {"id": "C2", "verdict": "partly reproduced", "where": "x",
+         "subs": [sub("reproduced", True), sub("not resolved")]}
+    old = redecide.verdicts(json.loads(_chapter(tmp_path, "09_x", [a, b]).read_text()))
+    assert old == {"C1": ("reproduced", ("reproduced",)),
+                   "C2": ("partly reproduced", ("reproduced", "not resolved"))}
+    assert redecide.differences(old, old) == []
+    flipped = dict(old, C2=("partly reproduced", ("reproduced", "reproduced")))
+    (line,) = redecide.differences(old, flipped)
+    assert line.startswith("C2: committed")
+    assert redecide.differences(old, {"C1": old["C1"]}) == ["C2: committed " + str(old["C2"])
+                                                              + " -> re-run None"]
