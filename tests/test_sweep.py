@@ -26,8 +26,8 @@ def make_data(seed=0, n_train=N_TRAIN, n_test=N_TEST):
     y = torch.randint(0, N_CLASSES, (n_train + n_test,), generator=g)
     x = centers[y] + 0.8 * torch.randn(n_train + n_test, 20, generator=g, dtype=torch.float32)
     x = x.view(-1, 1, 4, 5)
-    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
-                           n_classes=N_CLASSES, input_shape=(1, 4, 5))
+    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:],
+                           y_test=y[n_train:], n_classes=N_CLASSES, input_shape=(1, 4, 5))
 
 
 DATA = make_data()
@@ -38,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("float32_default")  # float32 reference mod
 
 def plain_train(cfg: sweep.Config, ds=DATA):
     """One configuration the textbook way; returns final state_dict and per-epoch records."""
-    model = models.build_model(cfg.model, 20, N_CLASSES, bias=cfg.bias, detach_var=cfg.detach_var, seed=cfg.seed)
+    model = models.build_model(cfg.model, 20, N_CLASSES, bias=cfg.bias, detach_var=cfg.detach_var,
+                               seed=cfg.seed)
     wd = conventions.torch_weight_decay(cfg.lam)
     if cfg.decay == "all":
         groups = [{"params": list(model.parameters()), "weight_decay": wd}]
@@ -106,7 +107,8 @@ def assert_matches_plain(res: sweep.Result, i: int, tol=1e-5):
         e = r["epoch"]
         for col in ("train_loss", "test_loss", "train_acc", "test_acc", "batch_loss", "conv_dist"):
             if col in r:
-                assert math.isclose(ep.loc[e, col], r[col], rel_tol=tol, abs_tol=1e-7), (e, col, ep.loc[e, col], r[col])
+                assert math.isclose(ep.loc[e, col], r[col], rel_tol=tol, abs_tol=1e-7), (
+                    e, col, ep.loc[e, col], r[col])
         rows = ly[ly.epoch == e].sort_values("index")
         assert list(rows.layer) == [t["layer"] for t in r["layers"]]
         for (_, a), b in zip(rows.iterrows(), r["layers"]):
@@ -130,8 +132,10 @@ FAMILIES = [
 
 @pytest.mark.parametrize("model,detach_var,loss", FAMILIES)
 def test_batched_equals_one_at_a_time(model, detach_var, loss):
-    base = sweep.Config(model=model, dataset="toy", batch_size=16, epochs=3, loss=loss, detach_var=detach_var)
-    cfgs = [sweep.replace(base, lr=0.05, lam=1e-3, seed=0), sweep.replace(base, lr=0.1, lam=1e-2, seed=1),
+    base = sweep.Config(model=model, dataset="toy", batch_size=16, epochs=3, loss=loss,
+                        detach_var=detach_var)
+    cfgs = [sweep.replace(base, lr=0.05, lam=1e-3, seed=0),
+            sweep.replace(base, lr=0.1, lam=1e-2, seed=1),
             sweep.replace(base, lr=0.2, lam=0.0, seed=2)]
     res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
     assert all(r["engine"] == "batched" for r in res.records)
@@ -143,7 +147,8 @@ def test_options_match_one_at_a_time():
     """Momentum, matrices-only decay, the last partial batch, a schedule, no biases."""
     base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=20, epochs=3, drop_last=False,
                         lr_milestones=(1, 2), lr_gamma=0.5, bias=False, decay="matrices")
-    cfgs = [sweep.replace(base, lr=0.05, lam=1e-2, momentum=0.9, seed=3), sweep.replace(base, lr=0.1, lam=1e-3, seed=4)]
+    cfgs = [sweep.replace(base, lr=0.05, lam=1e-2, momentum=0.9, seed=3),
+            sweep.replace(base, lr=0.1, lam=1e-3, seed=4)]
     res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
     for i in range(len(cfgs)):
         assert_matches_plain(res, i)
@@ -153,13 +158,14 @@ def test_options_match_one_at_a_time():
 
 
 def test_loop_engine_equals_batched_and_runs_conv():
-    cfgs = sweep.grid(sweep.Config(model="RES-BN-2-8", dataset="toy", batch_size=16, epochs=2), lr=[0.05, 0.1])
+    cfgs = sweep.grid(sweep.Config(model="RES-BN-2-8", dataset="toy", batch_size=16, epochs=2),
+                      lr=[0.05, 0.1])
     a = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
     b = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="loop")
     cols = ["train_loss", "test_loss", "batch_loss", "conv_dist", "avg_rank", "head_fro"]
     assert np.allclose(a.epochs[cols], b.epochs[cols], rtol=1e-5, atol=1e-8, equal_nan=True)
-    conv = sweep.run(sweep.Config(model="CONV-2-3", dataset="toy", batch_size=16, epochs=1), data=DATA,
-                     progress=False, device="cpu")
+    conv = sweep.run(sweep.Config(model="CONV-2-3", dataset="toy", batch_size=16, epochs=1),
+                     data=DATA, progress=False, device="cpu")
     assert conv.records[0]["engine"] == "loop"
     assert list(conv.layers.d_in) == [9, 27, 9, 27]  # conv filters as c_out x c_in*k*k
     assert isinstance(conv.model(0), models.ConvNet)
@@ -167,7 +173,8 @@ def test_loop_engine_equals_batched_and_runs_conv():
 
 # ---------------------------------------------------------------------------------- batch-mates
 def test_runs_differ_and_do_not_depend_on_batch_mates():
-    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=2, lr=0.1, lam=1e-3)
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=2, lr=0.1,
+                        lam=1e-3)
     a, b, c = base, sweep.replace(base, lr=0.05), sweep.replace(base, seed=7)
     d = sweep.replace(base, lam=1e-1)
     together = sweep.run([a, b, c, d], data=DATA, progress=False, device="cpu")
@@ -221,11 +228,13 @@ def test_cache_reuses_reruns_and_resumes(tmp_path):
     assert again.epochs.equals(first.epochs)
     assert sweep.load(cfgs, tmp_path, data=DATA).n_loaded == 2
     # a changed config is trained, the unchanged one loaded
-    changed = sweep.run([cfgs[0], sweep.replace(cfgs[1], lr=0.2)], cache=tmp_path, data=DATA, progress=False,
-                        device="cpu", on_epoch=lambda e, cs: trained.append((e, len(cs))))
+    changed = sweep.run([cfgs[0], sweep.replace(cfgs[1], lr=0.2)], cache=tmp_path, data=DATA,
+                        progress=False, device="cpu",
+                        on_epoch=lambda e, cs: trained.append((e, len(cs))))
     assert changed.cached == [True, False] and trained == [(e, 1) for e in range(1, 5)]
     # different data, different key
-    other = sweep.run(cfgs[:1], cache=tmp_path, data=make_data(seed=1), progress=False, device="cpu")
+    other = sweep.run(cfgs[:1], cache=tmp_path, data=make_data(seed=1), progress=False,
+                      device="cpu")
     assert other.n_trained == 1
 
     # an interrupted sweep resumes from its last checkpoint
@@ -237,7 +246,8 @@ def test_cache_reuses_reruns_and_resumes(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sweep.run(cfgs2, cache=fresh, data=DATA, progress=False, device="cpu", checkpoint_every=0, on_epoch=crash)
+        sweep.run(cfgs2, cache=fresh, data=DATA, progress=False, device="cpu", checkpoint_every=0,
+                  on_epoch=crash)
     assert len(list(fresh.glob("_partial_*.pt"))) == 1
     trained.clear()
     resumed = sweep.run(cfgs2, cache=fresh, data=DATA, progress=False, device="cpu",
@@ -308,8 +318,9 @@ def test_grid_config_and_tables():
     assert sweep.Config(lr=0.1, lr_milestones=[60, 100, 200]).lr_at(61) == pytest.approx(0.02)
     res = sweep.run(g[:2], data=DATA, progress=False, device="cpu")
     ep, ly = res.epochs, res.layers
-    for col in ("run_id", "key", "lr", "lam", "seed", "batch_size", "epoch", "train_loss", "train_acc", "test_loss",
-                "test_acc", "batch_loss", "conv_dist", "avg_rank", "avg_stable_rank", "diverged", "head_fro"):
+    for col in ("run_id", "key", "lr", "lam", "seed", "batch_size", "epoch", "train_loss",
+                "train_acc", "test_loss", "test_acc", "batch_loss", "conv_dist", "avg_rank",
+                "avg_stable_rank", "diverged", "head_fro"):
         assert col in ep.columns, col
     assert len(ep) == 2 * 2 and len(ly) == 2 * 2 * 3
     assert ep.batch_loss.iloc[0] != ep.batch_loss.iloc[0]  # NaN at epoch 0
@@ -324,13 +335,15 @@ def test_grid_config_and_tables():
     assert tl == pytest.approx(ep[(ep.run_id == 1) & (ep.epoch == 1)].test_loss.iloc[0], rel=1e-5)
     assert res.runs.shape[0] == 2
     # eval_train=False skips the whole-training-set evaluation
-    quiet = sweep.run(sweep.replace(g[0], eval_train=False), data=DATA, progress=False, device="cpu")
+    quiet = sweep.run(sweep.replace(g[0], eval_train=False), data=DATA, progress=False,
+                      device="cpu")
     assert quiet.epochs.train_loss.isna().all() and quiet.epochs.test_loss.notna().all()
 
 
 # ---------------------------------------------------------------------------------- the recorder
 def test_record_every_records_fewer_epochs_of_the_same_run():
-    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=7, lr=0.1, lam=1e-2)
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=7, lr=0.1,
+                        lam=1e-2)
     every = sweep.run(base, data=DATA, progress=False, device="cpu")
     sparse_cfg = sweep.replace(base, record_every=3)
     assert sweep.recorded_epochs(sparse_cfg) == [0, 3, 6, 7]

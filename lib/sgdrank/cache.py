@@ -45,7 +45,8 @@ def code_hash() -> str:
 def run_key(cfg: Config, data_fingerprint: str | None = None) -> str:
     """Cache key of a run: sha256 of the config (JSON), :func:`code_hash` and, for data passed
     in by hand, a fingerprint of the tensors. 20 hex digits."""
-    payload = json.dumps(cfg.to_dict(), sort_keys=True) + "|" + code_hash() + "|" + (data_fingerprint or "")
+    payload = (json.dumps(cfg.to_dict(), sort_keys=True) + "|" + code_hash() + "|"
+               + (data_fingerprint or ""))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -72,7 +73,8 @@ def folder(cache) -> Path | None:
     leading dot) as is; a name -> :func:`sgdrank.runtime.results_dir` ``(name)``. Created."""
     if cache is None or cache is False:
         return None
-    if isinstance(cache, Path) or (isinstance(cache, str) and (os.sep in cache or cache.startswith("."))):
+    if isinstance(cache, Path) or (isinstance(cache, str)
+                                   and (os.sep in cache or cache.startswith("."))):
         p = Path(cache)
         p.mkdir(parents=True, exist_ok=True)
         return p

@@ -33,7 +33,8 @@ class _Group:
         self.net = BatchedNet(self.arch, len(cfgs), device)
         for k, cfg in enumerate(cfgs):
             self.net.load_module(k, self.arch.build(seed=cfg.seed))
-        self.recs = [record.new(cfg, key, self.arch, "batched", device) for cfg, key in zip(cfgs, keys)]
+        self.recs = [record.new(cfg, key, self.arch, "batched", device)
+                     for cfg, key in zip(cfgs, keys)]
         self.layers = [record.Layer(n, self.net.layer_labels[n], tuple(self.net.shapes[n]))
                        for n in self.net.tracked]
         self.alive = list(range(len(cfgs)))
@@ -52,7 +53,8 @@ class _Group:
                      "prev": self.prev.cpu(), "recs": self.recs}, path)
 
     def resume(self, path: Path | None) -> int:
-        """Load the checkpoint at ``path`` if it is this group's; the last epoch it holds (0: none)."""
+        """Load the checkpoint at ``path`` if it is this group's; the last epoch it holds
+        (0: none)."""
         if path is None or not path.exists():
             return 0
         st = torch.load(path, weights_only=True)
@@ -136,8 +138,9 @@ class _Group:
         mats = {n: net.P[n] for n in net.tracked + [record.HEAD]}
         first = epoch == 0
         prevv = net.view_mat(self.prev)
-        delta = None if first else {n: torch.linalg.matrix_norm((net.P[n] - prevv[n]).double()).cpu()
-                                    for n in net.matrix_names}
+        delta = None if first else {
+            n: torch.linalg.matrix_norm((net.P[n] - prevv[n]).double()).cpu()
+            for n in net.matrix_names}
         var = [v.reshape(net.K, -1) for n, v in net.S.items() if n.endswith("running_var")]
         bn_min = torch.cat(var, 1).min(1).values.cpu() if var else None
         cpu = lambda v: None if v is None else v.detach().cpu()  # noqa: E731

@@ -41,7 +41,9 @@ def _loss(cfg: Config, out, y, t, reduction: str = "mean"):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, x, y, t) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def evaluate(
+    model: nn.Module, cfg: Config, x, y, t
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Eval-mode mean loss and accuracy of ``model`` on ``(x, y, t)``, as ``(1,)`` float64 tensors
     (None for an empty set; accuracy None for regression). Leaves the model in training mode."""
     if x.shape[0] == 0:
@@ -52,7 +54,8 @@ def evaluate(model: nn.Module, cfg: Config, x, y, t) -> tuple[torch.Tensor | Non
     for s in range(0, x.shape[0], EVAL_CHUNK):
         sl = slice(s, s + EVAL_CHUNK)
         out = model(x[sl])
-        tot += _loss(cfg, out, None if y is None else y[sl], None if t is None else t[sl], "sum").double()
+        tot += _loss(cfg, out, None if y is None else y[sl], None if t is None else t[sl],
+                     "sum").double()
         if y is not None:
             cor += (out.argmax(-1) == y[sl]).sum()
     model.train()
@@ -81,7 +84,8 @@ def train(cfg: Config, key: str, d: GroupData, device, bar, on_epoch) -> dict:
     N, E = d.x.shape[0], cfg.epochs
     steps = steps_per_epoch(N, cfg.batch_size, cfg.drop_last)
     if steps == 0:
-        raise ValueError(f"n_train={N} < batch_size={cfg.batch_size} with drop_last=True: no step per epoch")
+        raise ValueError(f"n_train={N} < batch_size={cfg.batch_size} with drop_last=True: "
+                         "no step per epoch")
     path = {id(m): n for n, m in model.named_modules()}
     layers = [record.Layer(f"{path[id(m)]}.weight", label, tuple(metrics.as_matrix(m.weight).shape))
               for label, m in model.rank_layers()]

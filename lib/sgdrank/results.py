@@ -103,9 +103,12 @@ class Result:
             de = rec["diverged_epoch"]
             ep = rec["epochs"]
             blown = [e for e, b in zip(ep["epoch"], ep["eval_blowup"]) if b]
-            rows.append({**self._config_cols(i), "diverged_epoch": float("nan") if de is None else de,
-                         "final_train_loss": last.get("train_loss"), "final_train_acc": last.get("train_acc"),
-                         "final_test_loss": last.get("test_loss"), "final_test_acc": last.get("test_acc"),
+            rows.append({**self._config_cols(i),
+                         "diverged_epoch": float("nan") if de is None else de,
+                         "final_train_loss": last.get("train_loss"),
+                         "final_train_acc": last.get("train_acc"),
+                         "final_test_loss": last.get("test_loss"),
+                         "final_test_acc": last.get("test_acc"),
                          "final_avg_rank": last.get("avg_rank"),
                          "eval_blowup_epoch": blown[0] if blown else float("nan"),
                          "final_bn_var_min": last.get("bn_var_min"), "cached": self.cached[i],
@@ -118,7 +121,8 @@ class Result:
         (:func:`sgdrank.metrics.threshold_rank`). Aligned with ``res.layers.index``."""
         if atol is None and rtol is None:
             atol = metrics.DEFAULT_ATOL
-        vals = [int(metrics.threshold_rank(torch.from_numpy(s), atol=atol, rtol=rtol)) for s in self.layers["sv"]]
+        vals = [int(metrics.threshold_rank(torch.from_numpy(s), atol=atol, rtol=rtol))
+                for s in self.layers["sv"]]
         return pd.Series(vals, index=self.layers.index, name="rank", dtype=int)
 
     def _index(self, run) -> int:
@@ -131,7 +135,8 @@ class Result:
         i = self._index(run)
         rec = self.records[i]
         if rec["state"] is None:
-            raise ValueError(f"run {i} diverged at epoch {rec['diverged_epoch']}: it has no final weights")
+            raise ValueError(f"run {i} diverged at epoch {rec['diverged_epoch']}: "
+                             "it has no final weights")
         return {k: v.clone() for k, v in rec["state"].items()}
 
     def model(self, run) -> nn.Module:

@@ -78,9 +78,11 @@ class Config:
         if self.decay not in DECAYS:
             raise ValueError(f"unknown decay {self.decay!r}: use one of {DECAYS}")
         if self.batch_size < 1 or self.epochs < 0:
-            raise ValueError(f"need batch_size >= 1 and epochs >= 0, got {self.batch_size}, {self.epochs}")
+            raise ValueError(f"need batch_size >= 1 and epochs >= 0, "
+                             f"got {self.batch_size}, {self.epochs}")
         if self.record_every < 1:
-            raise ValueError(f"need record_every >= 1 (record every k-th epoch), got {self.record_every}")
+            raise ValueError(f"need record_every >= 1 (record every k-th epoch), "
+                             f"got {self.record_every}")
         if self.lr < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"need lr >= 0 and 0 <= momentum < 1, got {self.lr}, {self.momentum}")
         conventions.torch_weight_decay(self.lam)  # raises for lam < 0
@@ -100,7 +102,8 @@ class Config:
     @classmethod
     def from_dict(cls, d: Mapping) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v)
+                      for k, v in d.items() if k in names})
 
     def group_key(self) -> tuple:
         """Runs with equal group keys are trained as one batched computation."""
@@ -112,15 +115,16 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 DATA_FIELDS = ("dataset", "n_train", "n_test", "data_seed", "classes", "standardize")
 #: what a batch of runs must share (the rest -- lr, lam, seed, momentum, schedule -- is per run)
 GROUP_FIELDS = ("model", "dataset", "n_train", "n_test", "data_seed", "classes", "standardize",
-                "bias", "detach_var", "activation", "batch_size", "epochs", "loss", "decay", "drop_last",
-                "eval_train", "record_every")
+                "bias", "detach_var", "activation", "batch_size", "epochs", "loss", "decay",
+                "drop_last", "eval_train", "record_every")
 
 
 def replace(cfg: Config, **changes) -> Config:
     """A copy of ``cfg`` with some fields changed (``dataclasses.replace``, validated)."""
     unknown = sorted(set(changes) - set(CONFIG_FIELDS))
     if unknown:
-        raise ValueError(f"unknown Config field(s) {unknown}; fields are {', '.join(CONFIG_FIELDS)}")
+        raise ValueError(f"unknown Config field(s) {unknown}; "
+                         f"fields are {', '.join(CONFIG_FIELDS)}")
     return dataclasses.replace(cfg, **changes)
 
 
@@ -129,10 +133,13 @@ def grid(base: Config, **axes: Sequence) -> list[Config]:
     varies fastest. ``grid(cfg, lr=[0.05, 0.1], seed=[0, 1])`` -> 4 configs."""
     unknown = sorted(set(axes) - set(CONFIG_FIELDS))
     if unknown:
-        raise ValueError(f"unknown Config field(s) {unknown}; fields are {', '.join(CONFIG_FIELDS)}")
+        raise ValueError(f"unknown Config field(s) {unknown}; "
+                         f"fields are {', '.join(CONFIG_FIELDS)}")
     names = list(axes)
-    values = [list(v) if isinstance(v, (list, tuple, range, np.ndarray)) else [v] for v in axes.values()]
-    return [dataclasses.replace(base, **dict(zip(names, combo))) for combo in itertools.product(*values)]
+    values = [list(v) if isinstance(v, (list, tuple, range, np.ndarray)) else [v]
+              for v in axes.values()]
+    return [dataclasses.replace(base, **dict(zip(names, combo)))
+            for combo in itertools.product(*values)]
 
 
 # --------------------------------------------------------------------------- batch order
@@ -151,7 +158,8 @@ def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(int(n), generator=g)
 
 
-def batches(seed: int, epoch: int, n: int, batch_size: int, drop_last: bool = True) -> list[torch.Tensor]:
+def batches(seed: int, epoch: int, n: int, batch_size: int,
+            drop_last: bool = True) -> list[torch.Tensor]:
     """The index batches of epoch ``epoch``: :func:`batch_order` cut into pieces of
     ``batch_size`` (the last partial piece dropped when ``drop_last``)."""
     perm = batch_order(seed, epoch, n)
@@ -160,7 +168,8 @@ def batches(seed: int, epoch: int, n: int, batch_size: int, drop_last: bool = Tr
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
-    """SGD steps in one epoch over ``n`` samples: ``n // B`` (``drop_last``), else ``ceil(n / B)``."""
+    """SGD steps in one epoch over ``n`` samples: ``n // B`` (``drop_last``), else
+    ``ceil(n / B)``."""
     return n // batch_size if drop_last else -(-n // batch_size)
 
 

@@ -66,7 +66,8 @@ The parts: :mod:`sgdrank.runconfig` (what a run is: config, schedule, batch orde
 groups the runs and calls the engines.
 
 Caching: each run is one file ``<results_dir(cache)>/<key>.pt``, ``key`` = sha256 of the config
-and of the source of every file that determines its numbers (:data:`sgdrank.cache.ENGINE_FILES`). A re-run loads finished runs; a group that was interrupted
+and of the source of every file that determines its numbers
+(:data:`sgdrank.cache.ENGINE_FILES`). A re-run loads finished runs; a group that was interrupted
 resumes from its last checkpoint (``checkpoint_every`` seconds; epoch granularity).
 """
 from __future__ import annotations
@@ -82,8 +83,8 @@ from .batched import Arch, supported
 from .cache import ENGINE_FILES, code_hash, run_key
 from .record import EPOCH_METRICS, EVAL_BLOWUP, FORMAT, LAYER_METRICS
 from .results import Result
-from .runconfig import (CONFIG_FIELDS, DATA_FIELDS, DECAYS, GROUP_FIELDS, LOSSES, Config, batch_order,
-                        batches, grid, recorded_epochs, replace, steps_per_epoch)
+from .runconfig import (CONFIG_FIELDS, DATA_FIELDS, DECAYS, GROUP_FIELDS, LOSSES, Config,
+                        batch_order, batches, grid, recorded_epochs, replace, steps_per_epoch)
 
 __all__ = ["Config", "Result", "run", "load", "grid", "replace", "batch_order", "batches",
            "steps_per_epoch", "recorded_epochs", "run_key", "code_hash", "CONFIG_FIELDS",
@@ -91,7 +92,8 @@ __all__ = ["Config", "Result", "run", "load", "grid", "replace", "batch_order", 
            "EVAL_BLOWUP", "FORMAT", "LOSSES", "DECAYS", "supported"]
 
 
-def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *, progress: bool = True,
+def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *,
+        progress: bool = True,
         device: str | torch.device | None = None, data: Any = None, engine: str = "auto",
         max_k: int | None = None, checkpoint_every: float = 60.0,
         on_epoch: Callable[[int, list], None] | None = None) -> Result:
@@ -166,7 +168,8 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *, 
         for gi, (gkey, idxs) in enumerate(groups.items()):
             c0 = cfgs[idxs[0]]
             dkey = (tuple(getattr(c0, f) for f in DATA_FIELDS), c0.loss)
-            if prepared is None or prepared[0] != dkey or (data is not None and prepared[1] is not inputs.resolve(c0, data)):
+            if (prepared is None or prepared[0] != dkey
+                    or (data is not None and prepared[1] is not inputs.resolve(c0, data))):
                 ds = inputs.resolve(c0, data)
                 prepared = (dkey, ds, inputs.prepare(ds, c0.loss, device))
             d = prepared[2]
@@ -189,9 +192,10 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *, 
                 kmax = max(1, int(max_k))
             for s in range(0, len(idxs), kmax):
                 chunk = idxs[s:s + kmax]
-                ck = None if folder is None else _cache.checkpoint_path(folder, [keys[i] for i in chunk])
-                recs = engine_batched.train([cfgs[i] for i in chunk], [keys[i] for i in chunk], d, device, bar,
-                                      ck, checkpoint_every, on_epoch)
+                ck = (None if folder is None
+                      else _cache.checkpoint_path(folder, [keys[i] for i in chunk]))
+                recs = engine_batched.train([cfgs[i] for i in chunk], [keys[i] for i in chunk], d,
+                                            device, bar, ck, checkpoint_every, on_epoch)
                 for i, rec in zip(chunk, recs):
                     records[i] = rec
                     if folder is not None:
@@ -219,6 +223,8 @@ def load(configs: Config | Iterable[Config], cache: str | Path, data: Any = None
             missing.append(i)
         recs.append(rec)
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(cfgs)} runs are not in the cache {str(folder)!r} "
-                                f"(e.g. run {missing[0]}: {cfgs[missing[0]]}); compute them with sweep.run")
+        raise FileNotFoundError(f"{len(missing)} of {len(cfgs)} runs are not in the cache "
+                                f"{str(folder)!r} "
+                                f"(e.g. run {missing[0]}: {cfgs[missing[0]]}); "
+                                "compute them with sweep.run")
     return Result(cfgs, recs, [True] * len(cfgs))
