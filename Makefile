@@ -53,6 +53,10 @@ redecide:  ## re-execute the chapters under a second numeric configuration; exit
 dryrun:  ## every chapter's paper profile in miniature (SGDRANK_DRYRUN=1, local submitit jobs)
 	$(PY) tools/dryrun.py
 
+.PHONY: release
+release: html  ## a tagged edition: built HTML + executed notebooks in _build/release/sgdrank-<version>.tar.gz
+	$(PY) tools/release.py
+
 clean:  ## remove builds and caches (not the .venv)
 	rm -rf _build .cache/results .pytest_cache
 

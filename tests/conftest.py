@@ -12,7 +12,8 @@ os.environ.setdefault("SGDRANK_OFFLINE", "1")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end checks run by tools/test.sh after the build")
+    config.addinivalue_line("markers",
+                            "slow: end-to-end checks run by tools/test.sh after the build")
 
 
 @contextlib.contextmanager

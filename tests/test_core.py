@@ -90,8 +90,8 @@ def test_weight_decay_convention_matches_torch():
         conventions.torch_weight_decay(-1.0)
 
 
-@pytest.mark.parametrize("spec,n_layers", [("MLP-3-16", 3), ("MLP-BN-10-100", 10), ("RES-BN-2-8", 5),
-                                          ("RES-2-8", 5), ("CONV-2-4", 2)])
+@pytest.mark.parametrize("spec,n_layers", [("MLP-3-16", 3), ("MLP-BN-10-100", 10),
+                                          ("RES-BN-2-8", 5), ("RES-2-8", 5), ("CONV-2-4", 2)])
 def test_build_model_shapes_and_rank_layers(spec, n_layers):
     m = models.build_model(spec, 784, 10, seed=0)
     assert m(torch.randn(5, 1, 28, 28)).shape == (5, 10)
@@ -128,7 +128,8 @@ def test_batchnorm_matches_torch_and_detaches_variance():
     assert torch.allclose(ours(z), ref(z), atol=1e-12)
     assert torch.allclose(ours.running_var, ref.running_var, atol=1e-12)
     assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-12)
-    ours.eval(); ref.eval()
+    ours.eval()
+    ref.eval()
     assert torch.allclose(ours(z), ref(z), atol=1e-12)
     # detached variance: the gradient equals the full-BN gradient with 1/std held constant
     det = models.BatchNorm(5, detach_var=True).double()

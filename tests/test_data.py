@@ -60,13 +60,15 @@ def test_fashion_full_shapes_labels_standardisation(fashion, fashion_root):
     # torchvision's layout was prepared (gunzipped) under the root
     for f in data.IDX_FILES:
         assert (fashion_root / "FashionMNIST" / "raw" / f).is_file()
-    assert repr(d) == "Dataset('fashion-mnist', 10 classes, input (1, 28, 28), train 60000, test 10000)"
+    assert repr(d) == ("Dataset('fashion-mnist', 10 classes, input (1, 28, 28), train 60000, "
+                       "test 10000)")
 
 
 @needs_fashion
 def test_fashion_pixels_round_trip(fashion, fashion_root):
     raw = fashion_root / "FashionMNIST" / "raw"
-    images, labels = read_idx(raw / "train-images-idx3-ubyte"), read_idx(raw / "train-labels-idx1-ubyte")
+    images = read_idx(raw / "train-images-idx3-ubyte")
+    labels = read_idx(raw / "train-labels-idx1-ubyte")
     d = data.load_dataset("fashion-mnist", root=fashion_root, n_train=50, n_test=20, seed=3,
                           standardize=False)
     idx = d.train_index.numpy()
@@ -127,7 +129,8 @@ def test_fashion_source_folder_override(tmp_path, monkeypatch):
     monkeypatch.setenv("SGDRANK_FASHION_MNIST_SRC", str(src))
     d = data.load_dataset("fashion-mnist", root=tmp_path / "root", standardize=False)
     assert d.n_train == 12 and d.n_test == 5
-    np.testing.assert_array_equal(d.x_train[:, 0].numpy(), files["train"][0].astype(np.float32) / 255)
+    np.testing.assert_array_equal(d.x_train[:, 0].numpy(),
+                                  files["train"][0].astype(np.float32) / 255)
     np.testing.assert_array_equal(d.y_test.numpy(), files["t10k"][1])
 
 
@@ -173,8 +176,10 @@ def test_cifar10_from_python_pickles(tmp_path, monkeypatch):
     # train image 6 is image 2 of data_batch_2
     row = batches["data_batch_2"]["data"][2]
     c, r, col = 1, 17, 4
-    assert d.x_train[6, c, r, col].item() == np.float32(row[c * 1024 + r * 32 + col]) / np.float32(255)
-    np.testing.assert_array_equal(d.x_train[6].numpy(), row.reshape(3, 32, 32).astype(np.float32) / 255)
+    assert (d.x_train[6, c, r, col].item()
+            == np.float32(row[c * 1024 + r * 32 + col]) / np.float32(255))
+    np.testing.assert_array_equal(d.x_train[6].numpy(),
+                                  row.reshape(3, 32, 32).astype(np.float32) / 255)
     labels = sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
     assert d.y_train.tolist() == labels
     assert d.y_test.tolist() == batches["test_batch"]["labels"]
@@ -196,7 +201,8 @@ def test_california_from_sklearn_cache(tmp_path):
     assert sorted(i.tolist() + d.test_index.tolist()) == list(range(n))
     s = data.load_dataset("california", root=tmp_path, n_train=10, n_test=3, seed=5)
     assert s.n_train == 10 and s.n_test == 3
-    assert abs(s.y_train.mean().item()) < 1e-5 and abs(s.y_train.std(correction=0).item() - 1) < 1e-4
+    assert abs(s.y_train.mean().item()) < 1e-5
+    assert abs(s.y_train.std(correction=0).item() - 1) < 1e-4
     np.testing.assert_allclose(s.y_train.numpy() * s.y_std + s.y_mean,
                                table[s.train_index.numpy(), 0] / 1e5, rtol=1e-5)
 
@@ -237,7 +243,8 @@ def test_diabetes_targets_standardised():
     d = data.load_dataset("diabetes", seed=2)
     assert d.x_train.shape == (354, 10) and d.x_test.shape == (88, 10) and d.task == "regression"
     assert d.y_train.dtype == torch.float32 and d.y_train.shape == (354,)
-    assert abs(d.y_train.mean().item()) < 1e-5 and abs(d.y_train.std(correction=0).item() - 1) < 1e-4
+    assert abs(d.y_train.mean().item()) < 1e-5
+    assert abs(d.y_train.std(correction=0).item() - 1) < 1e-4
     assert torch.allclose(d.x_train.mean(0), torch.zeros(10), atol=1e-5)
     x, y = load_diabetes(return_X_y=True, scaled=False)
     np.testing.assert_allclose(d.y_test.numpy() * d.y_std + d.y_mean, y[d.test_index.numpy()],
@@ -249,7 +256,8 @@ def test_diabetes_targets_standardised():
 
 def test_synthetic_regression():
     d = data.load_dataset("synthetic-regression")
-    assert d.x_train.shape == (1000, 20) and d.x_test.shape == (1000, 20) and d.y_train.shape == (1000,)
+    assert d.x_train.shape == (1000, 20) and d.x_test.shape == (1000, 20)
+    assert d.y_train.shape == (1000,)
     # noise = 0: y is exactly linear in x, with a unit-norm teacher shared across seeds
     a = data.load_dataset("synthetic-regression", n_train=50, n_test=5, seed=0, standardize=False,
                           options={"d": 5, "noise": 0.0})
@@ -302,7 +310,8 @@ def test_avg_pool_pools_and_restandardises():
     # each pooled pixel is the mean of its 2x2 block of the (standardised) input, re-standardised
     block = d.x_train[3, 0, 4:6, 10:12].mean()
     assert torch.allclose(p.x_train[3, 0, 2, 5], (block - p.x_mean[0]) / p.x_std[0], atol=1e-5)
-    assert abs(p.x_train.mean().item()) < 1e-5 and abs(p.x_train.std(correction=0).item() - 1) < 1e-4
+    assert abs(p.x_train.mean().item()) < 1e-5
+    assert abs(p.x_train.std(correction=0).item() - 1) < 1e-4
     assert torch.equal(p.y_train, d.y_train)
     assert data.avg_pool(d, 1) is d
     with pytest.raises(ValueError, match="positive integer"):

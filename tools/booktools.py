@@ -39,7 +39,8 @@ def code_cells(nb: dict) -> list[dict]:
     """Code cells that belong to the chapter (papermill's injected-parameters cell excluded)."""
     return [
         c for c in nb["cells"]
-        if c["cell_type"] == "code" and "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+        if c["cell_type"] == "code"
+        and "injected-parameters" not in c.get("metadata", {}).get("tags", [])
     ]
 
 
@@ -69,7 +70,8 @@ def _modules_named_in(code: str) -> set[str]:
                 names.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sgdrank.")}
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "sgdrank":
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+              and node.value.id == "sgdrank"):
             names.add(node.attr)
     return names
 
@@ -152,7 +154,8 @@ def absolute_paths(nb: dict) -> list[str]:
 def stamp(nb: dict, profile: str) -> dict:
     """The metadata record written after a successful run."""
     files = lib_dependencies(nb)
-    return {"profile": profile, "code_sha256": code_hash(nb), "lib_files": files, "lib_sha256": lib_hash(files)}
+    return {"profile": profile, "code_sha256": code_hash(nb), "lib_files": files,
+            "lib_sha256": lib_hash(files)}
 
 
 def problems(nb: dict, expected_profile: str = "book") -> list[str]:
@@ -167,16 +170,18 @@ def problems(nb: dict, expected_profile: str = "book") -> list[str]:
         out.append("code cells changed since the notebook was executed")
     files = lib_dependencies(nb)
     if files != meta.get("lib_files") or lib_hash(files) != meta.get("lib_sha256"):
-        out.append(f"library changed since the notebook was executed (depends on {', '.join(files)})")
+        out.append("library changed since the notebook was executed "
+                   f"(depends on {', '.join(files)})")
     counts = []
     for i, c in enumerate(code_cells(nb)):
         for o in c.get("outputs", []):
             if o.get("output_type") == "error":
-                out.append(f"code cell {i} has an error output: {o.get('ename')}: {o.get('evalue')}")
+                out.append(f"code cell {i} has an error output: "
+                           f"{o.get('ename')}: {o.get('evalue')}")
             if o.get("output_type") == "stream" and o.get("name") == "stderr":
                 first = _source({"source": o.get("text", "")}).strip().splitlines()[:1]
-                out.append(f"code cell {i} wrote to stderr (a warning or a live progress bar in the "
-                           f"published page): {first[0][:120] if first else ''!r}")
+                out.append(f"code cell {i} wrote to stderr (a warning or a live progress bar in "
+                           f"the published page): {first[0][:120] if first else ''!r}")
         if _source(c).strip():
             counts.append(c.get("execution_count"))
     if counts != list(range(1, len(counts) + 1)):

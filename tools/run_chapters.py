@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("paths", nargs="*", type=Path)
     ap.add_argument("--profile", default="book", choices=["smoke", "book", "paper"])
     ap.add_argument("--kernel", default="python3")
-    ap.add_argument("--stale-only", action="store_true", help="skip chapters that are already fresh")
+    ap.add_argument("--stale-only", action="store_true",
+                    help="skip chapters that are already fresh")
     args = ap.parse_args()
     paths = [p.resolve() for p in args.paths] or booktools.chapter_paths()
     for p in paths:

@@ -16,7 +16,8 @@ fi
 
 PYTHON=${PYTHON:-python3}
 stamp=.venv/.requirements.sha256
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+# lib/sgdrank/__init__.py holds __version__, which the editable install's metadata reads
+want=$(cat requirements.txt pyproject.toml lib/sgdrank/__init__.py | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: creating .venv from requirements.txt (a few minutes the first time)"
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

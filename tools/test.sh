@@ -13,6 +13,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 export SGDRANK_OFFLINE=1 SGDRANK_PROGRESS=summary PYTHONHASHSEED=0
 export SGDRANK_DATA="${SGDRANK_DATA:-$PWD/.cache/data}" SGDRANK_RESULTS="${SGDRANK_RESULTS:-$PWD/.cache/results-smoke}"
 t0=$SECONDS
+echo "== 0/5 ruff (pyproject.toml: line length 100) =="
+ruff check lib tools tests benchmarks
 echo "== 1/5 unit tests, notebook and claims-page freshness, smoke execution of every chapter with nbval =="
 SGDRANK_PROFILE=smoke python -m pytest -q -p no:cacheprovider --nbval-lax -m "not slow" tests chapters
 echo "== 2/5 nbval again under a second numeric configuration (OpenBLAS Prescott, ATEN default, 1 thread) =="

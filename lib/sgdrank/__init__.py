@@ -22,6 +22,11 @@ so that importing the package itself stays cheap and each chapter's dependencies
 - :mod:`sgdrank.report`    -- prose numbers, spreads and verdicts from the run; claim records
 - :mod:`sgdrank.progress`  -- progress bars that read well live and in committed outputs
 - :mod:`sgdrank.plotting`  -- the book's one plot style
+- :mod:`sgdrank.edition`   -- the edition number on every page of the book (a Sphinx extension)
+
+``__version__`` is the one source of the edition number: the package metadata
+(``pyproject.toml``, dynamic version), the footer of every page (:mod:`sgdrank.edition`),
+``CITATION.cff``, ``CHANGELOG.md`` and the release archive's name agree with it (tested).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -288,9 +288,12 @@ def _raw_fashion_mnist(root: Path, train: bool, download: bool | None):
 
 def _raw_mnist(root: Path, train: bool, download: bool | None):
     how = (
-        "MNIST is an online dataset: on a machine with internet (e.g. Colab) unset SGDRANK_OFFLINE\n"
-        "and torchvision downloads it; or copy train-images-idx3-ubyte, train-labels-idx1-ubyte,\n"
-        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (gzipped or not) into {root / 'MNIST' / 'raw'}."
+        "MNIST is an online dataset: on a machine with internet (e.g. Colab) unset "
+        "SGDRANK_OFFLINE\n"
+        "and torchvision downloads it; or copy train-images-idx3-ubyte, "
+        "train-labels-idx1-ubyte,\n"
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (gzipped or not) into "
+        f"{root / 'MNIST' / 'raw'}."
     )
     return _load_mnist_like("MNIST", "mnist", root, train, download, [], how)
 
@@ -515,7 +518,8 @@ def avg_pool(ds: Dataset, k: int) -> Dataset:
     if k == 1:
         return ds
     if ds.x_train.ndim != 4:
-        raise ValueError(f"avg_pool: {ds.name!r} has inputs of shape {tuple(ds.input_shape)}, not images")
+        raise ValueError(f"avg_pool: {ds.name!r} has inputs of shape "
+                         f"{tuple(ds.input_shape)}, not images")
     x_tr = torch.nn.functional.avg_pool2d(ds.x_train, k)
     x_te = torch.nn.functional.avg_pool2d(ds.x_test, k)
     x_tr, x_te, mean, std = _standardize_x(x_tr, x_te)

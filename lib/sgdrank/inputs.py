@@ -59,32 +59,38 @@ def resolve(cfg: Config, data):
     """The dataset object of run ``cfg`` (see the module docstring for what ``data`` may be)."""
     if data is None:
         from . import data as D  # noqa: N812  (lazy: torchvision is imported only when needed)
-        return D.load_dataset(cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.data_seed,
-                              classes=cfg.classes, standardize=cfg.standardize)
+        return D.load_dataset(cfg.dataset, n_train=cfg.n_train, n_test=cfg.n_test,
+                              seed=cfg.data_seed, classes=cfg.classes,
+                              standardize=cfg.standardize)
     if callable(data) and not isinstance(data, Mapping):
         return data(cfg)
     if isinstance(data, Mapping):
         try:
             return data[cfg.dataset]
         except KeyError:
-            raise ValueError(f"dataset {cfg.dataset!r} not in the data passed to run(): {sorted(data)}") from None
+            raise ValueError(f"dataset {cfg.dataset!r} not in the data passed to run(): "
+                             f"{sorted(data)}") from None
     if hasattr(data, "x_train"):
         return data
-    raise TypeError("data must be None, a dataset object, a mapping name -> dataset, or a callable(cfg)")
+    raise TypeError("data must be None, a dataset object, a mapping name -> dataset, "
+                    "or a callable(cfg)")
 
 
 def prepare(ds, loss: str, device) -> GroupData:
     """``ds`` as device tensors for ``loss`` (inputs flattened; ``in_shape`` kept for CONV/zoo)."""
     def flat(x):
-        return torch.as_tensor(x).to(device=device, dtype=torch.float32).reshape(len(x), -1).contiguous()
+        x = torch.as_tensor(x).to(device=device, dtype=torch.float32)
+        return x.reshape(len(x), -1).contiguous()
 
     x, xt = flat(ds.x_train), flat(ds.x_test)
     y, yt = torch.as_tensor(ds.y_train), torch.as_tensor(ds.y_test)
-    in_shape = tuple(getattr(ds, "input_shape", None) or tuple(torch.as_tensor(ds.x_train).shape[1:]))
+    in_shape = tuple(getattr(ds, "input_shape", None)
+                     or tuple(torch.as_tensor(ds.x_train).shape[1:]))
     if y.is_floating_point():
         if loss != "mse":
             raise ValueError("this dataset has real-valued targets: use loss='mse'")
-        t, tt = y.to(device, torch.float32).reshape(len(y), -1), yt.to(device, torch.float32).reshape(len(yt), -1)
+        t = y.to(device, torch.float32).reshape(len(y), -1)
+        tt = yt.to(device, torch.float32).reshape(len(yt), -1)
         return GroupData(x, None, t, xt, None, tt, in_shape, t.shape[1])
     C = int(getattr(ds, "n_classes", None) or int(max(y.max(), yt.max() if len(yt) else 0)) + 1)
     y, yt = y.to(device, torch.long), yt.to(device, torch.long)

@@ -10,7 +10,8 @@ Conventions (stated once, used everywhere):
 - *Threshold rank* with absolute tolerance (the authors'): ``#{i : s_i / ||W||_F > atol}``
   (default ``atol = 1e-3``); with relative tolerance: ``#{i : s_i > rtol * s_1}``.
 - *Stable rank* ``||W||_F^2 / ||W||_2^2 = sum_i s_i^2 / s_1^2`` -- no threshold at all.
-- *Convergence distance* (GP22 sec. 5): ``d(W_{t+1}, W_t) = mean over matrices ||W_{t+1} - W_t||_F``,
+- *Convergence distance* (GP22 sec. 5):
+  ``d(W_{t+1}, W_t) = mean over matrices ||W_{t+1} - W_t||_F``,
   computed on cloned snapshots (the authors' code compared an un-cloned tensor with itself).
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def rank_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trainable_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable weight matrix (all Linear / Conv2d weights, classifier included), detached."""
+    """Every trainable weight matrix (all Linear / Conv2d weights, classifier included),
+    detached."""
     return {
         f"{n}.weight": as_matrix(m.weight.detach())
         for n, m in model.named_modules()
@@ -72,7 +74,8 @@ def batch_singular_values(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(w.mT if w.shape[-2] < w.shape[-1] else w)
 
 
-def threshold_rank(s: torch.Tensor, atol: float | None = DEFAULT_ATOL, rtol: float | None = None) -> torch.Tensor:
+def threshold_rank(s: torch.Tensor, atol: float | None = DEFAULT_ATOL,
+                   rtol: float | None = None) -> torch.Tensor:
     """Rank from singular values ``s`` (``(..., r)``, descending), with exactly one tolerance:
 
     - ``atol``: ``#{i : s_i / ||s||_2 > atol}`` (``||s||_2 = ||W||_F``; the authors' rule);
@@ -91,9 +94,11 @@ def threshold_rank(s: torch.Tensor, atol: float | None = DEFAULT_ATOL, rtol: flo
 
 
 def stable_rank(s: torch.Tensor) -> torch.Tensor:
-    """Stable rank ``sum_i s_i^2 / s_1^2`` from singular values ``s`` (``(..., r)``); 0 for W = 0."""
+    """Stable rank ``sum_i s_i^2 / s_1^2`` from singular values ``s`` (``(..., r)``); 0 for
+    W = 0."""
     top = s[..., 0] ** 2
-    return torch.where(top > 0, (s**2).sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(top))
+    return torch.where(top > 0, (s**2).sum(-1) / top.clamp_min(torch.finfo(s.dtype).tiny),
+                       torch.zeros_like(top))
 
 
 def numerical_rank(m: torch.Tensor, rtol: float | None = None) -> int:
@@ -111,7 +116,8 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainable_matrices(model).items()}
 
 
-def convergence_distance(prev: Mapping[str, torch.Tensor], curr: Mapping[str, torch.Tensor]) -> float:
+def convergence_distance(prev: Mapping[str, torch.Tensor],
+                         curr: Mapping[str, torch.Tensor]) -> float:
     """GP22's ``d(W_{t+1}, W_t) = (1/|E_T|) sum_{(p,q)} ||W^{pq}_{t+1} - W^{pq}_t||_F``.
 
     ``prev`` and ``curr`` map the same names to matrices (use :func:`snapshot` for both)."""
@@ -123,7 +129,8 @@ def convergence_distance(prev: Mapping[str, torch.Tensor], curr: Mapping[str, to
     return float(torch.stack(dist).mean())
 
 
-def layer_table(model: nn.Module, atol: float | None = DEFAULT_ATOL, rtol: float | None = None) -> list[dict]:
+def layer_table(model: nn.Module, atol: float | None = DEFAULT_ATOL,
+                rtol: float | None = None) -> list[dict]:
     """One row per rank-tracked matrix: name, shape, threshold rank, stable rank, Frobenius and
     spectral norms, and the singular values themselves."""
     rows = []
@@ -132,12 +139,13 @@ def layer_table(model: nn.Module, atol: float | None = DEFAULT_ATOL, rtol: float
         rows.append(
             dict(layer=name, shape=tuple(w.shape), rank=int(threshold_rank(s, atol, rtol)),
                  stable_rank=float(stable_rank(s)), fro=float(torch.linalg.vector_norm(s)),
-                 spec=float(s[0]), sv=s.numpy())
+                 spec=float(s[0]), sv=s.cpu().numpy())
         )
     return rows
 
 
-def average_rank(model: nn.Module, atol: float | None = DEFAULT_ATOL, rtol: float | None = None) -> float:
+def average_rank(model: nn.Module, atol: float | None = DEFAULT_ATOL,
+                 rtol: float | None = None) -> float:
     """Mean threshold rank over the rank-tracked matrices (the papers' 'average rank')."""
     rows = layer_table(model, atol, rtol)
     return sum(r["rank"] for r in rows) / len(rows)

@@ -36,7 +36,8 @@ def _activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}: choose one of {sorted(ACTIVATIONS)}") from None
+        raise ValueError(f"unknown activation {name!r}: choose one of "
+                         f"{sorted(ACTIVATIONS)}") from None
 
 
 class BatchNorm(nn.Module):
@@ -51,7 +52,8 @@ class BatchNorm(nn.Module):
     def __init__(self, num_features: int, *, detach_var: bool = False, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True):
         super().__init__()
-        self.num_features, self.detach_var, self.eps, self.momentum = num_features, detach_var, eps, momentum
+        self.num_features, self.detach_var = num_features, detach_var
+        self.eps, self.momentum = eps, momentum
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
@@ -89,11 +91,13 @@ class MLP(nn.Module):
     width per layer), then a linear ``head``."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int, width: int | Sequence[int], *,
-                 bn: bool = False, bias: bool = True, detach_var: bool = False, activation: str = "relu"):
+                 bn: bool = False, bias: bool = True, detach_var: bool = False,
+                 activation: str = "relu"):
         super().__init__()
         widths = [width] * depth if isinstance(width, int) else list(width)
         if depth < 1 or len(widths) != depth or min(widths) < 1:
-            raise ValueError(f"MLP needs depth >= 1 and positive widths, got depth={depth}, width={width}")
+            raise ValueError(f"MLP needs depth >= 1 and positive widths, got depth={depth}, "
+                             f"width={width}")
         self.act = _activation(activation)
         dims = [in_dim] + widths
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:]))
@@ -199,7 +203,8 @@ class TiedMLP(nn.Module):
     A counterexample for the rank-one lemma: ``W`` multiplies two vectors per sample, so the
     per-sample gradient has rank <= 2."""
 
-    def __init__(self, in_dim: int, out_dim: int, width: int, *, bias: bool = False, activation: str = "relu"):
+    def __init__(self, in_dim: int, out_dim: int, width: int, *, bias: bool = False,
+                 activation: str = "relu"):
         super().__init__()
         self.act = _activation(activation)
         self.inp = nn.Linear(in_dim, width, bias=bias)
@@ -242,7 +247,8 @@ _SPEC = re.compile(r"^(MLP|RES|CONV)(-BN)?-(\d+)-(\d+)$")
 
 
 def build_model(spec: str, in_shape: int | Sequence[int], out_dim: int, *, bias: bool = True,
-                detach_var: bool = False, activation: str = "relu", seed: int | None = None) -> nn.Module:
+                detach_var: bool = False, activation: str = "relu",
+                seed: int | None = None) -> nn.Module:
     """Build a model from its name, e.g. ``build_model("MLP-BN-10-100", 784, 10)``.
 
     ``in_shape`` is the flattened input size for MLP/RES, or ``(c, h, w)`` for ``CONV``
@@ -257,7 +263,8 @@ def build_model(spec: str, in_shape: int | Sequence[int], out_dim: int, *, bias:
 
         if zoo.is_zoo(spec):
             return zoo.build(spec, _image_shape(in_shape), out_dim, seed=seed)
-        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(FAMILIES)} (e.g. 'MLP-BN-10-100') "
+        raise ValueError(f"unknown model {spec!r}: use one of {', '.join(FAMILIES)} "
+                         "(e.g. 'MLP-BN-10-100') "
                          f"or, for CIFAR-sized images, one of {', '.join(zoo.ZOO)}")
     family, bn, depth, width = m.group(1), bool(m.group(2)), int(m.group(3)), int(m.group(4))
     if family == "CONV" and bn:

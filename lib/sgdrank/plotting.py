@@ -43,8 +43,6 @@ def lines_by(ax, df, x: str, y: str, hue: str, *, label: str = "{}", band: bool 
              palette=None, **kw):
     """One line per value of ``hue``: the mean of ``y`` over the remaining rows (e.g. seeds) at
     each ``x``, with a min-max band when there are several. ``label`` formats the hue value."""
-    import numpy as np
-
     values = sorted(df[hue].unique(), key=lambda v: (v is None, v))
     cols = palette or colors(len(values))
     for v, c in zip(values, cols):

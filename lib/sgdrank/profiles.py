@@ -47,7 +47,8 @@ def dry_run(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def resolve(profile: str | None = None) -> str:
-    """Return the profile name to use: ``profile`` if given, else ``$SGDRANK_PROFILE``, else ``book``.
+    """Return the profile name to use: ``profile`` if given, else ``$SGDRANK_PROFILE``, else
+    ``book``.
 
     Raises ``ValueError`` with the valid names for anything else.
     """

@@ -18,7 +18,8 @@ def summary_mode() -> bool:
     return os.environ.get("SGDRANK_PROGRESS", "").strip().lower() == "summary"
 
 
-def progress(iterable: Iterable[T], desc: str = "", total: int | None = None, leave: bool = True) -> Iterator[T]:
+def progress(iterable: Iterable[T], desc: str = "", total: int | None = None,
+             leave: bool = True) -> Iterator[T]:
     """Iterate over ``iterable`` with a progress bar (or a one-line summary, see module doc)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
@@ -33,7 +34,8 @@ def _summary(iterable, desc, total, leave):
         n += 1
         yield item
     if leave:
-        print(f"{desc}: {n}{'/' + str(total) if total else ''} in {time.perf_counter() - t0:.1f} s", flush=True)
+        of = f"/{total}" if total else ""
+        print(f"{desc}: {n}{of} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def _bar():
@@ -60,7 +62,8 @@ class _SummaryBar:
 
     def close(self) -> None:
         of = f"/{self.total}" if self.total else ""
-        print(f"{self.desc}: {self.n}{of} {self.unit}s in {time.perf_counter() - self.t0:.1f} s", flush=True)
+        secs = time.perf_counter() - self.t0
+        print(f"{self.desc}: {self.n}{of} {self.unit}s in {secs:.1f} s", flush=True)
 
 
 def counter(total: int | None = None, initial: int = 0, desc: str = "", unit: str = "it"):
