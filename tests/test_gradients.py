@@ -230,3 +230,32 @@ def test_catalogue_text_shows_bound_and_rank_per_loss():
     head = lines[-1].split()
     assert head[0] == "head" and head[-3:] == ["1/1", "3/3", "2/2"]
     assert max(len(l) for l in lines) <= 80
+
+
+
+def test_multi_head_queries_reach_T_keys_keep_T_minus_1():
+    """Per-head query spans add up: with several heads W_q's per-sample gradient reaches T
+    (the one-head bound T - 1 is false there, the negative control); W_k keeps T - 1."""
+    T, d = 5, 8
+    x = torch.randn(3, T * d)
+    multi, one = G.MultiHeadAttention(T, d, 2, heads=4), G.MultiHeadAttention(T, d, 2, heads=1)
+    bm, b1 = G.rank_bounds(multi, x), G.rank_bounds(one, x)
+    assert bm["Wq"] == T and bm["Wk"] == T - 1 and b1["Wq"] == T - 1 and b1["Wk"] == T - 1
+    rm = G.max_ranks(G.per_sample_gradients(multi, x))
+    r1 = G.max_ranks(G.per_sample_gradients(one, x))
+    assert rm["Wq"] == T > T - 1 and rm["Wk"] == T - 1   # T - 1 would fail for multi-head W_q
+    assert r1["Wq"] == T - 1 and r1["Wk"] == T - 1
+
+
+def test_flip_slope_recovers_a_linear_law_and_its_interval_excludes_zero():
+    """C4's evidence: the slope of P(flip) over delta with a bootstrap interval over draws."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    deltas = np.logspace(-4, -1, 7)
+    u = rng.random(4000)[:, None]
+    flips = u < 20 * deltas[None, :]          # P = 20 delta: slope 1, nested as in the chapter
+    fs = G.flip_slope(deltas, flips, max_delta=0.05)
+    assert fs["lo"] <= 1 <= fs["hi"] and fs["lo"] > 0.5 and fs["n_deltas"] >= 3
+    flat = rng.random((4000, 7)) < 0.3        # no dependence on delta: slope 0
+    fz = G.flip_slope(deltas, flat, max_delta=0.05)
+    assert fz["lo"] <= 0 <= fz["hi"]

@@ -288,3 +288,18 @@ def test_rotate_problem_rotates_sgd_trajectories(small):
     b = L.optimizer_run(pr, W0 @ Qfull.T, 0.02, 0.05, "sgd", 4)
     np.testing.assert_allclose(b, a @ Qfull.T, rtol=0, atol=1e-12)
     np.testing.assert_allclose(Q @ p.X, pr.X, atol=1e-12)
+
+
+def test_online_msd_equals_the_simulator_window():
+    """E3's fast one-pass routine gives simulate's windowed MSD (same steps, same reference)."""
+    probs = [L.make_problem(4, 300, 2, seed=s, noise=0.1 * s) for s in range(2)]
+    runs = [L.Run(k, np.zeros((2, 4)), lam, eta, scheme="cyclic", B=1)
+            for k in range(2) for eta in (0.01, 0.05) for lam in (0.0, 0.1)]
+    ref = np.stack([probs[r.data].teacher / (1 + r.lam) for r in runs])
+    sim = L.simulate(probs, runs, 1, record=[0, 1], progress=False,
+                     window=dict(from_step=60, reference=ref)).window["msd_ref"]
+    fast = L.online_msd(probs, runs, from_step=60, reference=ref)
+    assert np.allclose(fast, sim, rtol=1e-10, atol=1e-30)
+    with pytest.raises(ValueError, match="cyclic"):
+        L.online_msd(probs, [L.Run(0, np.zeros((2, 4)), 0.1, 0.01, scheme="gd")],
+                     from_step=0, reference=ref[:1])

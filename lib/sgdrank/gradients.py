@@ -14,16 +14,25 @@ A per-sample quantity uses one sample's count, unless the network couples the sa
 (batch normalisation in training mode), in which case every sample's output depends on every
 ``z_i`` of the batch.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Callable, Mapping
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 
-from .metrics import (as_matrix, numerical_rank, rank_matrices, singular_values, stable_rank,
-                      threshold_rank)
+from .metrics import (
+    as_matrix,
+    numerical_rank,  # noqa: F401  (re-exported: gradients.numerical_rank)
+    rank_matrices,
+    singular_values,
+    stable_rank,
+    threshold_rank,
+)
 from .models import TinyAttention
 
 
@@ -51,6 +60,7 @@ def applications(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
                 counts[name] += output.shape[-1] * output.shape[-2] * output.shape[0] // batch
             else:
                 counts[name] += inputs[0].numel() // inputs[0].shape[-1] // batch
+
         return fn
 
     _forward_with_hooks(model, x, {m: hook(n) for n, m in mods.items()})
@@ -73,7 +83,8 @@ def couples_batch(model: nn.Module) -> bool:
     from .models import BatchNorm
 
     return any(
-        isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) and m.training for m in model.modules()
+        isinstance(m, (BatchNorm, nn.modules.batchnorm._BatchNorm)) and m.training
+        for m in model.modules()
     )
 
 
@@ -92,6 +103,7 @@ def _counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], dict[str
                 vecs[name] += output.shape[-1] * output.shape[-2] * output.shape[0] // batch
             else:
                 vecs[name] += inputs[0].numel() // inputs[0].shape[-1] // batch
+
         return fn
 
     _forward_with_hooks(model, x, {m: hook(n) for n, m in mods.items()})
@@ -128,17 +140,21 @@ def reachable_positions(model: nn.Module) -> dict[str, int]:
 
 
 def _softmax_projections(model: nn.Module) -> set[int]:
-    """ids of the query and key matrices of every softmax attention in ``model``: the scores
-    ``q_t . k_u`` enter a softmax over ``u``, whose Jacobian annihilates the all-ones vector."""
+    """ids of the matrices of softmax attention in ``model`` whose gradient loses one dimension:
+    the scores ``q_t . k_u`` enter a softmax over ``u``, whose Jacobian annihilates the all-ones
+    vector, so the key deltas sum to zero over tokens (every head; ``T - 1``). The query deltas
+    of one head lie in the span of that head's key differences; with several heads these spans
+    differ and add up, so a multi-head query matrix keeps ``T`` and only a one-head one loses a
+    dimension."""
     from .models import TinyAttention
     from .zoo import Attention
 
     out: set[int] = set()
     for m in model.modules():
-        if isinstance(m, (TinyAttention, TokenAttention)):
+        if isinstance(m, (TinyAttention, TokenAttention)):  # one head
             out |= {id(m.Wq), id(m.Wk)}
         elif isinstance(m, Attention):
-            out |= {id(m.q), id(m.k)}
+            out |= {id(m.k)} | ({id(m.q)} if m.heads == 1 else set())
     return out
 
 
@@ -153,8 +169,10 @@ def _bn_structure(model: nn.Module) -> dict[str, tuple[object, list]] | None:
 
     if isinstance(model, MLP):
         norms = [live(n) for n in model.norms]
-        out = {f"W{i + 1}": (norms[i], [n for n in norms[i + 1:] if n is not None])
-               for i in range(len(norms))}
+        out = {
+            f"W{i + 1}": (norms[i], [n for n in norms[i + 1 :] if n is not None])
+            for i in range(len(norms))
+        }
     elif isinstance(model, ResMLP):
         seq = []  # (name, BN directly after) in forward order
         for i, b in enumerate(model.blocks):
@@ -162,15 +180,21 @@ def _bn_structure(model: nn.Module) -> dict[str, tuple[object, list]] | None:
         allbn = [n for _, n in seq if n is not None]
         out = {"stem": (None, allbn)}
         for j, (name, after) in enumerate(seq):
-            out[name] = (after, [n for _, n in seq[j + 1:] if n is not None])
+            out[name] = (after, [n for _, n in seq[j + 1 :] if n is not None])
     else:
         return None
     out["head"] = (None, [])
     return out
 
 
-def rank_bounds(model: nn.Module, x: torch.Tensor, *, batch_sum: bool = False, sharp: bool = True,
-                output_rank: int | None = None) -> dict[str, int]:
+def rank_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    batch_sum: bool = False,
+    sharp: bool = True,
+    output_rank: int | None = None,
+) -> dict[str, int]:
     """The bound on the rank of each weight matrix's gradient, for one sample's output
     (``batch_sum=False``) or for a weighted sum over the batch ``x`` (``batch_sum=True``).
 
@@ -186,8 +210,9 @@ def rank_bounds(model: nn.Module, x: torch.Tensor, *, batch_sum: bool = False, s
     - a matrix whose output goes straight into training-mode BN: ``B - 1`` (the batch mean is
       subtracted; the centred inputs ``h_i - mean(h)`` sum to zero); with detached variance and
       no BN further downstream, one sample's gradient is rank one and the batch sum ``B - 1``;
-    - the query and key matrices of softmax attention: ``T - 1`` per call (softmax is invariant
-      to adding a constant to a row of scores);
+    - the key matrix of softmax attention: ``T - 1`` per call (softmax is invariant to adding a
+      constant to a row of scores); the query matrix too for one head, but not for several
+      heads, whose per-head query spans add up to ``T``;
     - a conv layer of a ConvNet: only the output positions that reach ``f``
       (:func:`reachable_positions`) count.
 
@@ -212,7 +237,7 @@ def rank_bounds(model: nn.Module, x: torch.Tensor, *, batch_sum: bool = False, s
         m = reach.get(name, per_sample[name])
         if id(mod) in qk:
             m = per_sample[name] - calls[name]
-        if couples and bn is None:          # an unknown batch-coupled model: no refinement
+        if couples and bn is None:  # an unknown batch-coupled model: no refinement
             count = batch * m
         elif couples and (bn[name][0] is not None or bn[name][1]):
             after, downstream = bn[name]
@@ -251,7 +276,9 @@ def _grads(scalar: torch.Tensor, mods: Mapping[str, nn.Module]) -> dict[str, tor
     }
 
 
-def per_sample_gradients(model: nn.Module, x: torch.Tensor, direction: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+def per_sample_gradients(
+    model: nn.Module, x: torch.Tensor, direction: torch.Tensor | None = None
+) -> list[dict[str, torch.Tensor]]:
     """``d (c . f(x_j; X)) / dW`` for every sample ``j`` of the batch ``X = x`` and every weight
     matrix (conv filters reshaped). ``c`` (``direction``, shape ``(k,)``) projects a vector
     output to a scalar; default: a fixed random unit vector. One forward pass of the whole batch,
@@ -263,8 +290,12 @@ def per_sample_gradients(model: nn.Module, x: torch.Tensor, direction: torch.Ten
     return [_grads(proj[j], mods) for j in range(x.shape[0])]
 
 
-def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy) -> dict[str, torch.Tensor]:
+def loss_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
+) -> dict[str, torch.Tensor]:
     """``dL/dW`` of the (mean) loss over the batch ``(x, y)`` for every weight matrix."""
     mods = weight_modules(model)
     return _grads(loss(model(x), y), mods)
@@ -306,7 +337,9 @@ def ranks(grads: Mapping[str, torch.Tensor], rtol: float = RANK_RTOL) -> dict[st
     return {n: rank_and_gap(g, rtol)[0] for n, g in grads.items()}
 
 
-def max_ranks(grad_list: list[Mapping[str, torch.Tensor]], rtol: float = RANK_RTOL) -> dict[str, int]:
+def max_ranks(
+    grad_list: list[Mapping[str, torch.Tensor]], rtol: float = RANK_RTOL
+) -> dict[str, int]:
     """Layer-wise maximum rank over a list of gradient dicts."""
     out: dict[str, int] = {}
     for g in grad_list:
@@ -329,6 +362,7 @@ def _unit(k: int, dtype: torch.dtype) -> torch.Tensor:
 
 # --- C4: the activation pattern is locally constant -----------------------------------------
 
+
 def preactivations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """Inputs of every ReLU-like activation of an MLP / ResMLP (hooks on BN or Linear outputs
     that feed the activation), as a list of ``(B, width)`` tensors."""
@@ -337,12 +371,16 @@ def preactivations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
     if isinstance(model, MLP):
         mods = list(model.norms)
-        mods = [n if not isinstance(n, nn.Identity) else l for n, l in zip(model.norms, model.layers)]
+        mods = [
+            n if not isinstance(n, nn.Identity) else l for n, l in zip(model.norms, model.layers)
+        ]
     elif isinstance(model, ResMLP):
         mods = []
         for b in model.blocks:
-            mods += [b.n1 if not isinstance(b.n1, nn.Identity) else b.W1,
-                     b.n2 if not isinstance(b.n2, nn.Identity) else b.W2]
+            mods += [
+                b.n1 if not isinstance(b.n1, nn.Identity) else b.W1,
+                b.n2 if not isinstance(b.n2, nn.Identity) else b.W2,
+            ]
     else:
         raise TypeError(f"preactivations: MLP or ResMLP expected, got {type(model).__name__}")
     _forward_with_hooks(model, x, {m: (lambda mod, i, o: found.append(o.detach())) for m in mods})
@@ -350,7 +388,8 @@ def preactivations(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def activation_pattern(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The ReLU pattern ``1[u > 0]`` of every pre-activation, concatenated: ``(B, total units)`` bool."""
+    """The ReLU pattern ``1[u > 0]`` of every pre-activation, concatenated: ``(B, total units)``
+    bool."""
     return torch.cat([u > 0 for u in preactivations(model, x)], dim=1)
 
 
@@ -362,8 +401,10 @@ def pattern_margin(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # --- verification harness ---------------------------------------------------------------------
 
-def weighted_batch_gradient(model: nn.Module, x: torch.Tensor, beta: torch.Tensor,
-                            direction: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+
+def weighted_batch_gradient(
+    model: nn.Module, x: torch.Tensor, beta: torch.Tensor, direction: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """GP22 Lemma 2's quantity: ``d/dW sum_j beta_j c . f(x_j; X)`` for the batch ``X = x``
     with one fixed projection ``c``. A loss gradient has this form only for ``k = 1`` output:
     a real loss gives each sample its own output gradient ``dl/df(x_j)``, not a multiple of
@@ -394,22 +435,32 @@ def random_targets(g: torch.Generator, batch: int, k: int, loss: str) -> torch.T
     raise ValueError(f"unknown loss {loss!r}: use 'mse' or 'ce'")
 
 
-def batch_loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
+def batch_loss_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
+) -> dict[str, torch.Tensor]:
     """``d/dW (1/B) sum_j l(f(x_j; X), y_j)`` for a real loss (``"mse"`` or ``"ce"``)."""
     mods = weight_modules(model)
     return _grads(_loss_terms(model(x), y, loss).mean(), mods)
 
 
-def per_sample_loss_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                              loss: str) -> list[dict[str, torch.Tensor]]:
+def per_sample_loss_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
+) -> list[dict[str, torch.Tensor]]:
     """``d l(f(x_j; X), y_j) / dW`` for every sample ``j``, from one forward pass of the batch."""
     mods = weight_modules(model)
     terms = _loss_terms(model(x), y, loss)
     return [_grads(terms[j], mods) for j in range(x.shape[0])]
 
 
-def check_ranks(model: nn.Module, draw: Callable[[torch.Generator, int], torch.Tensor], *,
-                batch: int, trials: int, seed: int = 0, loss: str = "projection") -> list[dict]:
+def check_ranks(
+    model: nn.Module,
+    draw: Callable[[torch.Generator, int], torch.Tensor],
+    *,
+    batch: int,
+    trials: int,
+    seed: int = 0,
+    loss: str = "projection",
+) -> list[dict]:
     """Measure the largest gradient rank of every weight matrix over ``trials`` random batches
     ``x = draw(generator, batch)``, for one sample's gradient and for the batch gradient, and
     put it next to the bounds: the sharp bound of :func:`rank_bounds` (``bound``) and the plain
@@ -450,13 +501,23 @@ def check_ranks(model: nn.Module, draw: Callable[[torch.Generator, int], torch.T
     rows = []
     for n, mod in weight_modules(model).items():
         d_out, d_in = as_matrix(mod.weight).shape
-        rows.append({"layer": n, "kind": "conv" if isinstance(mod, nn.Conv2d) else "linear",
-                     "coupled": couples_batch(model), "shape": f"{d_out}x{d_in}", "M": m_per_sample[n],
-                     "lemma (1 sample)": lemma_sample[n],
-                     "bound (1 sample)": bound_sample[n], "rank (1 sample)": per[n],
-                     f"lemma (B={batch})": lemma_batch[n],
-                     f"bound (B={batch})": bound_batch[n], f"rank (B={batch})": tot[n],
-                     "kept min": gaps[n][0], "dropped max": gaps[n][1]})
+        rows.append(
+            {
+                "layer": n,
+                "kind": "conv" if isinstance(mod, nn.Conv2d) else "linear",
+                "coupled": couples_batch(model),
+                "shape": f"{d_out}x{d_in}",
+                "M": m_per_sample[n],
+                "lemma (1 sample)": lemma_sample[n],
+                "bound (1 sample)": bound_sample[n],
+                "rank (1 sample)": per[n],
+                f"lemma (B={batch})": lemma_batch[n],
+                f"bound (B={batch})": bound_batch[n],
+                f"rank (B={batch})": tot[n],
+                "kept min": gaps[n][0],
+                "dropped max": gaps[n][1],
+            }
+        )
     return rows
 
 
@@ -464,8 +525,15 @@ LOSSES = ("projection", "mse", "ce")
 _SHORT = {"projection": "c.f", "mse": "MSE", "ce": "CE"}
 
 
-def check_losses(model: nn.Module, draw: Callable[[torch.Generator, int], torch.Tensor], *,
-                 batch: int, trials: int, seed: int = 0, losses=LOSSES) -> list[dict]:
+def check_losses(
+    model: nn.Module,
+    draw: Callable[[torch.Generator, int], torch.Tensor],
+    *,
+    batch: int,
+    trials: int,
+    seed: int = 0,
+    losses=LOSSES,
+) -> list[dict]:
     """:func:`check_ranks` for each quantity in ``losses``, in long format: one row per (matrix,
     loss) with keys ``layer, kind`` (``"linear"``/``"conv"``), ``coupled`` (BN in training mode),
     ``shape, M, loss, lemma 1, bound 1, rank 1, lemma B, bound B,
@@ -474,12 +542,24 @@ def check_losses(model: nn.Module, draw: Callable[[torch.Generator, int], torch.
     rows = []
     for loss in losses:
         for r in check_ranks(model, draw, batch=batch, trials=trials, seed=seed, loss=loss):
-            rows.append({"layer": r["layer"], "kind": r["kind"], "coupled": r["coupled"],
-                         "shape": r["shape"], "M": r["M"], "loss": loss,
-                         "lemma 1": r["lemma (1 sample)"], "bound 1": r["bound (1 sample)"],
-                         "rank 1": r["rank (1 sample)"], "lemma B": r[f"lemma (B={batch})"],
-                         "bound B": r[f"bound (B={batch})"], "rank B": r[f"rank (B={batch})"],
-                         "kept min": r["kept min"], "dropped max": r["dropped max"]})
+            rows.append(
+                {
+                    "layer": r["layer"],
+                    "kind": r["kind"],
+                    "coupled": r["coupled"],
+                    "shape": r["shape"],
+                    "M": r["M"],
+                    "loss": loss,
+                    "lemma 1": r["lemma (1 sample)"],
+                    "bound 1": r["bound (1 sample)"],
+                    "rank 1": r["rank (1 sample)"],
+                    "lemma B": r[f"lemma (B={batch})"],
+                    "bound B": r[f"bound (B={batch})"],
+                    "rank B": r[f"rank (B={batch})"],
+                    "kept min": r["kept min"],
+                    "dropped max": r["dropped max"],
+                }
+            )
     return rows
 
 
@@ -512,29 +592,37 @@ def catalogue_text(long) -> str:
     the sharp bound and the measured rank per loss, then for the batch (``B:``) the lemma's bound
     and ``sharp bound/rank`` per loss. At most 80 characters wide."""
     wide = wide_table(long)
-    losses = [c[len("rank 1 "):] for c in wide.columns if c.startswith("rank 1 ")]
-    head = (f"{'layer':>9} {'shape':>6} {'M':>3} | 1: lem bnd"
-            + "".join(f"{l:>4}" for l in losses) + " | B: lem"
-            + "".join(f"{l:>6}" for l in losses))
+    losses = [c[len("rank 1 ") :] for c in wide.columns if c.startswith("rank 1 ")]
+    head = (
+        f"{'layer':>9} {'shape':>6} {'M':>3} | 1: lem bnd"
+        + "".join(f"{l:>4}" for l in losses)
+        + " | B: lem"
+        + "".join(f"{l:>6}" for l in losses)
+    )
     lines = []
     for arch, block in wide.groupby("architecture", sort=False):
         lines.append(arch)
         lines.append(head)
         for _, r in block.iterrows():
             one = "".join(f"{int(r[f'rank 1 {l}']):>4}" for l in losses)
-            bat = "".join(f"{int(r[f'bound B {l}'])}/{int(r[f'rank B {l}'])}".rjust(6)
-                          for l in losses)
-            lines.append(f"{r['layer']:>9} {r['shape']:>6} {int(r['M']):>3} | "
-                         f"{int(r['lemma 1']):>6}{int(r['bound 1']):>4}{one} | "
-                         f"{int(r['lemma B']):>6}{bat}")
+            bat = "".join(
+                f"{int(r[f'bound B {l}'])}/{int(r[f'rank B {l}'])}".rjust(6) for l in losses
+            )
+            lines.append(
+                f"{r['layer']:>9} {r['shape']:>6} {int(r['M']):>3} | "
+                f"{int(r['lemma 1']):>6}{int(r['bound 1']):>4}{one} | "
+                f"{int(r['lemma B']):>6}{bat}"
+            )
     return "\n".join(lines)
 
 
 def batch_sampler(x: torch.Tensor) -> Callable[[torch.Generator, int], torch.Tensor]:
     """``draw(generator, batch)`` for :func:`check_ranks` that picks ``batch`` distinct rows of
     a fixed data set ``x`` (e.g. the training set of a trained model)."""
+
     def draw(gen: torch.Generator, batch: int) -> torch.Tensor:
         return x[torch.randperm(x.shape[0], generator=gen)[:batch]]
+
     return draw
 
 
@@ -547,7 +635,7 @@ class TokenAttention(TinyAttention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], self.tokens, self.dim)
-        scores = self.Wq(x) @ self.Wk(x).transpose(1, 2) / self.dim ** 0.5
+        scores = self.Wq(x) @ self.Wk(x).transpose(1, 2) / self.dim**0.5
         o = torch.softmax(scores, dim=-1) @ self.Wv(x)
         return self.head(torch.relu(o).mean(1))
 
@@ -555,8 +643,42 @@ class TokenAttention(TinyAttention):
         return [("Wq", self.Wq), ("Wk", self.Wk), ("Wv", self.Wv)]
 
 
-def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, steps: int,
-                  batch: int, lr: float, lam: float, seed: int = 0) -> list[float]:
+class MultiHeadAttention(nn.Module):
+    """:class:`TokenAttention` with ``heads`` heads (the transformer's
+    :class:`sgdrank.zoo.Attention`, whose ``q``, ``k``, ``v`` are ``d x d`` and split into
+    ``heads`` row blocks): ``f(X) = head(mean_t relu(o_t))``. Each head's query deltas lie in the
+    span of its own key differences (``T - 1`` dimensions), but the spans of different heads
+    add up, so ``W_q``'s per-sample gradient reaches ``T``; the key deltas of every head sum to
+    zero over tokens, so ``W_k`` keeps ``T - 1``."""
+
+    def __init__(self, tokens: int, dim: int, out: int, heads: int = 4):
+        super().__init__()
+        from .zoo import Attention
+
+        self.tokens, self.dim = tokens, dim
+        self.attn = Attention(dim, heads)
+        self.head = nn.Linear(dim, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.attn(x.reshape(x.shape[0], self.tokens, self.dim))
+        return self.head(torch.relu(o).mean(1))
+
+    def rank_layers(self) -> list[tuple[str, nn.Module]]:
+        return [("Wq", self.attn.q), ("Wk", self.attn.k), ("Wv", self.attn.v)]
+
+
+def train_briefly(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    lam: float,
+    seed: int = 0,
+) -> list[float]:
     """Plain mini-batch SGD with weight decay on ``(x, y)``: each step draws ``batch`` samples
     without replacement (seeded) and moves every parameter by ``-lr * grad`` of
     ``mean_j l(f(x_j), y_j) + lam * sum ||W||_F^2`` over the weight matrices of
@@ -578,7 +700,9 @@ def train_briefly(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str,
     return hist
 
 
-def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[torch.Generator, int], torch.Tensor]]:
+def random_architecture(
+    g: torch.Generator,
+) -> tuple[str, nn.Module, Callable[[torch.Generator, int], torch.Tensor]]:
     """Draw a random small architecture (float64) and an input sampler for it.
 
     Families: MLP (random depth 1-4 and per-layer widths 2-12), ResMLP, either with or without
@@ -597,7 +721,7 @@ def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[t
     torch.manual_seed(seed)
     if kind == "conv":
         c, side = ri(1, 3), ri(5, 9)
-        layers, hw, cin = [], (side, side), c
+        layers, hw = [], (side, side)
         for _ in range(ri(1, 3)):
             k, s, p = ri(1, 4), ri(1, 2), ri(0, 2)
             p = min(p, k - 1)
@@ -606,11 +730,13 @@ def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[t
                 break
             cout = ri(2, 24)
             layers.append((cout, k, s, p))
-            hw, cin = new, cout
+            hw = new
         if not layers:
             layers = [(ri(2, 24), 1, 1, 0)]
         model = ConvNet((c, side, side), ri(1, 4), layers, bias=bias)
-        desc = f"conv {c}x{side}x{side} " + " ".join(f"[c{a} k{b} s{d} p{e}]" for a, b, d, e in layers)
+        desc = f"conv {c}x{side}x{side} " + " ".join(
+            f"[c{a} k{b} s{d} p{e}]" for a, b, d, e in layers
+        )
         dim = c * side * side
     else:
         depth, d_in, k = ri(1, 4), ri(2, 12), ri(1, 4)
@@ -622,7 +748,9 @@ def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[t
             desc = f"MLP{'-BN' if bn else ''} {d_in}-{'-'.join(map(str, widths))}-{k}"
         else:
             width = ri(2, 12)
-            model = ResMLP(d_in, k, depth, width, bn=bn, bias=bias, detach_var=detach, activation=act)
+            model = ResMLP(
+                d_in, k, depth, width, bn=bn, bias=bias, detach_var=detach, activation=act
+            )
             desc = f"RES{'-BN' if bn else ''}-{depth}-{width} in {d_in} out {k}"
         if bn:
             desc += " detached-var" if detach else " full BN"
@@ -637,8 +765,11 @@ def random_architecture(g: torch.Generator) -> tuple[str, nn.Module, Callable[[t
     return desc, model, draw
 
 
-def linearity_residual(model: nn.Module, x: torch.Tensor, layer: nn.Module, ts, seed: int = 0) -> list[float]:
-    """``|f(W + t E) - f(W) - t <grad_W f, E>|`` for a random direction ``E`` (``||E||_F = ||W||_F``)
+def linearity_residual(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module, ts, seed: int = 0
+) -> list[float]:
+    """``|f(W + t E) - f(W) - t <grad_W f, E>|`` for a random direction ``E`` (``||E||_F =
+    ||W||_F``)
     of ``layer.weight``, one sample ``x`` (``(1, ...)``), scalar output summed. Zero to rounding
     while the activation pattern stays fixed (ReLU: f is linear in each layer there); of order
     ``t^2`` for a smooth activation."""
@@ -659,22 +790,30 @@ def linearity_residual(model: nn.Module, x: torch.Tensor, layer: nn.Module, ts, 
     return out
 
 
-def pattern_flip_rate(deltas, draws: int, *, in_dim: int = 10, width: int = 32, depth: int = 3,
-                      seed: int = 0, progress: bool = False) -> list[float]:
-    """Fraction of random (network, input) draws whose ReLU activation pattern changes when every
-    hidden weight matrix is perturbed by a random ``E_l`` with ``||E_l||_F = delta ||W_l||_F``.
-
-    WD2L Lemma 2.1 says the pattern is locally constant off a null set, so the fraction should
-    vanish as ``delta -> 0`` (linearly: the pre-activations have a bounded density near 0)."""
+def pattern_flips(
+    deltas,
+    draws: int,
+    *,
+    in_dim: int = 10,
+    width: int = 32,
+    depth: int = 3,
+    seed: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Per draw and ``delta``: does the ReLU activation pattern of a random (network, input)
+    draw change when every hidden weight matrix is perturbed by a random ``E_l`` with
+    ``||E_l||_F = delta ||W_l||_F``? A ``(draws, len(deltas))`` boolean array; each draw uses
+    one network, input and direction for every ``delta``."""
     from .models import MLP
 
     g = torch.Generator().manual_seed(seed)
-    flips = [0] * len(deltas)
+    flips = np.zeros((draws, len(deltas)), dtype=bool)
     it = range(draws)
     if progress:
         from .progress import progress as bar
+
         it = bar(it, desc="pattern draws")
-    for _ in it:
+    for i in it:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         model = MLP(in_dim, 1, depth, width).double()
         x = torch.randn(1, in_dim, generator=g, dtype=torch.float64)
@@ -686,13 +825,84 @@ def pattern_flip_rate(deltas, draws: int, *, in_dim: int = 10, width: int = 32, 
             for k, delta in enumerate(deltas):
                 for l, w, e in zip(model.layers, w0, es):
                     l.weight.copy_(w + delta * e)
-                flips[k] += int(not torch.equal(activation_pattern(model, x), p0))
-    return [f / draws for f in flips]
+                flips[i, k] = not torch.equal(activation_pattern(model, x), p0)
+    return flips
 
 
-def trained_checks(build: Callable[[], nn.Module], dim: int, *, seed: int, steps: int,
-                   n: int = 48, k: int = 3, batch: int = 6, lr: float = 0.1, lam: float = 1e-3,
-                   trials: int = 5) -> tuple[list[dict], list[dict], dict]:
+def pattern_flip_rate(
+    deltas,
+    draws: int,
+    *,
+    in_dim: int = 10,
+    width: int = 32,
+    depth: int = 3,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Fraction of the :func:`pattern_flips` draws whose pattern changes, per ``delta``.
+
+    WD2L Lemma 2.1 says the pattern is locally constant off a null set, so the fraction should
+    vanish as ``delta -> 0`` (linearly: the pre-activations have a bounded density near 0)."""
+    flips = pattern_flips(
+        deltas, draws, in_dim=in_dim, width=width, depth=depth, seed=seed, progress=progress
+    )
+    return [float(f) for f in flips.mean(0)]
+
+
+def flip_slope(
+    deltas,
+    flips: np.ndarray,
+    *,
+    min_count: int = 10,
+    max_delta: float = 1e-2,
+    boot: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Log-log slope of P(pattern flips) over ``delta`` with a 95% bootstrap interval.
+
+    The fit uses the ``delta <= max_delta`` where at least ``min_count`` draws flipped (fixed on
+    the full sample); the bootstrap resamples whole draws (each draw is shared by every
+    ``delta``). Returns ``slope``, ``lo``, ``hi``, ``n_deltas``, ``window`` (the deltas used)."""
+    deltas = np.asarray(deltas, float)
+    flips = np.asarray(flips, bool)
+    use = (flips.sum(0) >= min_count) & (deltas <= max_delta)
+    out = {
+        "slope": float("nan"),
+        "lo": float("nan"),
+        "hi": float("nan"),
+        "n_deltas": int(use.sum()),
+        "window": deltas[use],
+    }
+    if use.sum() < 2:
+        return out
+    lx = np.log10(deltas[use])
+
+    def fit(rows):
+        p = rows[:, use].mean(0)
+        return np.polyfit(lx, np.log10(np.maximum(p, 0.5 / len(rows))), 1)[0]
+
+    rng = np.random.default_rng(seed)
+    n = len(flips)
+    bs = [fit(flips[rng.integers(0, n, n)]) for _ in range(boot)]
+    out.update(
+        slope=float(fit(flips)), lo=float(np.percentile(bs, 2.5)), hi=float(np.percentile(bs, 97.5))
+    )
+    return out
+
+
+def trained_checks(
+    build: Callable[[], nn.Module],
+    dim: int,
+    *,
+    seed: int,
+    steps: int,
+    n: int = 48,
+    k: int = 3,
+    batch: int = 6,
+    lr: float = 0.1,
+    lam: float = 1e-3,
+    trials: int = 5,
+) -> tuple[list[dict], list[dict], dict]:
     """The rank checks of :func:`check_losses` at initialisation and after training.
 
     ``build()`` makes the model (seeded here with ``seed``, float64); it is trained with
@@ -705,7 +915,10 @@ def trained_checks(build: Callable[[], nn.Module], dim: int, *, seed: int, steps
     torch.manual_seed(seed)
     model = build().double()
     g = torch.Generator().manual_seed(100 + seed)
-    x, y = torch.randn(n, dim, generator=g, dtype=torch.float64), torch.randint(0, k, (n,), generator=g)
+    x, y = (
+        torch.randn(n, dim, generator=g, dtype=torch.float64),
+        torch.randint(0, k, (n,), generator=g),
+    )
 
     def weight_ranks():
         out = {}
@@ -717,14 +930,23 @@ def trained_checks(build: Callable[[], nn.Module], dim: int, *, seed: int, steps
     checks, before, hist = [], weight_ranks(), []
     for when in ("init", "trained"):
         if when == "trained":
-            hist = train_briefly(model, x, y, "ce", steps=steps, batch=batch, lr=lr, lam=lam,
-                                 seed=seed)
+            hist = train_briefly(
+                model, x, y, "ce", steps=steps, batch=batch, lr=lr, lam=lam, seed=seed
+            )
         for r in check_losses(model, batch_sampler(x), batch=batch, trials=trials, seed=seed):
             checks.append({"seed": seed, "when": when, **r})
     after = weight_ranks()
-    weights = [{"layer": name, "seed": seed, "rank init": r0, "rank trained": after[name][0],
-                "stable init": s0, "stable trained": after[name][1]}
-               for name, (r0, s0) in before.items()]
+    weights = [
+        {
+            "layer": name,
+            "seed": seed,
+            "rank init": r0,
+            "rank trained": after[name][0],
+            "stable init": s0,
+            "stable trained": after[name][1],
+        }
+        for name, (r0, s0) in before.items()
+    ]
     m = min(20, len(hist))
     loss = {"seed": seed, "first": sum(hist[:m]) / max(m, 1), "last": sum(hist[-m:]) / max(m, 1)}
     return checks, weights, loss

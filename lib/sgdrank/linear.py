@@ -20,7 +20,8 @@ Conventions (the book's; see CONTRIBUTING.md and :mod:`sgdrank.conventions`)
 - The ridge solution ``W_lam = Y X^T (X X^T + N lam I)^{-1} = Y (X^T X + N lam I)^{-1} X^T`` is the
   unique minimiser of ``L``; its rows lie in ``span(X)``.
 
-The simulator (:func:`simulate`) advances ``R`` runs at once -- methods x inits x seeds x settings --
+The simulator (:func:`simulate`) advances ``R`` runs at once -- methods x inits x seeds x settings
+--
 as one ``(R, m, d)`` array in float64. Each step is the affine map ``W <- W M_t + C_t`` with
 ``M_t = (1 - 2 eta lam) I - (2 eta/|b|) X_b X_b^T`` and ``C_t = (2 eta/|b|) Y_b X_b^T``; the maps of
 a block of steps are built with vectorised array operations and the loop over steps is one
@@ -29,6 +30,7 @@ dominated by per-call overhead, which is several times lower in NumPy. Batch ord
 ``numpy.random.Generator`` per run (``default_rng(run.seed)``), drawn in fixed blocks of epochs, so
 a run's trajectory does not depend on which other runs it is batched with.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,14 +42,17 @@ import numpy as np
 from . import conventions
 
 SCHEMES = ("gd", "cyclic", "reshuffle", "replacement")
-_SCHEDULE_BLOCK = 64  # epochs of batch orders drawn per call to a run's generator (fixed: reproducibility)
+_SCHEDULE_BLOCK = (
+    64  # epochs of batch orders drawn per call to a run's generator (fixed: reproducibility)
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Closed forms
 # --------------------------------------------------------------------------------------------
 def mse(W: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """``(1/N) sum_i ||W x_i - y_i||^2`` for ``W`` of shape ``(..., m, d)``; returns shape ``(...)``."""
+    """``(1/N) sum_i ||W x_i - y_i||^2`` for ``W`` of shape ``(..., m, d)``; returns shape
+    ``(...)``."""
     R = np.matmul(W, X) - Y
     return (R**2).sum(axis=(-2, -1)) / X.shape[1]
 
@@ -57,8 +62,11 @@ def loss(W: np.ndarray, X: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
     return mse(W, X, Y) + lam * (W**2).sum(axis=(-2, -1))
 
 
-def gradient(W: np.ndarray, X: np.ndarray, Y: np.ndarray, lam: float, batch: Sequence[int] | None = None) -> np.ndarray:
-    """``grad L_b(W) = (2/|b|) sum_{i in b} (W x_i - y_i) x_i^T + 2 lam W`` (``batch=None``: all samples)."""
+def gradient(
+    W: np.ndarray, X: np.ndarray, Y: np.ndarray, lam: float, batch: Sequence[int] | None = None
+) -> np.ndarray:
+    """``grad L_b(W) = (2/|b|) sum_{i in b} (W x_i - y_i) x_i^T + 2 lam W`` (``batch=None``: all
+    samples)."""
     if batch is not None:
         idx = np.asarray(batch)
         X, Y = X[:, idx], Y[:, idx]
@@ -74,15 +82,18 @@ def ridge(X: np.ndarray, Y: np.ndarray, lam: float) -> np.ndarray:
 
 
 def span_bases(X: np.ndarray, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
-    """Orthonormal bases ``(Q, Q_perp)`` of ``span(X)`` (``d x r``) and of its orthogonal complement,
-    the null space of ``X^T`` (``d x (d - r)``); ``r`` counts singular values above ``rtol * s_1``."""
+    """Orthonormal bases ``(Q, Q_perp)`` of ``span(X)`` (``d x r``) and of its orthogonal
+    complement,
+    the null space of ``X^T`` (``d x (d - r)``); ``r`` counts singular values above ``rtol *
+    s_1``."""
     U, s, _ = np.linalg.svd(X, full_matrices=True)
     r = int((s > rtol * s[0]).sum()) if s.size and s[0] > 0 else 0
     return U[:, :r], U[:, r:]
 
 
 def split(W: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(W_par, W_perp) = (W Pi, W (I - Pi))`` with ``Pi`` the orthogonal projector onto ``span(X)``."""
+    """``(W_par, W_perp) = (W Pi, W (I - Pi))`` with ``Pi`` the orthogonal projector onto
+    ``span(X)``."""
     Q, Qp = span_bases(X)
     return W @ Q @ Q.T, W @ Qp @ Qp.T
 
@@ -102,7 +113,9 @@ def null_decay(lrs: Sequence[float] | np.ndarray, lam: float) -> float:
     return f
 
 
-def steps_per_epoch(N: int, B: int | None, scheme: str = "reshuffle", drop_last: bool = False) -> int:
+def steps_per_epoch(
+    N: int, B: int | None, scheme: str = "reshuffle", drop_last: bool = False
+) -> int:
     """Steps in one epoch: 1 for GD (``scheme="gd"`` or ``B >= N``), otherwise ``ceil(N/B)``
     (the last batch has ``N mod B`` samples) or ``floor(N/B)`` with ``drop_last``. For sampling
     with replacement an "epoch" is, by the same convention, ``ceil(N/B)`` (or ``floor``) batches."""
@@ -112,18 +125,23 @@ def steps_per_epoch(N: int, B: int | None, scheme: str = "reshuffle", drop_last:
     return N // B if drop_last else -(-N // B)
 
 
-def epoch_log_slope(lr: float, lam: float, N: int, B: int | None, scheme: str = "reshuffle", drop_last: bool = False) -> float:
-    """Predicted slope of ``log ||W_perp||`` per epoch at constant ``lr``: ``S log(1 - 2 lr lam)``."""
+def epoch_log_slope(
+    lr: float, lam: float, N: int, B: int | None, scheme: str = "reshuffle", drop_last: bool = False
+) -> float:
+    """Predicted slope of ``log ||W_perp||`` per epoch at constant ``lr``: ``S log(1 - 2 lr
+    lam)``."""
     return steps_per_epoch(N, B, scheme, drop_last) * math.log(conventions.decay_factor(lr, lam))
 
 
 def data_moments(X: np.ndarray) -> np.ndarray:
-    """Eigenvalues (descending) of ``X X^T / N``, the data part of the Hessian of ``L`` divided by 2."""
+    """Eigenvalues (descending) of ``X X^T / N``, the data part of the Hessian of ``L`` divided by
+    2."""
     return np.sort(np.linalg.eigvalsh(X @ X.T / X.shape[1]))[::-1]
 
 
 def hessian_max(X: np.ndarray, lam: float) -> float:
-    """Largest eigenvalue of the Hessian of ``L`` (acting on each row of ``W``): ``2 (mu_max + lam)``."""
+    """Largest eigenvalue of the Hessian of ``L`` (acting on each row of ``W``): ``2 (mu_max +
+    lam)``."""
     return 2.0 * (data_moments(X)[0] + lam)
 
 
@@ -134,22 +152,27 @@ def janus_gd_lr(X: np.ndarray, lam: float, c: float = 0.5) -> float:
 
 
 def gd_max_lr(X: np.ndarray, lam: float) -> float:
-    """GD is stable iff ``eta < 1 / (mu_max + lam)`` (every factor ``1 - 2 eta (mu + lam)`` in (-1, 1))."""
+    """GD is stable iff ``eta < 1 / (mu_max + lam)`` (every factor ``1 - 2 eta (mu + lam)`` in (-1,
+    1))."""
     return 1.0 / (data_moments(X)[0] + lam)
 
 
-def epoch_map(X: np.ndarray, lam: float, lr: float, B: int = 1, order: Sequence[int] | None = None) -> np.ndarray:
+def epoch_map(
+    X: np.ndarray, lam: float, lr: float, B: int = 1, order: Sequence[int] | None = None
+) -> np.ndarray:
     """The linear part ``M_1 M_2 ... M_S`` of one cyclic epoch (``W <- W M + C``), ``d x d``."""
     d, N = X.shape
     order = np.arange(N) if order is None else np.asarray(order)
     M = np.eye(d)
     for s in range(0, N, B):
-        xb = X[:, order[s:s + B]]
+        xb = X[:, order[s : s + B]]
         M = M @ ((1 - 2 * lr * lam) * np.eye(d) - 2 * lr / xb.shape[1] * xb @ xb.T)
     return M
 
 
-def cyclic_sgd_max_lr(X: np.ndarray, lam: float, B: int = 1, order: Sequence[int] | None = None, tol: float = 1e-6) -> float:
+def cyclic_sgd_max_lr(
+    X: np.ndarray, lam: float, B: int = 1, order: Sequence[int] | None = None, tol: float = 1e-6
+) -> float:
     """Largest ``eta`` below which cyclic SGD is stable: spectral radius of :func:`epoch_map` < 1
     (found by a scan from small ``eta`` up, then bisection)."""
     rho = lambda eta: np.abs(np.linalg.eigvals(epoch_map(X, lam, eta, B, order))).max()
@@ -179,16 +202,21 @@ def lr_schedule(kind: str, lr0: float, epochs: int) -> np.ndarray:
 
 
 def flow_time_ratio(N: int, B: int, epochs: int) -> float:
-    """``tau_SGD / tau_GD`` after ``epochs`` epochs, ``tau = sum_t eta_t``, when GD runs at ``eta_0``
-    and SGD (``ceil(N/B)`` steps per epoch) at ``eta_0 / sqrt(e + 1)``: ``S * sum_{e<E} (e+1)^{-1/2} / E``.
+    """``tau_SGD / tau_GD`` after ``epochs`` epochs, ``tau = sum_t eta_t``, when GD runs at
+    ``eta_0``
+    and SGD (``ceil(N/B)`` steps per epoch) at ``eta_0 / sqrt(e + 1)``: ``S * sum_{e<E}
+    (e+1)^{-1/2} / E``.
     To first order in ``eta lam`` this is also the ratio of ``log ||W_perp||`` after ``epochs``."""
     S = steps_per_epoch(N, B)
     return S * float(np.sum(1.0 / np.sqrt(np.arange(1, epochs + 1)))) / epochs
 
 
-def online_stationary_msd(lr: float, lam: float, d: int, teacher_fro2: float, noise: float = 0.0, m: int = 1) -> float:
+def online_stationary_msd(
+    lr: float, lam: float, d: int, teacher_fro2: float, noise: float = 0.0, m: int = 1
+) -> float:
     """Stationary ``E ||W_t - W_lam||_F^2`` of online SGD (``B = 1``, a fresh sample each step) with
-    ``x ~ N(0, I_d)``, ``y = W_* x + noise * eps`` (``eps ~ N(0, I_m)``), ``||W_*||_F^2 = teacher_fro2``.
+    ``x ~ N(0, I_d)``, ``y = W_* x + noise * eps`` (``eps ~ N(0, I_m)``), ``||W_*||_F^2 =
+    teacher_fro2``.
 
     Here ``W_lam = W_* / (1 + lam)`` minimises the population loss ``E||W x - y||^2 + lam ||W||^2``,
     and the per-sample gradient at ``W_lam`` has zero mean and trace-covariance
@@ -204,8 +232,11 @@ def online_stationary_msd(lr: float, lam: float, d: int, teacher_fro2: float, no
     return lr * G / den
 
 
-def limit_cycle_rms_coef(X: np.ndarray, Y: np.ndarray, lam: float, B: int = 1, order: Sequence[int] | None = None) -> float:
-    """First-order size of cyclic SGD's limit cycle: ``sqrt(mean_k ||W_k - mean W||_F^2) = eta * c + O(eta^2)``.
+def limit_cycle_rms_coef(
+    X: np.ndarray, Y: np.ndarray, lam: float, B: int = 1, order: Sequence[int] | None = None
+) -> float:
+    """First-order size of cyclic SGD's limit cycle: ``sqrt(mean_k ||W_k - mean W||_F^2) = eta * c
+    + O(eta^2)``.
 
     With ``g_j`` the batch gradients at the ridge solution (they sum to zero),
     ``W_k = W_lam + eta (D - S_k) + O(eta^2)`` with ``S_k = sum_{j<k} g_j``, so
@@ -214,13 +245,15 @@ def limit_cycle_rms_coef(X: np.ndarray, Y: np.ndarray, lam: float, B: int = 1, o
     d, N = X.shape
     order = np.arange(N) if order is None else np.asarray(order)
     Wl = ridge(X, Y, lam)
-    gs = [gradient(Wl, X, Y, lam, order[s:s + B]) for s in range(0, N, B)]
+    gs = [gradient(Wl, X, Y, lam, order[s : s + B]) for s in range(0, N, B)]
     S = np.cumsum([np.zeros_like(Wl)] + gs[:-1], axis=0)
     S = S - S.mean(axis=0)
     return float(np.sqrt((S**2).sum(axis=(1, 2)).mean()))
 
 
-def fit_log_slope(t: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float, float]:
+def fit_log_slope(
+    t: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[float, float, float]:
     """Least-squares fit ``log v ~ a + s t`` over ``mask``; returns ``(s, a, R^2)``."""
     t = np.asarray(t, dtype=float)
     y = np.log(np.asarray(v, dtype=float))
@@ -240,7 +273,8 @@ def fit_log_slope(t: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None) 
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Problem:
-    """A regression data set: ``X`` ``(d, N)``, ``Y`` ``(m, N)`` and the teacher ``W_*`` (``Y = W_* X``
+    """A regression data set: ``X`` ``(d, N)``, ``Y`` ``(m, N)`` and the teacher ``W_*`` (``Y = W_*
+    X``
     plus noise and replaced rows, see :func:`make_problem`)."""
 
     X: np.ndarray
@@ -257,9 +291,19 @@ class Problem:
         return ridge(self.X, self.Y, lam)
 
 
-def make_problem(d: int, N: int, m: int, *, seed: int, support: Sequence[int] | None = None,
-                 relevant: Sequence[int] | None = None, noise: float = 0.0, whiten: bool = False,
-                 zero_rows: Sequence[int] = (), independent_rows: Sequence[int] = ()) -> Problem:
+def make_problem(
+    d: int,
+    N: int,
+    m: int,
+    *,
+    seed: int,
+    support: Sequence[int] | None = None,
+    relevant: Sequence[int] | None = None,
+    noise: float = 0.0,
+    whiten: bool = False,
+    zero_rows: Sequence[int] = (),
+    independent_rows: Sequence[int] = (),
+) -> Problem:
     """A synthetic problem, ``x_i ~ N(0, I)`` on the coordinates ``support`` (all if ``None``; the
     other coordinates of every ``x_i`` are exactly 0: "sparse features"), teacher ``W_*`` with
     ``N(0, 1/|relevant|)`` entries on the columns ``relevant`` (all if ``None``) and 0 elsewhere,
@@ -287,8 +331,18 @@ def make_problem(d: int, N: int, m: int, *, seed: int, support: Sequence[int] | 
         Y[r] = 0.0
     for r in independent_rows:
         Y[r] = rng.standard_normal(N)
-    info = dict(d=d, N=N, m=m, seed=seed, support=sup.tolist(), relevant=rel.tolist(), noise=noise,
-                whiten=whiten, zero_rows=list(zero_rows), independent_rows=list(independent_rows))
+    info = dict(
+        d=d,
+        N=N,
+        m=m,
+        seed=seed,
+        support=sup.tolist(),
+        relevant=rel.tolist(),
+        noise=noise,
+        whiten=whiten,
+        zero_rows=list(zero_rows),
+        independent_rows=list(independent_rows),
+    )
     return Problem(X, Y, T, info)
 
 
@@ -381,7 +435,7 @@ class _Schedule:
                 self._buf = self._block(_SCHEDULE_BLOCK)
             k = e - self._buf_start
             take = min(len(self._buf) - k, start + n - e)
-            out.append(self._buf[k:k + take])
+            out.append(self._buf[k : k + take])
             e += take
         return np.concatenate(out, axis=0)
 
@@ -434,7 +488,10 @@ class Trace:
     def null_norm(self) -> np.ndarray:
         """Measured ``||W_perp||_F``, ``(T, R)``."""
         Qps = self._by_problem(lambda p: span_bases(p.X)[1])
-        return np.stack([np.sqrt(((self.W[:, i] @ Q) ** 2).sum(axis=(-2, -1))) for i, Q in enumerate(Qps)], axis=1)
+        return np.stack(
+            [np.sqrt(((self.W[:, i] @ Q) ** 2).sum(axis=(-2, -1))) for i, Q in enumerate(Qps)],
+            axis=1,
+        )
 
     def null_theory(self) -> np.ndarray:
         """Closed form ``||W0_perp||_F * gamma``, ``(T, R)``."""
@@ -447,28 +504,49 @@ class Trace:
 
     def mse(self) -> np.ndarray:
         """``(1/N) sum_i ||W x_i - y_i||^2``, ``(T, R)``."""
-        return np.stack([mse(self.W[:, i], self.problems[r.data].X, self.problems[r.data].Y) for i, r in enumerate(self.runs)], axis=1)
+        return np.stack(
+            [
+                mse(self.W[:, i], self.problems[r.data].X, self.problems[r.data].Y)
+                for i, r in enumerate(self.runs)
+            ],
+            axis=1,
+        )
 
     def ridge(self) -> np.ndarray:
         """Each run's ridge solution, ``(R, m, d)``."""
         return np.stack(self._by_problem_and_lam(lambda p, lam: ridge(p.X, p.Y, lam)))
 
     def span_gap(self) -> np.ndarray:
-        """``||W Pi - W_lam||_F``: distance of the data-span part to the ridge solution, ``(T, R)``."""
+        """``||W Pi - W_lam||_F``: distance of the data-span part to the ridge solution, ``(T,
+        R)``."""
         Qs = self._by_problem(lambda p: span_bases(p.X)[0])
         Wl = self.ridge()
-        return np.stack([np.sqrt(((self.W[:, i] @ Q @ Q.T - Wl[i]) ** 2).sum(axis=(-2, -1))) for i, Q in enumerate(Qs)], axis=1)
+        return np.stack(
+            [
+                np.sqrt(((self.W[:, i] @ Q @ Q.T - Wl[i]) ** 2).sum(axis=(-2, -1)))
+                for i, Q in enumerate(Qs)
+            ],
+            axis=1,
+        )
 
     def labels(self, key: str) -> list:
         return [r.labels.get(key) for r in self.runs]
 
     def select(self, **labels) -> np.ndarray:
         """Indices of the runs whose ``labels`` match all of ``labels``."""
-        return np.array([i for i, r in enumerate(self.runs) if all(r.labels.get(k) == v for k, v in labels.items())], dtype=int)
+        return np.array(
+            [
+                i
+                for i, r in enumerate(self.runs)
+                if all(r.labels.get(k) == v for k, v in labels.items())
+            ],
+            dtype=int,
+        )
 
 
 def default_record(epochs: int, n: int = 400) -> np.ndarray:
-    """Epochs to record: all of them if ``epochs <= n``, else ~``n`` epochs on a mixed linear/log grid."""
+    """Epochs to record: all of them if ``epochs <= n``, else ~``n`` epochs on a mixed linear/log
+    grid."""
     if epochs <= n:
         return np.arange(epochs + 1)
     lin = np.linspace(0, epochs, n // 2).round()
@@ -476,9 +554,177 @@ def default_record(epochs: int, n: int = 400) -> np.ndarray:
     return np.unique(np.concatenate([[0], lin, log]).astype(int))
 
 
-def simulate(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, *, record: Sequence[int] | None = None,
-             window: dict | None = None, keep_steps: bool = False, progress: bool = True, desc: str = "runs",
-             max_block: int = 1_000_000) -> Trace:
+class _Stack:
+    """The runs of one :func:`simulate` call, in internal order: samples of all problems stacked
+    (row ``Nmax`` of each problem is an all-zero padding sample), the batch schedules, and the
+    runs sorted so that runs with equal (steps per epoch, batch size) are contiguous groups."""
+
+    def __init__(self, problems: Sequence[Problem], runs: list, epochs: int):
+        shapes = {(p.Y.shape[0], p.X.shape[0]) for p in problems}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"all problems batched together must share (m, d); got {sorted(shapes)}"
+            )
+        ((self.m, self.d),) = shapes
+        m, d = self.m, self.d
+        R = len(runs)
+        Ns = [p.X.shape[1] for p in problems]
+        self.Nmax = Nmax = max(Ns)
+        Xs = np.zeros((len(problems), Nmax + 1, d))
+        Ys = np.zeros((len(problems), Nmax + 1, m))
+        for k, p in enumerate(problems):
+            Xs[k, : p.X.shape[1]] = p.X.T
+            Ys[k, : p.X.shape[1]] = p.Y.T
+        self.Xflat, self.Yflat = Xs.reshape(-1, d), Ys.reshape(-1, m)
+        scheds = [_Schedule(r, Ns[r.data]) for r in runs]
+        self.perm = perm = sorted(range(R), key=lambda r: (scheds[r].S, scheds[r].B))
+        self.inv = np.argsort(perm)
+        self.sch = [scheds[r] for r in perm]
+        self.di = np.array([runs[r].data for r in perm])
+        self.S = np.array([s.S for s in self.sch])
+        self.Smax = int(self.S.max())
+        self.groups = []  # (r0, r1, S_g, B_g)
+        for r, sc in enumerate(self.sch):
+            if self.groups and self.groups[-1][2:] == (sc.S, sc.B):
+                self.groups[-1][1] = r + 1
+            else:
+                self.groups.append([r, r + 1, sc.S, sc.B])
+        self.lrs = np.stack([_lr_array(runs[r], epochs) for r in perm], axis=1)  # (E, R)
+        self.lam = np.array([float(runs[r].lam) for r in perm])
+        self.W0 = np.stack([np.asarray(runs[r].W0, dtype=float).reshape(m, d) for r in perm])
+
+
+class _Block:
+    """Batch orders, rates and closed-form bookkeeping for the epochs ``e0 .. e0+ne-1``."""
+
+    def __init__(self, st: _Stack, e0: int, ne: int, gamma, tau, nsteps, win, rec_set):
+        Smax, R = st.Smax, len(st.S)
+        self.T = T = ne * Smax
+        self.active = np.broadcast_to(
+            (np.arange(Smax)[:, None] < st.S[None, :])[None], (ne, Smax, R)
+        ).reshape(T, R)
+        self.lr_ep = st.lrs[e0 : e0 + ne]  # (ne, R)
+        lr_step = np.where(self.active, np.repeat(self.lr_ep, Smax, axis=0), 0.0)  # (T, R)
+        fac_step = 1.0 - 2.0 * lr_step * st.lam[None, :]
+        self.gidx = []  # per group: (ne, S_g, G, B_g) rows of Xflat, and weights 1/|b|
+        for r0, r1, Sg, Bg in st.groups:
+            b = np.stack([st.sch[r].epochs(e0, ne) for r in range(r0, r1)], axis=2)
+            real = b >= 0
+            w = real / np.maximum(real.sum(axis=3, keepdims=True), 1)
+            rows = np.where(real, b, st.Nmax) + (st.di[r0:r1] * (st.Nmax + 1))[None, None, :, None]
+            self.gidx.append((rows, w))
+        self.g = gamma[None, :] * np.cumprod(fac_step, axis=0)
+        self.t = tau[None, :] + np.cumsum(lr_step, axis=0)
+        self.n = nsteps[None, :] + np.cumsum(self.active, axis=0)
+        if win is not None:
+            self.on = self.active & (self.n >= win["from_step"])
+            self.on_any = self.on.any(axis=1)
+        self.ends = {t for t in range(Smax - 1, T, Smax) if e0 + (t + 1) // Smax in rec_set}
+
+
+def _step_maps(st: _Stack, blk: _Block, s0: int, s1: int, M: np.ndarray, C: np.ndarray) -> None:
+    """Fill ``M[j]``, ``C[j]`` (``j = 0..s1-s0-1``) with the affine maps ``W <- W M + C`` of the
+    block's steps ``s0 .. s1-1``; idle steps keep the identity map."""
+    m, d, Smax, lam = st.m, st.d, st.Smax, st.lam
+    n = s1 - s0
+    M[...] = np.eye(d)
+    C[...] = 0.0
+    for (r0, r1, Sg, Bg), (rows, w) in zip(st.groups, blk.gidx):
+        if n % Smax == 0 and s0 % Smax == 0:  # whole epochs ea..ea+nE-1 of the block
+            ea, nE = s0 // Smax, n // Smax
+            Mv = M.reshape(nE, Smax, -1, d, d)[:, :Sg, r0:r1]
+            Cv = C.reshape(nE, Smax, -1, m, d)[:, :Sg, r0:r1]
+            rr, ww = rows[ea : ea + nE], w[ea : ea + nE]
+            lr_g = blk.lr_ep[ea : ea + nE, None, r0:r1]  # (nE, 1, G)
+        else:  # steps s0..s1-1 of the block's only epoch
+            k1 = min(s1, Sg)
+            if k1 <= s0:
+                continue
+            Mv, Cv = M[None, : k1 - s0, r0:r1], C[None, : k1 - s0, r0:r1]
+            rr, ww = rows[:, s0:k1], w[:, s0:k1]
+            lr_g = blk.lr_ep[:, None, r0:r1]
+        Xb = np.take(st.Xflat, rr, axis=0)  # (nE, S, G, B, d)
+        Yb = np.take(st.Yflat, rr, axis=0)  # (nE, S, G, B, m)
+        Xw = Xb * ww[..., None]
+        coef = (2.0 * lr_g)[..., None, None]
+        np.matmul(Xw.swapaxes(-1, -2), Xb, out=Mv)  # X_b diag(w) X_b^T
+        Mv *= -coef
+        np.einsum("...ii->...i", Mv)[...] += 1.0 - coef[..., 0] * lam[r0:r1][None, None, :, None]
+        np.matmul(Yb.swapaxes(-1, -2), Xw, out=Cv)
+        Cv *= coef
+
+
+def _new_window(window: dict | None, st: _Stack) -> dict | None:
+    if window is None:
+        return None
+    R, m, d = len(st.S), st.m, st.d
+    ref = np.asarray(window["reference"], dtype=float).reshape(R, m, d)[st.perm]
+    return dict(
+        from_step=int(window.get("from_step", 0)),
+        reference=ref,
+        n=np.zeros(R),
+        sq_ref=np.zeros(R),
+        sum=np.zeros((R, m, d)),
+        sum_sq=np.zeros((R, m, d)),
+    )
+
+
+def _accumulate(win: dict, on: np.ndarray, W: np.ndarray) -> None:
+    """Add the iterate ``W`` of the runs where ``on`` to the window statistics."""
+    onf = on.astype(float)[:, None, None]
+    win["n"] += on
+    win["sq_ref"] += on * ((W - win["reference"]) ** 2).sum(axis=(1, 2))
+    win["sum"] += onf * W
+    win["sum_sq"] += onf * W**2
+
+
+def _finish_window(win: dict | None, inv: np.ndarray) -> dict | None:
+    if win is None:
+        return None
+    cnt = np.maximum(win["n"], 1)
+    mean = win["sum"] / cnt[:, None, None]
+    return dict(
+        n=win["n"][inv],
+        msd_ref=(win["sq_ref"] / cnt)[inv],
+        msd_mean=(win["sum_sq"] / cnt[:, None, None] - mean**2).sum(axis=(1, 2))[inv],
+        mean=mean[inv],
+        from_step=win["from_step"],
+    )
+
+
+def _work_units(st: _Stack, epochs: int, max_block: int) -> tuple[int, list]:
+    """Blocks of whole epochs (batch orders drawn per block) cut into sub-blocks of steps whose
+    ``(steps, R, d, d)`` maps fit in ``max_block`` numbers. A sub-block is either whole epochs or
+    a piece of a single epoch (when one epoch alone is too long). Returns the sub-block length
+    in steps and the ``(first epoch, epochs, first step)`` units."""
+    Smax = st.Smax
+    per_step = len(st.S) * (st.d * st.d + st.m * st.d)
+    step_block = max(1, max_block // per_step)
+    if step_block >= Smax:
+        step_block -= step_block % Smax
+        ep_block = max(1, min(epochs, 8 * step_block // Smax))
+    else:
+        ep_block = 1
+    work = [
+        (e0, min(ep_block, epochs - e0), s0)
+        for e0 in range(0, epochs, ep_block)
+        for s0 in range(0, min(ep_block, epochs - e0) * Smax, step_block)
+    ]
+    return step_block, work
+
+
+def simulate(
+    problems: Sequence[Problem],
+    runs: Sequence[Run],
+    epochs: int,
+    *,
+    record: Sequence[int] | None = None,
+    window: dict | None = None,
+    keep_steps: bool = False,
+    progress: bool = True,
+    desc: str = "runs",
+    max_block: int = 1_000_000,
+) -> Trace:
     """Train every run in ``runs`` for ``epochs`` epochs, all at once.
 
     All problems must share ``m`` and ``d``; ``N`` may differ (samples are padded with zero columns,
@@ -487,10 +733,17 @@ def simulate(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, *, r
 
     ``record``: epochs at which ``W`` is stored (default :func:`default_record`).
     ``window``: ``{"from_step": k, "reference": (R, m, d) array}`` accumulates, over each run's own
-    steps from its ``k``-th on (counting after the update), the count ``n``, ``sum ||W_t - ref||_F^2``
-    (``sq_ref``; ``msd_ref`` is its mean) and ``msd_mean``, the mean of ``||W_t - mean_t W_t||_F^2``.
+    steps from its ``k``-th on (counting after the update), the count ``n``, ``sum ||W_t -
+    ref||_F^2``
+    (``sq_ref``; ``msd_ref`` is its mean) and ``msd_mean``, the mean of ``||W_t - mean_t
+    W_t||_F^2``.
     ``keep_steps``: also return every iterate (small problems only).
     ``progress``: show a progress bar (:mod:`sgdrank.progress`).
+
+    The parts: :class:`_Stack` (data and runs in internal order), :func:`_work_units` (blocks of
+    steps), :class:`_Block` (batch orders and closed forms of a block of epochs),
+    :func:`_step_maps` (the affine maps of the steps), the loop below (one batched matrix product
+    per step), and the window statistics (:func:`_accumulate`).
     """
     import time
 
@@ -500,39 +753,12 @@ def simulate(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, *, r
     runs = list(runs)
     if not runs:
         raise ValueError("no runs to simulate")
-    shapes = {(p.Y.shape[0], p.X.shape[0]) for p in problems}
-    if len(shapes) != 1:
-        raise ValueError(f"all problems batched together must share (m, d); got {sorted(shapes)}")
-    (m, d), = shapes
-    R = len(runs)
-    Ns = [p.X.shape[1] for p in problems]
-    Nmax = max(Ns)
-    # Samples of all problems stacked; row Nmax of each problem is an all-zero sample (padding).
-    Xs = np.zeros((len(problems), Nmax + 1, d))
-    Ys = np.zeros((len(problems), Nmax + 1, m))
-    for k, p in enumerate(problems):
-        Xs[k, : p.X.shape[1]] = p.X.T
-        Ys[k, : p.X.shape[1]] = p.Y.T
-    Xflat, Yflat = Xs.reshape(-1, d), Ys.reshape(-1, m)
-    scheds = [_Schedule(r, Ns[r.data]) for r in runs]
-    # Internally runs are sorted so that runs with equal (steps per epoch, batch size) are contiguous.
-    perm = sorted(range(R), key=lambda r: (scheds[r].S, scheds[r].B))
-    inv = np.argsort(perm)
-    sch = [scheds[r] for r in perm]
-    di = np.array([runs[r].data for r in perm])
-    S = np.array([s.S for s in sch])
-    Smax = int(S.max())
-    groups = []  # (r0, r1, S_g, B_g)
-    for r, s in enumerate(sch):
-        if groups and groups[-1][2:] == (s.S, s.B):
-            groups[-1][1] = r + 1
-        else:
-            groups.append([r, r + 1, s.S, s.B])
-    lrs = np.stack([_lr_array(runs[r], epochs) for r in perm], axis=1)  # (E, R)
-    lam = np.array([float(runs[r].lam) for r in perm])
-    W = np.stack([np.asarray(runs[r].W0, dtype=float).reshape(m, d) for r in perm]).copy()
-
-    rec = np.asarray(default_record(epochs) if record is None else sorted(set(int(e) for e in record)), dtype=int)
+    st = _Stack(problems, runs, epochs)
+    R, m, d = len(runs), st.m, st.d
+    W = st.W0.copy()
+    rec = np.asarray(
+        default_record(epochs) if record is None else sorted(set(int(e) for e in record)), dtype=int
+    )
     if rec.size and (rec.min() < 0 or rec.max() > epochs):
         raise ValueError(f"record epochs must lie in 0..{epochs}")
     rec_set = set(rec.tolist())
@@ -540,121 +766,105 @@ def simulate(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, *, r
     gamma, tau, nsteps = np.ones(R), np.zeros(R), np.zeros(R, dtype=np.int64)
 
     def snapshot(g, ta, n):
-        snaps.append(W.copy()); g_rec.append(g.copy()); t_rec.append(ta.copy()); s_rec.append(n.copy())
+        snaps.append(W.copy())
+        g_rec.append(g.copy())
+        t_rec.append(ta.copy())
+        s_rec.append(n.copy())
 
     if 0 in rec_set:
         snapshot(gamma, tau, nsteps)
-    win = None
-    if window is not None:
-        ref = np.asarray(window["reference"], dtype=float).reshape(R, m, d)[perm]
-        win = dict(from_step=int(window.get("from_step", 0)), reference=ref, n=np.zeros(R),
-                   sq_ref=np.zeros(R), sum=np.zeros((R, m, d)), sum_sq=np.zeros((R, m, d)))
+    win = _new_window(window, st)
     kept, kept_active = ([], []) if keep_steps else (None, None)
-
-    # Work units: blocks of whole epochs (batch orders drawn per block) cut into sub-blocks of
-    # steps whose (steps, R, d, d) maps fit in ``max_block`` numbers. A sub-block is either whole
-    # epochs or a piece of a single epoch (when one epoch alone is too long).
-    per_step = R * (d * d + m * d)
-    step_block = max(1, max_block // per_step)
-    if step_block >= Smax:
-        step_block -= step_block % Smax
-        ep_block = max(1, min(epochs, 8 * step_block // Smax))
-    else:
-        ep_block = 1
-    eye = np.eye(d)
-    buf = min(step_block, epochs * Smax)
+    step_block, work = _work_units(st, epochs, max_block)
+    buf = min(step_block, epochs * st.Smax)
     M_buf, C_buf = np.empty((buf, R, d, d)), np.empty((buf, R, m, d))
     W_next = np.empty_like(W)
-    work = [(e0, min(ep_block, epochs - e0), s0) for e0 in range(0, epochs, ep_block)
-            for s0 in range(0, min(ep_block, epochs - e0) * Smax, step_block)]
-    for e0, ne, s0 in (_progress(work, desc=desc) if progress else work):
-        T = ne * Smax
-        if s0 == 0:  # a new block of epochs: batch orders, rates and closed-form bookkeeping
-            active = np.broadcast_to((np.arange(Smax)[:, None] < S[None, :])[None], (ne, Smax, R)).reshape(T, R)
-            lr_ep = lrs[e0:e0 + ne]  # (ne, R)
-            lr_step = np.where(active, np.repeat(lr_ep, Smax, axis=0), 0.0)  # (T, R)
-            fac_step = 1.0 - 2.0 * lr_step * lam[None, :]
-            gidx = []  # per group: (ne, S_g, G, B_g) rows of Xflat, and weights 1/|b|
-            for r0, r1, Sg, Bg in groups:
-                b = np.stack([sch[r].epochs(e0, ne) for r in range(r0, r1)], axis=2)
-                real = b >= 0
-                w = real / np.maximum(real.sum(axis=3, keepdims=True), 1)
-                rows = np.where(real, b, Nmax) + (di[r0:r1] * (Nmax + 1))[None, None, :, None]
-                gidx.append((rows, w))
-            g_blk = gamma[None, :] * np.cumprod(fac_step, axis=0)
-            t_blk = tau[None, :] + np.cumsum(lr_step, axis=0)
-            n_blk = nsteps[None, :] + np.cumsum(active, axis=0)
-            if win is not None:
-                on_blk = active & (n_blk >= win["from_step"])
-                on_any = on_blk.any(axis=1)
-            ends = {t for t in range(Smax - 1, T, Smax) if e0 + (t + 1) // Smax in rec_set}
-        s1 = min(T, s0 + step_block)
-        n = s1 - s0
-        M, C = M_buf[:n], C_buf[:n]
-        M[...] = eye
-        C[...] = 0.0
-        for (r0, r1, Sg, Bg), (rows, w) in zip(groups, gidx):
-            if n % Smax == 0 and s0 % Smax == 0:  # whole epochs ea..ea+nE-1 of the block
-                ea, nE = s0 // Smax, n // Smax
-                Mv = M.reshape(nE, Smax, R, d, d)[:, :Sg, r0:r1]
-                Cv = C.reshape(nE, Smax, R, m, d)[:, :Sg, r0:r1]
-                rr, ww = rows[ea:ea + nE], w[ea:ea + nE]
-                lr_g = lr_ep[ea:ea + nE, None, r0:r1]  # (nE, 1, G)
-            else:  # steps s0..s1-1 of the block's only epoch
-                k1 = min(s1, Sg)
-                if k1 <= s0:
-                    continue
-                Mv, Cv = M[None, : k1 - s0, r0:r1], C[None, : k1 - s0, r0:r1]
-                rr, ww = rows[:, s0:k1], w[:, s0:k1]
-                lr_g = lr_ep[:, None, r0:r1]
-            Xb = np.take(Xflat, rr, axis=0)  # (nE, S, G, B, d)
-            Yb = np.take(Yflat, rr, axis=0)  # (nE, S, G, B, m)
-            Xw = Xb * ww[..., None]
-            coef = (2.0 * lr_g)[..., None, None]
-            np.matmul(Xw.swapaxes(-1, -2), Xb, out=Mv)  # X_b diag(w) X_b^T
-            Mv *= -coef
-            np.einsum("...ii->...i", Mv)[...] += (1.0 - coef[..., 0] * lam[r0:r1][None, None, :, None])
-            np.matmul(Yb.swapaxes(-1, -2), Xw, out=Cv)
-            Cv *= coef
-        for j in range(n):
+    for e0, ne, s0 in _progress(work, desc=desc) if progress else work:
+        if s0 == 0:  # a new block of epochs
+            blk = _Block(st, e0, ne, gamma, tau, nsteps, win, rec_set)
+        s1 = min(blk.T, s0 + step_block)
+        M, C = M_buf[: s1 - s0], C_buf[: s1 - s0]
+        _step_maps(st, blk, s0, s1, M, C)
+        for j in range(s1 - s0):
             np.matmul(W, M[j], out=W_next)
             W, W_next = W_next, W
             W += C[j]
             t = s0 + j
-            if win is not None and on_any[t]:
-                on = on_blk[t]
-                onf = on.astype(float)[:, None, None]
-                win["n"] += on
-                win["sq_ref"] += on * ((W - win["reference"]) ** 2).sum(axis=(1, 2))
-                win["sum"] += onf * W
-                win["sum_sq"] += onf * W**2
+            if win is not None and blk.on_any[t]:
+                _accumulate(win, blk.on[t], W)
             if keep_steps:
-                kept.append(W.copy()); kept_active.append(active[t].copy())
-            if t in ends:
-                snapshot(g_blk[t], t_blk[t], n_blk[t])
-        if s1 == T:  # the block of epochs is done
-            gamma, tau, nsteps = g_blk[-1].copy(), t_blk[-1].copy(), n_blk[-1].copy()
-    if win is not None:
-        cnt = np.maximum(win["n"], 1)
-        mean = win["sum"] / cnt[:, None, None]
-        win = dict(n=win["n"][inv], msd_ref=(win["sq_ref"] / cnt)[inv],
-                   msd_mean=(win["sum_sq"] / cnt[:, None, None] - mean**2).sum(axis=(1, 2))[inv],
-                   mean=mean[inv], from_step=win["from_step"])
+                kept.append(W.copy())
+                kept_active.append(blk.active[t].copy())
+            if t in blk.ends:
+                snapshot(blk.g[t], blk.t[t], blk.n[t])
+        if s1 == blk.T:  # the block of epochs is done
+            gamma, tau, nsteps = blk.g[-1].copy(), blk.t[-1].copy(), blk.n[-1].copy()
+    inv = st.inv
     return Trace(
-        epochs=rec, W=np.stack(snaps)[:, inv], gamma=np.stack(g_rec)[:, inv], tau=np.stack(t_rec)[:, inv],
-        steps=np.stack(s_rec)[:, inv], runs=runs, problems=list(problems), window=win,
+        epochs=rec,
+        W=np.stack(snaps)[:, inv],
+        gamma=np.stack(g_rec)[:, inv],
+        tau=np.stack(t_rec)[:, inv],
+        steps=np.stack(s_rec)[:, inv],
+        runs=runs,
+        problems=list(problems),
+        window=_finish_window(win, inv),
         step_W=np.stack(kept)[:, inv] if keep_steps else None,
         step_active=np.stack(kept_active)[:, inv] if keep_steps else None,
         seconds=time.time() - t0,
     )
 
 
-def run_one_by_one(problems: Sequence[Problem], runs: Sequence[Run], epochs: int, **kw) -> list[Trace]:
+def online_msd(
+    problems: Sequence[Problem], runs: Sequence[Run], *, from_step: int, reference: np.ndarray
+) -> np.ndarray:
+    """One pass of SGD with ``B = 1`` in the data's order (``scheme="cyclic"``, constant rate) over
+    each run's stream, for many runs at once; returns per run the mean of ``||W_t - ref||_F^2``
+    over the iterates after steps ``from_step, from_step + 1, ..`` (``msd_ref`` of
+    :func:`simulate` with the same ``window``, which it equals to rounding). Written for E3's
+    long streams: one vectorised rank-one update per step instead of :func:`simulate`'s
+    ``(R, d, d)`` maps, which for ``B = 1`` is several times faster."""
+    runs = list(runs)
+    for r in runs:
+        if r.scheme != "cyclic" or r.B != 1 or r.order is not None:
+            raise ValueError("online_msd runs one pass with scheme='cyclic', B=1, default order")
+    Ns = {problems[r.data].X.shape[1] for r in runs}
+    if len(Ns) != 1:
+        raise ValueError(f"online_msd needs streams of one length, got {sorted(Ns)}")
+    (N,) = Ns
+    di = np.array([r.data for r in runs])
+    X = np.stack([p.X.T for p in problems])  # (P, N, d)
+    Y = np.stack([p.Y.T for p in problems])  # (P, N, m)
+    lr = np.array([_lr_array(r, 1)[0] for r in runs])
+    fac = (1.0 - 2.0 * lr * np.array([float(r.lam) for r in runs]))[:, None, None]
+    two_lr = (2.0 * lr)[:, None]
+    W = np.stack([np.asarray(r.W0, dtype=float) for r in runs])  # (R, m, d)
+    ref = np.asarray(reference, dtype=float).reshape(W.shape)
+    sq = np.zeros(len(runs))
+    for t in range(N):
+        x, y = X[di, t], Y[di, t]  # (R, d), (R, m)
+        resid = np.einsum("rmd,rd->rm", W, x) - y
+        W *= fac
+        W -= (two_lr * resid)[:, :, None] * x[:, None, :]
+        if t + 1 >= from_step:
+            sq += ((W - ref) ** 2).sum(axis=(1, 2))
+    return sq / max(N - max(from_step, 1) + 1, 1)
+
+
+def run_one_by_one(
+    problems: Sequence[Problem], runs: Sequence[Run], epochs: int, **kw
+) -> list[Trace]:
     """Each run simulated alone (for tests: batching must not change any trajectory)."""
     return [simulate(problems, [r], epochs, progress=False, **kw) for r in runs]
 
 
-def direct_sgd(problem: Problem, W0: np.ndarray, lam: float, lrs_per_step: Sequence[float], batches: Sequence[Sequence[int]]) -> list[np.ndarray]:
+def direct_sgd(
+    problem: Problem,
+    W0: np.ndarray,
+    lam: float,
+    lrs_per_step: Sequence[float],
+    batches: Sequence[Sequence[int]],
+) -> list[np.ndarray]:
     """Reference implementation, one plain step at a time: ``W <- W - eta grad L_b(W)`` for the
     given batches; returns every iterate (``W0`` first). Used by the tests."""
     W = np.array(W0, dtype=float)
@@ -718,9 +928,19 @@ def momentum_null_factor(lr: float, lam: float, beta: float, steps: int) -> np.n
 OPTIMIZERS = ("sgd", "momentum", "adamw", "adam_l2")
 
 
-def optimizer_run(problem: Problem, W0: np.ndarray, lam: float, lr: float, kind: str, epochs: int,
-                  *, B: int | None = 1, beta: float = 0.9, betas: tuple[float, float] = (0.9, 0.999),
-                  eps: float = 1e-8) -> np.ndarray:
+def optimizer_run(
+    problem: Problem,
+    W0: np.ndarray,
+    lam: float,
+    lr: float,
+    kind: str,
+    epochs: int,
+    *,
+    B: int | None = 1,
+    beta: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> np.ndarray:
     """Train on the book's loss with one of :data:`OPTIMIZERS`, batches in the fixed order
     (``B=None``: GD); returns every iterate, shape ``(steps + 1, m, d)``.
 
