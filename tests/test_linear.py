@@ -1,4 +1,5 @@
 """sgdrank.linear: the closed forms of Chapter 2 against plain step-by-step simulation."""
+
 import math
 
 import numpy as np
@@ -20,8 +21,15 @@ def _batches(run, N, epochs):
     return [[int(i) for i in bb if i >= 0] for ep in b for bb in ep]
 
 
-SCHEMES = [("reshuffle", 1, False), ("cyclic", 2, False), ("replacement", 2, False), ("gd", None, False),
-           ("reshuffle", 3, False), ("cyclic", 3, True), ("reshuffle", 2, True)]
+SCHEMES = [
+    ("reshuffle", 1, False),
+    ("cyclic", 2, False),
+    ("replacement", 2, False),
+    ("gd", None, False),
+    ("reshuffle", 3, False),
+    ("cyclic", 3, True),
+    ("reshuffle", 2, True),
+]
 
 
 @pytest.mark.parametrize("scheme,B,drop_last", SCHEMES)
@@ -46,8 +54,10 @@ def test_null_space_closed_form_to_1e12(small):
     """||W_perp|| = ||P_perp W0|| prod (1 - 2 eta_t lam): every scheme, decaying rates, 1e-12."""
     p, W0 = small
     E = 60
-    runs = [L.Run(0, W0, 0.01, L.lr_schedule("inv_sqrt", 0.1, E), scheme=s, B=B, seed=3, drop_last=dl)
-            for s, B, dl in SCHEMES]
+    runs = [
+        L.Run(0, W0, 0.01, L.lr_schedule("inv_sqrt", 0.1, E), scheme=s, B=B, seed=3, drop_last=dl)
+        for s, B, dl in SCHEMES
+    ]
     tr = L.simulate([p], runs, E, progress=False)
     meas, theory = tr.null_norm(), tr.null_theory()
     assert theory[-1].max() < theory[0].max()  # it did decay
@@ -62,7 +72,10 @@ def test_null_space_closed_form_to_1e12(small):
 def test_per_step_decay_is_identical_for_sgd_and_gd(small):
     p, W0 = small
     lr, lam = 0.05, 0.02
-    runs = [L.Run(0, W0, lam, lr, scheme="gd"), L.Run(0, W0, lam, lr, scheme="reshuffle", B=1, seed=1)]
+    runs = [
+        L.Run(0, W0, lam, lr, scheme="gd"),
+        L.Run(0, W0, lam, lr, scheme="reshuffle", B=1, seed=1),
+    ]
     g = L.simulate([p], runs[:1], 25, keep_steps=True, progress=False)  # 25 GD steps
     s = L.simulate([p], runs[1:], 5, keep_steps=True, progress=False)  # 25 SGD steps
     ng = L.null_norm(g.step_W[:, 0], p.X)
@@ -74,13 +87,31 @@ def test_per_step_decay_is_identical_for_sgd_and_gd(small):
 
 
 def test_batching_equals_one_at_a_time():
-    """Runs batched with others (different N, B, schemes, seeds, rates) follow the same trajectory."""
+    """Runs batched with others (different N, B, schemes, seeds, rates) follow the same
+    trajectory."""
     probs = [L.make_problem(7, N, 2, seed=10 + N) for N in (4, 6)]
     runs = []
-    for k, (data, scheme, B) in enumerate([(0, "gd", None), (0, "reshuffle", 1), (1, "cyclic", 4),
-                                            (1, "replacement", 2), (1, "reshuffle", 5), (0, "cyclic", 3)]):
-        runs.append(L.Run(data, L.random_init(2, 7, 0.2, seed=k), 0.01 * (k + 1), 0.03 + 0.01 * k,
-                          scheme=scheme, B=B, seed=100 + k))
+    for k, (data, scheme, B) in enumerate(
+        [
+            (0, "gd", None),
+            (0, "reshuffle", 1),
+            (1, "cyclic", 4),
+            (1, "replacement", 2),
+            (1, "reshuffle", 5),
+            (0, "cyclic", 3),
+        ]
+    ):
+        runs.append(
+            L.Run(
+                data,
+                L.random_init(2, 7, 0.2, seed=k),
+                0.01 * (k + 1),
+                0.03 + 0.01 * k,
+                scheme=scheme,
+                B=B,
+                seed=100 + k,
+            )
+        )
     together = L.simulate(probs, runs, 30, progress=False)
     alone = L.run_one_by_one(probs, runs, 30)
     for i, tr in enumerate(alone):
@@ -118,14 +149,24 @@ def test_ridge_is_the_minimiser_and_gd_finds_it():
     _, perp = L.split(Wl, p.X)
     np.testing.assert_allclose(perp, 0, atol=1e-12)
     lr = 0.5 * L.gd_max_lr(p.X, lam)
-    tr = L.simulate([p], [L.Run(0, L.random_init(2, 9, 1.0, seed=0), lam, lr, scheme="gd")], 4000, progress=False)
+    tr = L.simulate(
+        [p],
+        [L.Run(0, L.random_init(2, 9, 1.0, seed=0), lam, lr, scheme="gd")],
+        4000,
+        progress=False,
+    )
     np.testing.assert_allclose(tr.W[-1, 0], Wl, atol=1e-8)
     assert tr.span_gap()[-1, 0] < 1e-8
 
 
 def test_zero_init_stays_in_the_data_span():
     p = L.make_problem(9, 4, 3, seed=4)
-    tr = L.simulate([p], [L.Run(0, np.zeros((3, 9)), 0.01, 0.05, scheme="reshuffle", B=1, seed=0)], 50, progress=False)
+    tr = L.simulate(
+        [p],
+        [L.Run(0, np.zeros((3, 9)), 0.01, 0.05, scheme="reshuffle", B=1, seed=0)],
+        50,
+        progress=False,
+    )
     assert np.abs(tr.null_norm()).max() < 1e-14
     assert (tr.svals()[-1, 0] > 1e-8).sum() <= 4  # rank <= N
 
@@ -179,19 +220,31 @@ def test_online_stationary_msd_matches_simulation():
     probs = [L.make_problem(d, n, 1, seed=s) for s in range(4)]
     runs = [L.Run(i, np.zeros((1, d)), lam, eta, scheme="cyclic") for i in range(4)]
     refs = np.stack([p.teacher / (1 + lam) for p in probs])
-    tr = L.simulate(probs, runs, 1, record=[0, 1], window=dict(from_step=2000, reference=refs), progress=False)
+    tr = L.simulate(
+        probs, runs, 1, record=[0, 1], window=dict(from_step=2000, reference=refs), progress=False
+    )
     theory = np.array([L.online_stationary_msd(eta, lam, d, (p.teacher**2).sum()) for p in probs])
     ratio = tr.window["msd_ref"].mean() / theory.mean()
     assert abs(ratio - 1) < 0.1, ratio
-    assert L.online_stationary_msd(eta, 0.0, d, 1.0) == 0.0  # realisable targets, no decay: no noise
+    assert (
+        L.online_stationary_msd(eta, 0.0, d, 1.0) == 0.0
+    )  # realisable targets, no decay: no noise
 
 
 def test_limit_cycle_first_order():
     p = L.make_problem(7, 5, 2, seed=8)
     lam, eta = 0.05, 0.004
-    tr = L.simulate([p], [L.Run(0, np.zeros((2, 7)), lam, eta, scheme="cyclic")], 3000, record=[0, 2999, 3000],
-                    window=dict(from_step=2990 * 5, reference=np.zeros((1, 2, 7))), progress=False)
-    assert np.abs(tr.W[-1, 0] - tr.W[-2, 0]).max() < 1e-9  # (nearly) a periodic orbit, epoch to epoch
+    tr = L.simulate(
+        [p],
+        [L.Run(0, np.zeros((2, 7)), lam, eta, scheme="cyclic")],
+        3000,
+        record=[0, 2999, 3000],
+        window=dict(from_step=2990 * 5, reference=np.zeros((1, 2, 7))),
+        progress=False,
+    )
+    assert (
+        np.abs(tr.W[-1, 0] - tr.W[-2, 0]).max() < 1e-9
+    )  # (nearly) a periodic orbit, epoch to epoch
     c = L.limit_cycle_rms_coef(p.X, p.Y, lam)
     assert abs(math.sqrt(tr.window["msd_mean"][0]) / (eta * c) - 1) < 0.02
 
@@ -208,7 +261,12 @@ def test_errors_say_what_exists():
     with pytest.raises(ValueError, match="cyclic"):
         L.simulate([p], [L.Run(0, np.zeros((1, 3)), 0.1, 0.1, scheme="sorted")], 1, progress=False)
     with pytest.raises(ValueError, match="share"):
-        L.simulate([p, L.make_problem(4, 2, 1, seed=0)], [L.Run(0, np.zeros((1, 3)), 0.1, 0.1)], 1, progress=False)
+        L.simulate(
+            [p, L.make_problem(4, 2, 1, seed=0)],
+            [L.Run(0, np.zeros((1, 3)), 0.1, 0.1)],
+            1,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="inv_sqrt"):
         L.lr_schedule("cosine", 0.1, 3)
 
@@ -230,7 +288,7 @@ def test_torch_mse_settings_reproduce_the_book_step():
     for _ in range(5):
         for s in (0, 2):
             opt.zero_grad()
-            torch.nn.MSELoss()(W @ X[:, s:s + 2], Y[:, s:s + 2]).backward()
+            torch.nn.MSELoss()(W @ X[:, s : s + 2], Y[:, s : s + 2]).backward()
             opt.step()
             got.append(W.detach().numpy().copy())
     np.testing.assert_allclose(np.stack(got), ref, rtol=0, atol=1e-13)
@@ -293,13 +351,22 @@ def test_rotate_problem_rotates_sgd_trajectories(small):
 def test_online_msd_equals_the_simulator_window():
     """E3's fast one-pass routine gives simulate's windowed MSD (same steps, same reference)."""
     probs = [L.make_problem(4, 300, 2, seed=s, noise=0.1 * s) for s in range(2)]
-    runs = [L.Run(k, np.zeros((2, 4)), lam, eta, scheme="cyclic", B=1)
-            for k in range(2) for eta in (0.01, 0.05) for lam in (0.0, 0.1)]
+    runs = [
+        L.Run(k, np.zeros((2, 4)), lam, eta, scheme="cyclic", B=1)
+        for k in range(2)
+        for eta in (0.01, 0.05)
+        for lam in (0.0, 0.1)
+    ]
     ref = np.stack([probs[r.data].teacher / (1 + r.lam) for r in runs])
-    sim = L.simulate(probs, runs, 1, record=[0, 1], progress=False,
-                     window=dict(from_step=60, reference=ref)).window["msd_ref"]
+    sim = L.simulate(
+        probs, runs, 1, record=[0, 1], progress=False, window=dict(from_step=60, reference=ref)
+    ).window["msd_ref"]
     fast = L.online_msd(probs, runs, from_step=60, reference=ref)
     assert np.allclose(fast, sim, rtol=1e-10, atol=1e-30)
     with pytest.raises(ValueError, match="cyclic"):
-        L.online_msd(probs, [L.Run(0, np.zeros((2, 4)), 0.1, 0.01, scheme="gd")],
-                     from_step=0, reference=ref[:1])
+        L.online_msd(
+            probs,
+            [L.Run(0, np.zeros((2, 4)), 0.1, 0.01, scheme="gd")],
+            from_step=0,
+            reference=ref[:1],
+        )
