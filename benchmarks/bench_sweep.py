@@ -47,14 +47,16 @@ MODEL = "MLP-BN-10-100"
 
 
 def configs(K: int, B: int, args) -> list[sweep.Config]:
-    base = sweep.Config(model=MODEL, dataset="fashion-mnist", n_train=args.n_train, n_test=args.n_test,
-                        batch_size=B, epochs=args.epochs, loss="ce", momentum=0.0,
+    base = sweep.Config(model=MODEL, dataset="fashion-mnist", n_train=args.n_train,
+                        n_test=args.n_test, batch_size=B, epochs=args.epochs, loss="ce",
+                        momentum=0.0,
                         lr_milestones=(60, 100, 200), lr_gamma=0.2, eval_train=args.eval_train)
     return sweep.grid(base, seed=list(range(K // 6)), lr=list(LRS), lam=list(LAMS))
 
 
 # ----------------------------------------------------------------------------- baseline
-def authors_style_model(cfg: sweep.Config, in_dim: int, n_classes: int, bn: str = "torch") -> nn.Module:
+def authors_style_model(cfg: sweep.Config, in_dim: int, n_classes: int,
+                        bn: str = "torch") -> nn.Module:
     """``build_model``; with ``bn="torch"`` every BN replaced by ``nn.BatchNorm1d`` (the authors'
     choice; same parameters and conventions, faster), ``bn="library"`` keeps
     :class:`sgdrank.models.BatchNorm` (the module the book's chapters use)."""
@@ -64,13 +66,14 @@ def authors_style_model(cfg: sweep.Config, in_dim: int, n_classes: int, bn: str 
     for i, bn in enumerate(m.norms):
         if isinstance(bn, models.BatchNorm):
             new = nn.BatchNorm1d(bn.num_features, eps=bn.eps, momentum=bn.momentum)
-            new.load_state_dict({"weight": bn.weight.data, "bias": bn.bias.data, "running_mean": bn.running_mean,
+            new.load_state_dict({"weight": bn.weight.data, "bias": bn.bias.data,
+                                 "running_mean": bn.running_mean,
                                  "running_var": bn.running_var}, strict=False)
             m.norms[i] = new
     return m
 
 
-def baseline_run(cfg: sweep.Config, ds, bn: str = "torch") -> dict:
+def baseline_run(cfg: sweep.Config, ds, bn: str = "torch", device="cpu") -> dict:
     """One configuration, the way the authors' public training script does it: running train
     loss/accuracy during the epoch, then test (and, with ``eval_train``, train) evaluation, ranks
     from the SVD of every hidden matrix, convergence distance."""
@@ -78,13 +81,17 @@ def baseline_run(cfg: sweep.Config, ds, bn: str = "torch") -> dict:
     x_test, y_test = ds.x_test.flatten(1), ds.y_test
     g = torch.Generator().manual_seed(cfg.seed)
     train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train),
-                                               batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g)
-    eval_train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=1000)
-    eval_test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_test, y_test), batch_size=1000)
-    model = authors_style_model(cfg, x_train.shape[1], ds.n_classes, bn)
+                                               batch_size=cfg.batch_size, shuffle=True,
+                                               drop_last=True, generator=g)
+    eval_train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train),
+                                             batch_size=1000)
+    eval_test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_test, y_test),
+                                            batch_size=1000)
+    model = authors_style_model(cfg, x_train.shape[1], ds.n_classes, bn).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=conventions.torch_weight_decay(cfg.lam))
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=cfg.lr_gamma)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones),
+                                                 gamma=cfg.lr_gamma)
     history = []
 
     def evaluate(loader):
@@ -92,6 +99,7 @@ def baseline_run(cfg: sweep.Config, ds, bn: str = "torch") -> dict:
         loss, correct, n = 0.0, 0, 0
         with torch.no_grad():
             for x, y in loader:
+                x, y = x.to(device), y.to(device)
                 out = model(x)
                 loss += F.cross_entropy(out, y, reduction="sum").item()
                 correct += out.argmax(1).eq(y).sum().item()
@@ -117,6 +125,7 @@ def baseline_run(cfg: sweep.Config, ds, bn: str = "torch") -> dict:
         model.train()
         run_loss, run_correct, seen = 0.0, 0, 0
         for x, y in train_loader:
+            x, y = x.to(device), y.to(device)  # per step, as the authors' loop does
             out = model(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad()
@@ -132,11 +141,13 @@ def baseline_run(cfg: sweep.Config, ds, bn: str = "torch") -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-BASELINES = {"torch": "authors' loop, nn.BatchNorm1d", "library": "same loop, sgdrank.models.BatchNorm"}
+BASELINES = {"torch": "authors' loop, nn.BatchNorm1d",
+             "library": "same loop, sgdrank.models.BatchNorm"}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 128])
     ap.add_argument("--K", type=int, nargs="+", default=[6, 12, 24], help="multiples of 6")
     ap.add_argument("--epochs", type=int, default=2)
@@ -145,15 +156,20 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--baselines", nargs="+", default=["torch", "library"], choices=list(BASELINES))
     ap.add_argument("--baseline-runs", type=int, default=1,
-                    help="configurations timed per repeat, B and baseline (a different one each repeat)")
+                    help="configurations timed per repeat, B and baseline "
+                         "(a different one each repeat)")
     ap.add_argument("--eval-train", action="store_true",
-                    help="also evaluate the whole training set every epoch (both sides); default: the "
-                         "authors' protocol, running train metrics + test-set evaluation")
+                    help="also evaluate the whole training set every epoch (both sides); "
+                         "default: the authors' protocol, running train metrics + test-set "
+                         "evaluation")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for both (default 1: the 2 cores are shared with other jobs)")
+                    help="torch threads for both "
+                         "(default 1: the 2 cores are shared with other jobs)")
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads for the engine only (default: --threads); e.g. --threads 1 "
                          "--engine-threads 2 gives each side its best setting on a 2-core CPU")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda: both sides train there")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat, n_train 1000, K 6")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
@@ -163,13 +179,14 @@ def main(argv=None):
         ap.error("K must be a multiple of 6 (6 (lr, lam) pairs x seeds)")
     eng_threads = args.threads if args.engine_threads is None else args.engine_threads
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
 
     ds = data.load_dataset("fashion-mnist", n_train=args.n_train, n_test=args.n_test, seed=0)
     load0 = os.getloadavg()
     loads = []
     t_start = time.perf_counter()
-    base_t = {(bl, B): [] for bl in args.baselines for B in args.batch}   # seconds per configuration
+    # seconds per configuration
+    base_t = {(bl, B): [] for bl in args.baselines for B in args.batch}
     eng_t = {(B, K): [] for B in args.batch for K in args.K}
     sanity = {}
     for rep in range(args.repeats):
@@ -185,7 +202,7 @@ def main(argv=None):
                     for j in range(args.baseline_runs):
                         cfg = cf[(rep * args.baseline_runs + j) % 6]
                         t0 = time.perf_counter()
-                        out = baseline_run(cfg, ds, what)
+                        out = baseline_run(cfg, ds, what, device)
                         ts.append(time.perf_counter() - t0)
                         sanity[(f"baseline ({what})", B)] = out["history"][-1]
                     base_t[(what, B)].append(statistics.mean(ts))
@@ -201,7 +218,8 @@ def main(argv=None):
                                              ("train_acc", "batch_acc", "test_acc", "avg_rank")}
                 loads.append(os.getloadavg()[0])
                 print(f"  repeat {rep + 1}/{args.repeats} B={B} {kind} "
-                      f"{what if kind == 'base' else f'K={what}'}: {took:.2f} s   load {loads[-1]:.2f}", flush=True)
+                      f"{what if kind == 'base' else f'K={what}'}: {took:.2f} s   "
+                      f"load {loads[-1]:.2f}", flush=True)
     total = time.perf_counter() - t_start
     load1 = os.getloadavg()
 
@@ -214,7 +232,8 @@ def main(argv=None):
             for bl in args.baselines:
                 tb = statistics.median(base_t[(bl, B)])
                 paired = [K * b / e for b, e in zip(base_t[(bl, B)], eng_t[(B, K)])]  # same repeat
-                row[bl] = dict(sps=steps / tb, ratio=K * tb / te, s=K * tb, lo=min(paired), hi=max(paired))
+                row[bl] = dict(sps=steps / tb, ratio=K * tb / te, s=K * tb, lo=min(paired),
+                               hi=max(paired))
             rows.append(row)
     cpu = platform.processor() or platform.machine()
     try:
@@ -224,21 +243,27 @@ def main(argv=None):
                 break
     except OSError:
         pass
-    cmd = " ".join([".venv/bin/python benchmarks/bench_sweep.py"] + list(argv if argv is not None else sys.argv[1:]))
+    cmd = " ".join([".venv/bin/python benchmarks/bench_sweep.py"]
+                   + list(argv if argv is not None else sys.argv[1:]))
     lines = [
         f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; "
-        f"python {platform.python_version()}; {os.cpu_count()} CPU cores ({cpu}), shared with other jobs; "
-        f"no GPU; torch threads: {args.threads} (baselines), {eng_threads} (engine)",
+        f"python {platform.python_version()}; {os.cpu_count()} CPU cores ({cpu}), "
+        "shared with other jobs; "
+        f"device {_device_name(device)}; torch threads: {args.threads} (baselines), "
+        f"{eng_threads} (engine)",
         f"- load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load0)}; at end: "
         f"{', '.join(f'{v:.2f}' for v in load1)}; 1-min load over the measurements: median "
         f"{statistics.median(loads):.2f}, range {min(loads):.2f}-{max(loads):.2f}",
-        f"- sweep: {MODEL}, Fashion-MNIST n_train={args.n_train}, n_test={args.n_test}, {args.epochs} epochs "
-        f"+ evaluation at init; per epoch: {'train and test' if args.eval_train else 'test'} evaluation, "
-        f"SVD of every hidden matrix, convergence distance; {args.repeats} interleaved repeats, medians",
+        f"- sweep: {MODEL}, Fashion-MNIST n_train={args.n_train}, n_test={args.n_test}, "
+        f"{args.epochs} epochs + evaluation at init; per epoch: "
+        f"{'train and test' if args.eval_train else 'test'} evaluation, "
+        "SVD of every hidden matrix, convergence distance; "
+        f"{args.repeats} interleaved repeats, medians",
         f"- command: `{cmd}`; total wall time {total / 60:.1f} min",
         "",
         "| B | K | engine model-steps/s | " + " | ".join(
-            f"baseline {bl}: model-steps/s | speed-up vs {bl} (range over repeats)" for bl in args.baselines) + " |",
+            f"baseline {bl}: model-steps/s | speed-up vs {bl} (range over repeats)"
+            for bl in args.baselines) + " |",
         "|---:|---:|---:|" + "---:|---:|" * len(args.baselines),
     ]
     for r in rows:
@@ -246,7 +271,8 @@ def main(argv=None):
             f"{r[bl]['sps']:.0f} | **{r[bl]['ratio']:.1f}x** ({r[bl]['lo']:.1f}-{r[bl]['hi']:.1f})"
             for bl in args.baselines) + " |")
     lines.append("")
-    lines.append("Baselines: " + "; ".join(f"`{bl}` = {BASELINES[bl]}" for bl in args.baselines) + ".")
+    lines.append("Baselines: "
+                 + "; ".join(f"`{bl}` = {BASELINES[bl]}" for bl in args.baselines) + ".")
     lines.append("")
     for (kind, B), v in sorted(sanity.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         tr = v.get("train_acc")
@@ -259,6 +285,12 @@ def main(argv=None):
     if args.out is not None:
         args.out.write_text(report + "\n")
     return rows
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu (no GPU used)"
 
 
 if __name__ == "__main__":

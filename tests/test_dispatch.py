@@ -87,3 +87,26 @@ def test_local_jobs_get_a_long_time_limit_unless_configured(tmp_path):
     assert ex._executor.parameters["timeout_min"] == dispatch.LOCAL_TIMEOUT_MIN
     short = dispatch.ExecutorSpec("local", tmp_path / "jobs", (("timeout_min", 3),)).make()
     assert short._executor.parameters["timeout_min"] == 3
+
+
+def test_loop_groups_split_into_jobs_that_fit_a_time_limit(tmp_path, monkeypatch):
+    conv = sweep.grid(sweep.replace(BASE, model="CONV-2-4", epochs=1), seed=range(15))
+    mlp = sweep.grid(BASE, seed=range(15))
+    # a batched group is never split (its runs share every step); a loop group is, balanced
+    jobs = dispatch.plan_jobs(conv + mlp, runs_per_job=6)
+    assert sorted(len(j) for j in jobs) == [5, 5, 5, 15]
+    assert dispatch.plan_jobs(conv + mlp) == dispatch.groups(conv + mlp)
+    # job_minutes: as many runs as the cost estimate puts within 80% of the limit
+    from sgdrank import cost
+
+    class Est:
+        runs, cached, seconds = 15, 0, 15 * 60.0  # one minute per run
+
+    monkeypatch.setattr(cost, "estimate", lambda *a, **k: Est())
+    jobs = dispatch.plan_jobs(conv, job_minutes=4)  # 3.2 minutes: 3 runs per job
+    assert [len(j) for j in jobs] == [3] * 5
+    # finished runs of a loop group are not submitted again
+    sweep.run(conv[:2], cache=tmp_path, progress=False, device="cpu")
+    left = dispatch.plan_jobs(conv, tmp_path, runs_per_job=20)
+    assert [len(j) for j in left] == [13]
+    assert dispatch._job_devices(dispatch.ExecutorSpec("slurm"), "cuda", 2) == ["cuda", "cuda"]

@@ -401,3 +401,99 @@ def test_eval_blowup_is_flagged_only_when_eval_breaks_while_training_does_not():
     res = sweep.Result([sweep.Config()], [rec], [False])
     assert res.runs.eval_blowup_epoch.iloc[0] == 3
     assert res.epochs.eval_blowup.dtype == bool and "1 with an eval-mode blow-up" in repr(res)
+
+
+# ---------------------------------------------------------------------------------- GPU path
+def _image_data(seed=0, n_train=64, n_test=32):
+    """8x8 single-channel images (for CONV and a small ViT)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, N_CLASSES, (n_train + n_test,), generator=g)
+    x = torch.randn(n_train + n_test, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1) * 0.5
+    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:],
+                           y_test=y[n_train:], n_classes=N_CLASSES, input_shape=(1, 8, 8))
+
+
+VIT_SMALL = "VIT:dim=8,depth=1,heads=2,mlp=16,patch=4"
+
+
+@pytest.mark.parametrize("model", ["CONV-2-4", VIT_SMALL])
+def test_loop_engine_resumes_bit_for_bit_and_seeds_dropout(tmp_path, model):
+    imgs = _image_data()
+    base = sweep.Config(model=model, dataset="img", batch_size=16, epochs=4, lr=0.05,
+                        lam=1e-3, momentum=0.9)
+    cfgs = sweep.grid(base, seed=[3])
+
+    def crash(epoch, cs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(cfgs, cache=tmp_path, data=imgs, progress=False, device="cpu",
+                  checkpoint_every=0, on_epoch=crash, engine="loop")
+    assert len(list(tmp_path.glob("_partial_*.pt"))) == 1
+    trained = []
+    torch.manual_seed(123)  # the global generator's state must not matter (dropout is seeded)
+    resumed = sweep.run(cfgs, cache=tmp_path, data=imgs, progress=False, device="cpu",
+                        engine="loop", on_epoch=lambda e, cs: trained.append(e))
+    assert trained == [3, 4] and not list(tmp_path.glob("_partial_*.pt"))
+    torch.manual_seed(456)
+    straight = sweep.run(cfgs, data=imgs, progress=False, device="cpu", engine="loop")
+    cols = ["epoch", "train_loss", "test_loss", "batch_loss", "conv_dist", "avg_rank"]
+    assert resumed.epochs[cols].equals(straight.epochs[cols])
+    for k, v in straight.state_dict(0).items():
+        assert torch.equal(resumed.state_dict(0)[k], v), k
+
+
+def test_sparse_spectra_and_float32_svds_keep_the_rest():
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=9, lr=0.1,
+                        lam=1e-2)
+    full = sweep.run(base, data=DATA, progress=False, device="cpu")
+    sparse_cfg = sweep.replace(base, spectra="log3")
+    kept = [e for e in range(10) if sparse_cfg.spectra_at(e)]
+    assert kept == [0, 1, 3, 9]
+    for engine in ("batched", "loop"):
+        sp = sweep.run(sparse_cfg, data=DATA, progress=False, device="cpu", engine=engine)
+        ep, fe = sp.epochs.set_index("epoch"), full.epochs.set_index("epoch")
+        assert list(ep.index) == list(range(10))  # losses at every recorded epoch
+        for col in ("train_loss", "test_loss", "conv_dist"):
+            assert np.allclose(ep[col], fe[col], rtol=1e-5, equal_nan=True), (engine, col)
+        assert sorted(set(sp.layers.epoch)) == kept
+        assert ep.avg_rank.isna().tolist() == [e not in kept for e in range(10)]
+        assert np.allclose(ep.loc[kept, "avg_rank"], fe.loc[kept, "avg_rank"])
+    f32 = sweep.run(sweep.replace(base, svd_dtype="float32"), data=DATA, progress=False,
+                    device="cpu")
+    a, b = f32.layers, full.layers
+    assert (a["rank"].to_numpy() == b["rank"].to_numpy()).all()
+    err = max(float(np.abs(x - y).max() / fro) for x, y, fro in zip(a.sv, b.sv, b.fro))
+    assert 0 < err < 1e-5
+    with pytest.raises(ValueError, match="spectra schedule"):
+        sweep.Config(spectra="sometimes")
+    with pytest.raises(ValueError, match="svd_dtype"):
+        sweep.Config(svd_dtype="float16")
+
+
+def test_groups_split_balanced_and_devices_explicit(monkeypatch):
+    assert [len(c) for c in sweep.split_group(list(range(15)), 12)] == [8, 7]
+    assert [len(c) for c in sweep.split_group(list(range(24)), 12)] == [12, 12]
+    assert [len(c) for c in sweep.split_group(list(range(5)), 1)] == [1] * 5
+    assert sum(sweep.split_group(list(range(15)), 12), []) == list(range(15))
+    monkeypatch.delenv("SGDRANK_DEVICE", raising=False)
+    assert sweep.resolve_device(None) == torch.device("cpu")  # never a silent move to a GPU
+    monkeypatch.setenv("SGDRANK_DEVICE", "cpu")
+    assert sweep.resolve_device(None).type == "cpu"
+    with pytest.raises(ValueError, match="no float64"):
+        sweep.resolve_device(torch.device("mps"))
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with sweep.precision(True, "cpu"):  # a no-op on the CPU
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+
+
+def test_set_hyper_updates_its_tensors_in_place():
+    arch = batched.Arch("MLP-BN-3-8", (20,), 3)
+    net = batched.BatchedNet(arch, 2)
+    net.set_hyper([0.1, 0.2], [1e-3, 1e-2], [0.0, 0.0])
+    before = {k: v for k, v in net._coef.items() if v is not None}
+    net.set_hyper([0.05, 0.02], [1e-3, 1e-2], [0.0, 0.0])
+    for k, v in before.items():
+        assert net._coef[k] is v, k  # the same tensor (a captured CUDA graph sees the new values)
+    assert net._coef["lr"].view(-1).tolist() == pytest.approx([0.05, 0.02])

@@ -25,6 +25,17 @@ many run at once. The local executor starts every job at once, one process each 
 few threads: ``OMP_NUM_THREADS``), and kills a job after ``timeout_min`` (submitit's default is
 2 minutes; here :data:`LOCAL_TIMEOUT_MIN` unless the config sets it).
 
+Jobs and time limits: a group of runs that the loop engine trains one after another (VGG,
+ResNet, ViT, CONV) can be split across jobs (``runs_per_job``, or ``job_minutes``: the number of
+runs per job that :mod:`sgdrank.cost` estimates to fit 80% of the limit, measured by a probe on
+this machine's ``probe_device``). A batched group is not split (its runs share every step, so a
+smaller chunk takes as long); a job that outlives its limit loses at most ``checkpoint_every``
+seconds, and calling :func:`run` again resumes it. Every run of either engine checkpoints.
+
+Devices: ``device`` (default ``$SGDRANK_DEVICE`` in the job, else the CPU; see
+:func:`sgdrank.sweep.resolve_device`) is passed to every job; with the local executor and
+``device="cuda"`` on a machine with several GPUs, job ``i`` trains on ``cuda:(i mod n)``.
+
 submitit is imported only when jobs are used (``pip install submitit``; it is pinned in the
 project's requirements.txt, and an optional extra ``sgdrank[cluster]``).
 """
@@ -106,13 +117,15 @@ def groups(configs: Iterable[sweep.Config]) -> list[list[sweep.Config]]:
     return list(out.values())
 
 
-def train_group(configs: list[dict], folder: str, checkpoint_every: float) -> dict:
+def train_group(configs: list[dict], folder: str, checkpoint_every: float,
+                device: str | None = None) -> dict:
     """The body of one job: train one group into the cache ``folder``. Takes plain dicts (so
     the pickle holds no tensors) and returns counts: runs in the group, runs trained (not loaded
-    from the cache), epochs trained in this job."""
+    from the cache), epochs trained in this job. ``device``: see :func:`sweep.resolve_device`."""
     cfgs = [sweep.Config.from_dict(d) for d in configs]
     epochs = [0]
     res = sweep.run(cfgs, cache=Path(folder), progress=False, checkpoint_every=checkpoint_every,
+                    device=device,
                     on_epoch=lambda e, batch: epochs.__setitem__(0, epochs[0] + len(batch)))
     return {"runs": len(cfgs), "trained": res.n_trained, "run_epochs": epochs[0]}
 
@@ -121,22 +134,71 @@ def _cached(cfg: sweep.Config, folder: Path) -> bool:
     return (folder / f"{sweep.run_key(cfg)}.pt").exists()
 
 
+def _loop_group(g: list[sweep.Config]) -> bool:
+    from .batched import Arch, supported
+
+    c0 = g[0]  # supported() reads the model family and activation only
+    return not supported(Arch(c0.model, (1,), 1, c0.bias, c0.detach_var, c0.activation))
+
+
+def plan_jobs(configs: Iterable[sweep.Config], folder: Path | None = None, *,
+              runs_per_job: int | None = None, job_minutes: float | None = None,
+              probe_device: str | None = None) -> list[list[sweep.Config]]:
+    """The jobs of a sweep: one per group with a run missing from ``folder``, a loop-engine
+    group split into balanced jobs of at most ``runs_per_job`` runs, or of as many runs as
+    :func:`sgdrank.cost.estimate` (probed on ``probe_device``) puts within 80% of
+    ``job_minutes`` (see the module docstring)."""
+    jobs = []
+    for g in groups(configs):
+        if folder is not None and all(_cached(c, folder) for c in g):
+            continue
+        n = len(g)
+        if (runs_per_job or job_minutes) and _loop_group(g):
+            if folder is not None:  # runs trained one at a time: only the missing ones
+                g = [c for c in g if not _cached(c, folder)]
+                n = len(g)
+            if runs_per_job:
+                n = int(runs_per_job)
+            if job_minutes:
+                from . import cost
+
+                est = cost.estimate(g, device=probe_device, check=False)
+                per_run = est.seconds / max(1, est.runs - est.cached)
+                n = min(n, max(1, int(0.8 * 60 * job_minutes // max(per_run, 1e-9))))
+        jobs.extend(sweep.split_group(g, max(1, n)))
+    return jobs
+
+
+def _job_devices(spec: ExecutorSpec, device: str | None, n: int) -> list[str | None]:
+    if spec.kind == "local" and device in ("cuda", "auto"):
+        import torch
+
+        k = torch.cuda.device_count()
+        if k > 1:
+            return [f"cuda:{i % k}" for i in range(n)]
+    return [device] * n
+
+
 def submit(configs: Iterable[sweep.Config], cache: str | Path, spec: ExecutorSpec, *,
-           checkpoint_every: float = 60.0) -> list:
-    """Submit one job per group of ``configs`` that has a run missing from ``cache``; returns
-    the submitit jobs (each with ``.group``, its configs, attached)."""
+           checkpoint_every: float = 60.0, device: str | None = None,
+           runs_per_job: int | None = None, job_minutes: float | None = None) -> list:
+    """Submit the jobs of :func:`plan_jobs` (one per group of ``configs`` that has a run missing
+    from ``cache``, loop-engine groups split to fit a job's time); returns the submitit jobs
+    (each with ``.group``, its configs, attached)."""
     folder = _cache.folder(cache)
     if folder is None:
         raise ValueError("jobs need an on-disk cache: pass cache='<chapter name>' or a folder")
     ex = spec.make()
     if ex is None:
         raise ValueError("submit() needs a job executor (SGDRANK_EXECUTOR=local or slurm)")
-    todo = [g for g in groups(configs) if not all(_cached(c, folder) for c in g)]
+    todo = plan_jobs(configs, folder, runs_per_job=runs_per_job, job_minutes=job_minutes,
+                     probe_device=device if device not in (None, "auto") else None)
     if not todo:
         return []
+    devices = _job_devices(spec, device, len(todo))
     with ex.batch():  # one submission: a job array on Slurm (slurm_array_parallelism applies)
         jobs = [ex.submit(train_group, [c.to_dict() for c in g], str(folder.resolve()),
-                          checkpoint_every) for g in todo]
+                          checkpoint_every, dev) for g, dev in zip(todo, devices)]
     for job, g in zip(jobs, todo):
         job.group = g
     return jobs
@@ -177,7 +239,8 @@ def wait(jobs: list, *, poll: float = 1.0, progress: bool = True) -> list[dict]:
 
 def run(configs: sweep.Config | Iterable[sweep.Config], cache: str | Path, *,
         spec: ExecutorSpec | None = None, progress: bool = True, checkpoint_every: float = 60.0,
-        poll: float = 1.0, **inprocess_kw) -> sweep.Result:
+        poll: float = 1.0, device: str | None = None, runs_per_job: int | None = None,
+        job_minutes: float | None = None, **inprocess_kw) -> sweep.Result:
     """``sweep.run(configs, cache)``, with the groups trained as jobs when ``spec`` (default:
     :func:`executor_from_env`) names an executor; in-process otherwise (``inprocess_kw`` go to
     ``sweep.run`` then). Returns the :class:`sweep.Result` read from the cache."""
@@ -185,9 +248,10 @@ def run(configs: sweep.Config | Iterable[sweep.Config], cache: str | Path, *,
     spec = executor_from_env() if spec is None else spec
     if spec.kind == "inprocess":
         return sweep.run(cfgs, cache=cache, progress=progress, checkpoint_every=checkpoint_every,
-                         **inprocess_kw)
+                         device=device, **inprocess_kw)
     if inprocess_kw:
         raise ValueError(f"{sorted(inprocess_kw)} apply in-process only; jobs load data by name")
-    wait(submit(cfgs, cache, spec, checkpoint_every=checkpoint_every), poll=poll,
+    wait(submit(cfgs, cache, spec, checkpoint_every=checkpoint_every, device=device,
+                runs_per_job=runs_per_job, job_minutes=job_minutes), poll=poll,
          progress=progress)
     return sweep.load(cfgs, cache)

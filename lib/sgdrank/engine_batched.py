@@ -19,7 +19,7 @@ from . import conventions, record
 from .batched import Arch, BatchedNet
 from .cache import atomic_save, group_id
 from .inputs import GroupData
-from .runconfig import Config, batch_order
+from .runconfig import Config, batch_order, on_device
 
 
 class _Group:
@@ -77,7 +77,7 @@ class _Group:
         net.set_hyper(lr_now, [conventions.torch_weight_decay(c.lam) for c in cfgs],
                       [c.momentum for c in cfgs], decay_vectors=self.c0.decay == "all")
         K = net.K
-        perm = torch.stack([batch_order(c.seed, epoch, N) for c in cfgs]).to(self.device)
+        perm = on_device(torch.stack([batch_order(c.seed, epoch, N) for c in cfgs]), self.device)
         order = perm[:, :self.n_full * B].reshape(K, self.n_full, B).transpose(0, 1).contiguous()
         pieces = [order[s] for s in range(self.n_full)]
         if self.rem:
@@ -146,7 +146,8 @@ class _Group:
         cpu = lambda v: None if v is None else v.detach().cpu()  # noqa: E731
         m = record.Measurement(
             epoch=epoch, step=self.steps * epoch, lr_now=lr_now,
-            sv={n: s.cpu() for n, s in record.spectra(mats).items()}, delta=delta,
+            sv=({n: s.cpu() for n, s in record.spectra(mats, c0.svd_dtype).items()}
+                if c0.spectra_at(epoch) else None), delta=delta,
             train_loss=cpu(tl), train_acc=cpu(tc), test_loss=cpu(vl), test_acc=cpu(vc),
             batch_loss=cpu(bl), batch_acc=cpu(bc), bn_var_min=bn_min)
         record.append([self.recs[r] for r in self.alive], self.layers, m)

@@ -77,13 +77,14 @@ class Measurement:
     """One recorded epoch of K runs. Tensors are on the CPU with leading dimension K.
 
     ``sv``: singular values (float64, descending) of every rank-tracked matrix and of
-    ``"head.weight"``, ``(K, r)``; ``delta``: ``||W_e - W_prev||_F`` of every trainable matrix,
-    ``(K,)`` (None at epoch 0); losses / accuracies ``(K,)`` or None (not measured, or a
-    regression task's accuracy); ``bn_var_min`` ``(K,)`` or None (no BN)."""
+    ``"head.weight"``, ``(K, r)``, or None at an epoch without spectra (``Config.spectra``: no
+    layer rows, the rank columns of the epoch row NaN); ``delta``: ``||W_e - W_prev||_F`` of
+    every trainable matrix, ``(K,)`` (None at epoch 0); losses / accuracies ``(K,)`` or None
+    (not measured, or a regression task's accuracy); ``bn_var_min`` ``(K,)`` or None (no BN)."""
     epoch: int
     step: int
     lr_now: Sequence[float]
-    sv: Mapping[str, torch.Tensor]
+    sv: Mapping[str, torch.Tensor] | None
     delta: Mapping[str, torch.Tensor] | None = None
     train_loss: torch.Tensor | None = None
     train_acc: torch.Tensor | None = None
@@ -103,16 +104,53 @@ def new(cfg: Config, key: str, arch: Arch, engine: str, device) -> dict:
             "device": str(device), "torch": str(torch.__version__)}
 
 
-def spectra(mats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def singular_values(w: torch.Tensor, dtype: str | torch.dtype = torch.float64) -> torch.Tensor:
+    """Singular values of a batch of matrices ``(..., m, n)``, descending, returned as float64;
+    computed in ``dtype`` (float64: :func:`sgdrank.metrics.batch_singular_values`; float32: the
+    same on a float32 copy -- wide matrices as their transposes -- then widened).
+
+    float32 against float64 (:func:`svd_error`; ``benchmarks/gpu_check.sh`` step 4, numbers in
+    ``benchmarks/README.md``), measured on this project's CPU (LAPACK) on trained Chapter 3-like
+    matrices and on random and rank-8-plus-noise matrices up to 1000 x 1000 and 512 x 4608: the
+    largest error of ``s_i / ||W||_F`` was 4.7e-7, about 2,000 times below the rank tolerance
+    1e-3 (and 80,000 below 0.04), and no threshold rank changed; a rank can only change when a
+    singular value lies within that error of a tolerance. On a GPU (cuSOLVER) it is not measured
+    yet: run the check script there before relying on ``svd_dtype="float32"``."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float64:
+        return metrics.batch_singular_values(w)
+    w = w.detach().to(dtype)
+    return torch.linalg.svdvals(w.mT if w.shape[-2] < w.shape[-1] else w).double()
+
+
+def svd_error(w: torch.Tensor, dtype: str | torch.dtype = torch.float32) -> dict:
+    """How far singular values computed in ``dtype`` are from float64 ones, for a batch of
+    matrices ``w`` ``(..., m, n)`` on its device, in the units the ranks use (``s_i / ||W||_F``):
+    ``max_err`` (the largest ``|s_i - s64_i| / ||W||_F``), ``rank_changes`` (threshold ranks at
+    atol 1e-3 and 0.04 that differ) and ``margin`` (the smallest distance of any
+    ``s64_i / ||W||_F`` from either tolerance: a rank can only change if it is below
+    ``max_err``)."""
+    s64 = singular_values(w, torch.float64)
+    s32 = singular_values(w, dtype)
+    fro = torch.linalg.vector_norm(s64, dim=-1, keepdim=True).clamp_min(1e-300)
+    err = float(((s32 - s64).abs() / fro).max())
+    changes = sum(int((metrics.threshold_rank(s32, atol=t)
+                       != metrics.threshold_rank(s64, atol=t)).sum()) for t in (1e-3, 0.04))
+    margin = min(float(((s64 / fro) - t).abs().min()) for t in (1e-3, 0.04))
+    return {"max_err": err, "rank_changes": changes, "margin": margin}
+
+
+def spectra(mats: Mapping[str, torch.Tensor],
+            dtype: str | torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     """Singular values of matrices ``(K, m, n)`` by name, float64, descending, ``(K, min(m, n))``:
-    one batched SVD per distinct shape (:func:`sgdrank.metrics.batch_singular_values`)."""
+    one batched SVD per distinct shape (:func:`singular_values`, computed in ``dtype``)."""
     by_shape: dict[tuple, list[str]] = {}
     for n, w in mats.items():
         by_shape.setdefault(tuple(w.shape[1:]), []).append(n)
     out = {}
     for names in by_shape.values():
         K = mats[names[0]].shape[0]
-        s = metrics.batch_singular_values(torch.cat([mats[n] for n in names]))
+        s = singular_values(torch.cat([mats[n] for n in names]), dtype)
         for i, n in enumerate(names):
             out[n] = s[i * K:(i + 1) * K]
     return out
@@ -156,6 +194,9 @@ def _blowup(rec: dict, train_loss: float, batch_loss: float) -> bool:
 def append(recs: Sequence[dict], layers: Sequence[Layer], m: Measurement) -> None:
     """Append epoch ``m.epoch`` of K runs to their records ``recs`` (one per run, in the order of
     ``m``'s leading dimension): one epoch row each and one layer row per entry of ``layers``."""
+    if m.sv is None:
+        _append_no_spectra(recs, m)
+        return
     names = [ly.name for ly in layers] + [HEAD]
     sv = {n: m.sv[n] for n in names}
     rank = {n: metrics.threshold_rank(sv[n]) for n in names}
@@ -194,3 +235,23 @@ def append(recs: Sequence[dict], layers: Sequence[Layer], m: Measurement) -> Non
             L["spec"].append(float(s[0]))
             L["delta_fro"].append(float("nan") if first else float(m.delta[ly.name][j]))
             L["sv"].append(s.clone())
+
+
+def _append_no_spectra(recs: Sequence[dict], m: Measurement) -> None:
+    """An epoch row without singular values (``Config.spectra``): the rank, stable-rank and
+    ``head_*`` norm columns NaN, no layer rows; losses, ``conv_dist`` and ``head_delta`` kept."""
+    first = m.delta is None
+    conv_dist = None if first else torch.stack([d.double() for d in m.delta.values()]).mean(0)
+    nan = float("nan")
+    for j, rec in enumerate(recs):
+        tl, bl = _at(m.train_loss, j), _at(m.batch_loss, j)
+        row = dict(
+            epoch=m.epoch, step=m.step, lr_now=float(m.lr_now[j]) if m.epoch else nan,
+            train_loss=tl, train_acc=_at(m.train_acc, j), test_loss=_at(m.test_loss, j),
+            test_acc=_at(m.test_acc, j), batch_loss=bl, batch_acc=_at(m.batch_acc, j),
+            conv_dist=nan if first else float(conv_dist[j]), avg_rank=nan, avg_stable_rank=nan,
+            head_fro=nan, head_spec=nan, head_rank=nan, head_stable_rank=nan,
+            head_delta=nan if first else float(m.delta[HEAD][j]),
+            bn_var_min=_at(m.bn_var_min, j), eval_blowup=_blowup(rec, tl, bl), diverged=False)
+        for k, v in row.items():
+            rec["epochs"][k].append(v)

@@ -37,6 +37,16 @@ class Config:
     ``record_every`` -- record epochs ``0, k, 2k, ...`` and the last one (:func:`recorded_epochs`;
     default 1: every epoch). Recording (evaluation, singular values) is what costs time in short
     epochs; training is the same whatever ``k`` is.
+    ``spectra`` -- at which recorded epochs the singular values (and so the layer rows, ranks,
+    stable ranks and the ``head_*``/``avg_*`` columns) are computed (:meth:`spectra_at`):
+    ``"all"`` (default: every recorded epoch), ``"ends"`` (initialisation and last epoch),
+    ``"log<n>"`` (about ``n`` log-spaced epochs plus 0 and the last, e.g. ``"log8"``) or
+    ``"every<k>"`` (epochs ``0, k, 2k, ...`` and the last). Losses, accuracies and ``conv_dist``
+    are recorded at every recorded epoch whatever ``spectra`` is. ``svd_dtype`` --
+    ``"float64"`` (default) or ``"float32"``: the precision of those SVDs (values are stored as
+    float64 either way; the float32 error is measured in ``benchmarks/README.md``, far below the
+    rank tolerances). ``tf32`` -- allow TF32 in CUDA matrix products and cuDNN convolutions
+    (default False: full float32, the same arithmetic on every GPU model; a no-op on the CPU).
     """
     model: str = "MLP-BN-10-100"
     dataset: str = "fashion-mnist"
@@ -61,6 +71,9 @@ class Config:
     standardize: bool = True
     eval_train: bool = True
     record_every: int = 1
+    spectra: str = "all"
+    svd_dtype: str = "float64"
+    tf32: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -86,6 +99,11 @@ class Config:
         if self.lr < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"need lr >= 0 and 0 <= momentum < 1, got {self.lr}, {self.momentum}")
         conventions.torch_weight_decay(self.lam)  # raises for lam < 0
+        set_("spectra", str(self.spectra).strip().lower())
+        _spectra_rule(self.spectra)  # raises for an unknown schedule
+        if self.svd_dtype not in SVD_DTYPES:
+            raise ValueError(f"unknown svd_dtype {self.svd_dtype!r}: use one of {SVD_DTYPES}")
+        set_("tf32", bool(self.tf32))
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate used during epoch ``epoch`` (1-based): ``lr * gamma^#{m < epoch}``."""
@@ -95,6 +113,20 @@ class Config:
         """True when epoch ``epoch`` (0 = init) is recorded: a multiple of ``record_every``, or
         the last epoch."""
         return epoch % self.record_every == 0 or epoch == self.epochs
+
+    def spectra_at(self, epoch: int) -> bool:
+        """True when recorded epoch ``epoch`` also records singular values (``spectra``); always
+        True at 0 and at the last epoch."""
+        if not self.recorded(epoch):
+            return False
+        kind, n = _spectra_rule(self.spectra)
+        if kind == "all" or epoch in (0, self.epochs):
+            return True
+        if kind == "ends":
+            return False
+        if kind == "every":
+            return epoch % n == 0
+        return epoch in _log_epochs(self, n)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,7 +148,31 @@ DATA_FIELDS = ("dataset", "n_train", "n_test", "data_seed", "classes", "standard
 #: what a batch of runs must share (the rest -- lr, lam, seed, momentum, schedule -- is per run)
 GROUP_FIELDS = ("model", "dataset", "n_train", "n_test", "data_seed", "classes", "standardize",
                 "bias", "detach_var", "activation", "batch_size", "epochs", "loss", "decay",
-                "drop_last", "eval_train", "record_every")
+                "drop_last", "eval_train", "record_every", "spectra", "svd_dtype", "tf32")
+SVD_DTYPES = ("float64", "float32")
+
+
+def _spectra_rule(spec: str) -> tuple[str, int]:
+    """``("all"|"ends", 0)``, ``("log", n)`` or ``("every", k)`` from a ``spectra`` string."""
+    if spec in ("all", "ends"):
+        return spec, 0
+    for kind in ("log", "every"):
+        if spec.startswith(kind) and spec[len(kind):].isdigit() and int(spec[len(kind):]) >= 1:
+            return kind, int(spec[len(kind):])
+    raise ValueError(f"unknown spectra schedule {spec!r}: use 'all', 'ends', 'log<n>' "
+                     f"(e.g. 'log8') or 'every<k>' (e.g. 'every10')")
+
+
+def _log_epochs(cfg: Config, n: int) -> frozenset:
+    """About ``n`` log-spaced epochs in ``1..epochs``, each moved up to the next recorded one."""
+    E = cfg.epochs
+    out = set()
+    for i in range(n):
+        e = max(1, min(E, round(E ** (i / max(1, n - 1))))) if n > 1 else E
+        while not cfg.recorded(e):
+            e += 1
+        out.add(e)
+    return frozenset(out)
 
 
 def replace(cfg: Config, **changes) -> Config:
@@ -165,6 +221,15 @@ def batches(seed: int, epoch: int, n: int, batch_size: int,
     perm = batch_order(seed, epoch, n)
     stop = (n // batch_size) * batch_size if drop_last else n
     return [perm[s:min(s + batch_size, stop)] for s in range(0, stop, batch_size)]
+
+
+def on_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (a batch order) moved to ``device`` in one copy: pinned and asynchronous on CUDA,
+    so the host does not wait for it (the engines move an epoch's order once, never per step)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:

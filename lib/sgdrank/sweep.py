@@ -72,8 +72,10 @@ resumes from its last checkpoint (``checkpoint_every`` seconds; epoch granularit
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -106,8 +108,8 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *,
 
     - ``cache``: a chapter name (files under :func:`sgdrank.runtime.results_dir`), a path, or
       None (no cache). One file per run, named by :func:`run_key`.
-    - ``device``: default :func:`sgdrank.runtime.pick_device`. Data stays on the device; the
-      host synchronises once per epoch (metrics), never per step.
+    - ``device``: :func:`resolve_device` (default: ``$SGDRANK_DEVICE``, else the CPU). Data
+      stays on the device; the host synchronises once per epoch (metrics), never per step.
     - ``data``: None (``sgdrank.data.load_dataset`` from the config), one dataset object, a
       mapping ``dataset name -> dataset`` or a callable ``cfg -> dataset`` (objects with
       ``x_train, y_train, x_test, y_test`` and ``n_classes``); the cache key then includes a
@@ -123,7 +125,7 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *,
         raise TypeError("run() takes a Config or a list of Configs (see sweep.grid)")
     if engine not in ("auto", "batched", "loop"):
         raise ValueError(f"unknown engine {engine!r}: use 'auto', 'batched' or 'loop'")
-    device = runtime.pick_device(device) if not isinstance(device, torch.device) else device
+    device = resolve_device(device)
     folder = _cache.folder(cache)
 
     # keys (custom data: include a fingerprint of the tensors)
@@ -176,13 +178,19 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *,
             arch = Arch(c0.model, d.in_shape, d.out_dim, c0.bias, c0.detach_var, c0.activation)
             use_loop = engine == "loop" or (engine == "auto" and not supported(arch))
             if bar is not None:
-                bar.set_description(f"sweep {c0.model} B={c0.batch_size} [{gi + 1}/{len(groups)}]")
+                bar.set_description(f"sweep {c0.model} B={c0.batch_size} on {device} "
+                                    f"[{gi + 1}/{len(groups)}]")
             if use_loop:
                 for i in idxs:
-                    rec = engine_loop.train(cfgs[i], keys[i], d, device, bar, on_epoch)
+                    ck = None if folder is None else _cache.checkpoint_path(folder, [keys[i]])
+                    with precision(c0.tf32, device):
+                        rec = engine_loop.train(cfgs[i], keys[i], d, device, bar, on_epoch, ck,
+                                                checkpoint_every)
                     records[i] = rec
                     if folder is not None:
                         _cache.atomic_save(rec, folder / f"{keys[i]}.pt")
+                    if ck is not None and ck.exists():
+                        ck.unlink()
                 continue
             if max_k is None:
                 per_run = sum(p.numel() for p in arch.build().parameters())
@@ -190,12 +198,12 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *,
                 kmax = max(1, budget // per_run)
             else:
                 kmax = max(1, int(max_k))
-            for s in range(0, len(idxs), kmax):
-                chunk = idxs[s:s + kmax]
+            for chunk in split_group(idxs, kmax):
                 ck = (None if folder is None
                       else _cache.checkpoint_path(folder, [keys[i] for i in chunk]))
-                recs = engine_batched.train([cfgs[i] for i in chunk], [keys[i] for i in chunk], d,
-                                            device, bar, ck, checkpoint_every, on_epoch)
+                with precision(c0.tf32, device):
+                    recs = engine_batched.train([cfgs[i] for i in chunk], [keys[i] for i in chunk],
+                                                d, device, bar, ck, checkpoint_every, on_epoch)
                 for i, rec in zip(chunk, recs):
                     records[i] = rec
                     if folder is not None:
@@ -209,6 +217,56 @@ def run(configs: Config | Iterable[Config], cache: str | Path | None = None, *,
         if records[i] is None:
             records[i] = records[todo[k]]
     return Result(cfgs, records, cached)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device a sweep trains on, an explicit setting: ``device`` if given, else
+    ``$SGDRANK_DEVICE``, else the CPU -- never a silent move to a GPU (the book's committed
+    numbers are CPU numbers); ``"auto"`` picks cuda, then mps, then cpu
+    (:func:`sgdrank.runtime.pick_device`). Raises where the device is missing, and for MPS,
+    which has no float64 (the engines measure losses and singular values in float64)."""
+    if not isinstance(device, torch.device):
+        name = device or os.environ.get("SGDRANK_DEVICE") or "cpu"
+        device = runtime.pick_device(None if name == "auto" else name)
+    if device.type == "mps":
+        raise ValueError("device 'mps' (Apple GPU) has no float64, which the sweep engines use "
+                         "for losses and singular values: run sweeps with device='cpu' (or on "
+                         "a CUDA GPU)")
+    return device
+
+
+def split_group(idxs: list, kmax: int) -> list[list]:
+    """``idxs`` cut into as few chunks of at most ``kmax`` as possible, of balanced sizes
+    (15 runs at ``kmax = 12``: 8 + 7, not 12 + 3 -- every chunk takes all the steps, so the
+    time is that of the number of chunks, and equal chunks use the device alike)."""
+    kmax = max(1, int(kmax))
+    n = len(idxs)
+    parts = -(-n // kmax)
+    out, s = [], 0
+    for p in range(parts):
+        size = n // parts + (p < n % parts)
+        out.append(list(idxs[s:s + size]))
+        s += size
+    return out
+
+
+@contextlib.contextmanager
+def precision(tf32: bool, device) -> Iterator[None]:
+    """Inside: CUDA matrix products and cuDNN convolutions in full float32 (``tf32=False``) or
+    TF32 (``True``), cuDNN deterministic and not benchmarking (a resumed run repeats its
+    arithmetic); the previous settings are restored after. Nothing is touched on the CPU
+    (``Config.tf32`` is in the cache key either way)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    cu, cd = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (cu.allow_tf32, cd.allow_tf32, cd.deterministic, cd.benchmark)
+    try:
+        cu.allow_tf32 = cd.allow_tf32 = bool(tf32)
+        cd.deterministic, cd.benchmark = True, False
+        yield
+    finally:
+        cu.allow_tf32, cd.allow_tf32, cd.deterministic, cd.benchmark = saved
 
 
 def load(configs: Config | Iterable[Config], cache: str | Path, data: Any = None) -> Result:
