@@ -1,6 +1,6 @@
 """Execute chapters top to bottom on a fresh kernel with papermill and stamp their metadata.
 
-    python tools/run_chapters.py [--profile book] [chapters/NN_name.ipynb ...]
+    python tools/run_chapters.py [--profile book] [--jobs 2] [chapters/NN_name.ipynb ...]
 
 With no paths, every chapter runs. The notebook is executed in place from its committed code
 (its working directory is ``chapters/``); ``SGDRANK_PROFILE`` is set for the kernel, so the
@@ -9,6 +9,11 @@ metadata records the profile and the hashes that tests/test_notebooks.py compare
 ``input_path``/``output_path`` are made relative to the repository (no machine's paths are
 committed). After the chapters, the claims page (``claims.md``, tools/claims.py) is regenerated
 from the executed outputs.
+
+Chapters run ``--jobs`` at a time (default 2, one per core of the book's 2-core machine),
+longest first by the duration of their last book run. Every kernel runs with one BLAS/OpenMP
+thread (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``) whatever ``--jobs`` is, so the outputs do
+not depend on the scheduling.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +52,12 @@ def run(path: Path, profile: str, kernel: str) -> float:
     return seconds
 
 
+def last_seconds(path: Path) -> float:
+    """Duration of the chapter's last recorded run (0 when it has none)."""
+    meta = booktools.load(path).get("metadata", {}).get(booktools.META_KEY, {})
+    return float(meta.get("seconds", 0.0) or 0.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,17 +66,30 @@ def main() -> None:
     ap.add_argument("--kernel", default="python3")
     ap.add_argument("--stale-only", action="store_true",
                     help="skip chapters that are already fresh")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="chapters executed at a time (default 2: one per core)")
     args = ap.parse_args()
     paths = [p.resolve() for p in args.paths] or booktools.chapter_paths()
+    todo = []
     for p in paths:
         if not p.exists():
             raise SystemExit(f"no such chapter: {p}")
         if args.stale_only and not booktools.problems(booktools.load(p), args.profile):
             print(f"{p.name}: fresh, skipped", flush=True)
             continue
+        todo.append(p)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # before any kernel starts
+    os.environ["SGDRANK_PROFILE"] = args.profile
+
+    def one(p: Path) -> None:
         print(f"{p.name}: executing in profile {args.profile} ...", flush=True)
         secs = run(p, args.profile, args.kernel)
         print(f"{p.name}: done in {secs:.0f} s", flush=True)
+
+    todo.sort(key=last_seconds, reverse=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for f in [pool.submit(one, p) for p in todo]:
+            f.result()
     import claims
     import synthesis
 
