@@ -1,6 +1,7 @@
 """sgdrank.twolayer: the batched two-layer trainer against a plain nn.Module + torch.optim.SGD,
 the written-out backward against autograd, the Gram formula for batch gradients, and the
 inequalities of Chapter 5 on a problem small enough to enumerate every batch."""
+
 import math
 
 import numpy as np
@@ -27,7 +28,11 @@ class Plain(nn.Module):
 
     def __init__(self, u, V, b):
         super().__init__()
-        self.u, self.V, self.b = nn.Parameter(u.clone()), nn.Parameter(V.clone()), nn.Parameter(b.clone())
+        self.u, self.V, self.b = (
+            nn.Parameter(u.clone()),
+            nn.Parameter(V.clone()),
+            nn.Parameter(b.clone()),
+        )
 
     def forward(self, x):
         return torch.relu(x @ self.V.T + self.b) @ self.u.T
@@ -38,41 +43,82 @@ def test_batched_training_equals_one_at_a_time_sgd(k, B):
     x, y = _data(N=13, n=4, k=k)
     lams, seeds = [0.0, 0.05, 0.3], [3, 4, 3]
     epochs, lr, gamma, every = 4, 0.03, 0.5, 2
-    res = tl.train(x, y, width=7, lams=lams, seeds=seeds, lr=lr, batch_size=B, epochs=epochs,
-                   lr_gamma=gamma, lr_every=every, dtype=torch.float64, record_every=1)
+    res = tl.train(
+        x,
+        y,
+        width=7,
+        lams=lams,
+        seeds=seeds,
+        lr=lr,
+        batch_size=B,
+        epochs=epochs,
+        lr_gamma=gamma,
+        lr_every=every,
+        dtype=torch.float64,
+        record_every=1,
+    )
     init = tl.init_params(seeds, 4, 7, k, torch.float64)
     for i, (lam, seed) in enumerate(zip(lams, seeds)):
         net = Plain(init.u[i], init.V[i], init.b[i])
-        opt = torch.optim.SGD([{"params": [net.u, net.V], "weight_decay": 2 * lam},
-                               {"params": [net.b], "weight_decay": 0.0}], lr=lr)
+        opt = torch.optim.SGD(
+            [
+                {"params": [net.u, net.V], "weight_decay": 2 * lam},
+                {"params": [net.b], "weight_decay": 0.0},
+            ],
+            lr=lr,
+        )
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=every, gamma=gamma)
         gen = tl.order_generator(seed)
         S = 13 // B
         for _ in range(epochs):
             perm = torch.randperm(13, generator=gen)
             for j in range(S):
-                idx = perm[j * B:(j + 1) * B]
+                idx = perm[j * B : (j + 1) * B]
                 opt.zero_grad()
                 loss = (net(x[idx]) - y[idx]).square().sum(1).mean()
                 loss.backward()
                 opt.step()
             sched.step()
-        for got, want in ((res.params.u[i], net.u), (res.params.V[i], net.V), (res.params.b[i], net.b)):
+        for got, want in (
+            (res.params.u[i], net.u),
+            (res.params.V[i], net.V),
+            (res.params.b[i], net.b),
+        ):
             assert torch.allclose(got, want.detach(), atol=1e-10, rtol=0), (k, B, lam)
         with torch.no_grad():
             final_loss = float((net(x) - y).square().sum(1).mean())
         assert res.history["train_loss"][-1, i] == pytest.approx(final_loss, abs=1e-10)
         s = metrics.singular_values(net.V.detach())
-        assert res.final("stable_rank")[i] == pytest.approx(float(metrics.stable_rank(s)), rel=1e-10)
+        assert res.final("stable_rank")[i] == pytest.approx(
+            float(metrics.stable_rank(s)), rel=1e-10
+        )
 
 
 def test_runs_with_the_same_seed_start_identically_and_differ_by_lambda():
     x, y = _data()
-    res = tl.train(x, y, width=5, lams=[0.0, 0.1], seeds=[1, 1], lr=0.05, batch_size=3, epochs=0,
-                   dtype=torch.float64)
+    res = tl.train(
+        x,
+        y,
+        width=5,
+        lams=[0.0, 0.1],
+        seeds=[1, 1],
+        lr=0.05,
+        batch_size=3,
+        epochs=0,
+        dtype=torch.float64,
+    )
     assert torch.equal(res.params.V[0], res.params.V[1])
-    res = tl.train(x, y, width=5, lams=[0.0, 0.1], seeds=[1, 1], lr=0.05, batch_size=3, epochs=2,
-                   dtype=torch.float64)
+    res = tl.train(
+        x,
+        y,
+        width=5,
+        lams=[0.0, 0.1],
+        seeds=[1, 1],
+        lr=0.05,
+        batch_size=3,
+        epochs=2,
+        dtype=torch.float64,
+    )
     assert not torch.allclose(res.params.V[0], res.params.V[1])
     assert res.final("fro")[1] < res.final("fro")[0]
 
@@ -113,7 +159,9 @@ def test_gram_formula_gives_the_batch_gradient_norms():
     assert np.allclose(got, want, atol=1e-10)
     ps = [float(_autograd_batch_grad(p, 0, lam, x, y, torch.tensor([j])).norm()) for j in range(11)]
     assert np.allclose(st.per_sample, ps, atol=1e-10)
-    assert st.full == pytest.approx(float(_autograd_batch_grad(p, 0, lam, x, y, torch.arange(11)).norm()), abs=1e-10)
+    assert st.full == pytest.approx(
+        float(_autograd_batch_grad(p, 0, lam, x, y, torch.arange(11)).norm()), abs=1e-10
+    )
     assert st.reg == pytest.approx(2 * lam * float(p.V[0].norm()))
 
 
@@ -133,8 +181,17 @@ def test_inequalities_of_chapter_5_on_every_batch():
     the certified eps_upper is >= eps."""
     x, y = _data(N=10, n=3, k=1, seed=3)
     lam, B = 0.05, 3
-    res = tl.train(x, y, width=12, lams=[lam], seeds=[0], lr=0.02, batch_size=B, epochs=300,
-                   dtype=torch.float64)
+    res = tl.train(
+        x,
+        y,
+        width=12,
+        lams=[lam],
+        seeds=[0],
+        lr=0.02,
+        batch_size=B,
+        epochs=300,
+        dtype=torch.float64,
+    )
     st = tl.grad_stats(res.params, 0, lam, x, y)
     eps = float(st.batch_norms(tl.all_batches(10, B)).max())
     assert st.per_sample.max() <= (2 * B - 1) * eps * (1 + 1e-12)
@@ -150,9 +207,13 @@ def test_dist_to_rank_is_the_truncation_error():
     s = metrics.singular_values(p.V[0]).numpy()
     for r in (1, 2, 5):
         tr = tl.truncate(p, 0, r)
-        assert float((p.V[0] - tr.V[0]).norm()) == pytest.approx(float(tl.dist_to_rank(s, r)), abs=1e-12)
+        assert float((p.V[0] - tr.V[0]).norm()) == pytest.approx(
+            float(tl.dist_to_rank(s, r)), abs=1e-12
+        )
         assert metrics.numerical_rank(tr.V[0]) == r
-    meas, bound = tl.lipschitz_gap(p, 0, 1, torch.randn(20, 6, generator=torch.Generator().manual_seed(0)))
+    meas, bound = tl.lipschitz_gap(
+        p, 0, 1, torch.randn(20, 6, generator=torch.Generator().manual_seed(0))
+    )
     assert 0 < meas <= bound
 
 
@@ -192,16 +253,36 @@ def test_bad_input_raises():
 
 def test_diverged_run_records_nan_not_an_exception():
     x, y = _data()
-    res = tl.train(x * 100, y, width=50, lams=[0.0, 0.0], seeds=[0, 1], lr=[1e3, 1e-6], batch_size=4,
-                   epochs=5, dtype=torch.float64)
+    res = tl.train(
+        x * 100,
+        y,
+        width=50,
+        lams=[0.0, 0.0],
+        seeds=[0, 1],
+        lr=[1e3, 1e-6],
+        batch_size=4,
+        epochs=5,
+        dtype=torch.float64,
+    )
     assert np.isnan(res.final("stable_rank")[0]) and np.isnan(res.sv[0]).all()
     assert np.isfinite(res.final("stable_rank")[1])
 
 
 def test_analyze_table():
     x, y = _data(N=20, n=4, k=1, seed=2)
-    res = tl.train(x, y, width=16, lams=[0.0, 0.05, 50.0], seeds=[0, 0, 0], lr=0.01, batch_size=4,
-                   epochs=40, x_test=x[:5], y_test=y[:5], dtype=torch.float64)
+    res = tl.train(
+        x,
+        y,
+        width=16,
+        lams=[0.0, 0.05, 50.0],
+        seeds=[0, 0, 0],
+        lr=0.01,
+        batch_size=4,
+        epochs=40,
+        x_test=x[:5],
+        y_test=y[:5],
+        dtype=torch.float64,
+    )
     rows = tl.analyze(res, x, y, n_random=50, keep_norms=True)
     assert [r["lam"] for r in rows] == [0.0, 0.05, 50.0]
     assert all(r["rank0"] == 4 for r in rows)  # a Gaussian 16 x 4 matrix has full rank
@@ -221,3 +302,167 @@ def test_quiet_prints_nothing(capsys, monkeypatch):
     assert capsys.readouterr().out == ""
     tl.train(x, y, width=4, lams=[0.1], seeds=[0], lr=0.05, batch_size=4, epochs=2, desc="loud")
     assert "loud: 2/2" in capsys.readouterr().out
+
+
+def test_decompose_is_exact_for_the_schedule():
+    """V_T = c V_0 + DeltaV with c from the schedule: at lambda = 0, c = 1; with lambda > 0 and
+    zero targets and a dead network (u = 0 gradients vanish for V), V_T = c V_0 exactly."""
+    x, y = _data(N=12, n=4)
+    res = tl.train(
+        x,
+        y,
+        width=6,
+        lams=[0.0, 0.2],
+        seeds=[1, 1],
+        lr=0.05,
+        batch_size=4,
+        epochs=5,
+        lr_gamma=0.5,
+        lr_every=2,
+        dtype=torch.float64,
+        record_every=5,
+        quiet=True,
+    )
+    lrs = tl.step_lrs(res, 1)
+    assert len(lrs) == 5 * 3 and lrs[0] == 0.05 and lrs[-1] == pytest.approx(0.05 * 0.25)
+    dec = tl.decompose(res)
+    assert dec[0]["c"] == 1.0 and dec[0]["D"] == 0.0
+    assert dec[1]["c"] == pytest.approx(float(np.prod(1 - 2 * lrs * 0.2)))
+    assert dec[1]["D"] == pytest.approx(-math.log(dec[1]["c"]))
+    # negative control of the split: no data gradient reaches V when u = 0 and b << 0
+    init = tl.init_params([1], 4, 6, 1, torch.float64)
+    init.u.zero_()
+    init.b.fill_(-1e3)
+    r2 = tl.train(
+        x,
+        y,
+        width=6,
+        lams=[0.2],
+        seeds=[1],
+        lr=0.05,
+        batch_size=4,
+        epochs=5,
+        lr_gamma=0.5,
+        lr_every=2,
+        dtype=torch.float64,
+        record_every=5,
+        init=init,
+        quiet=True,
+    )
+    c = float(np.prod(1 - 2 * tl.step_lrs(r2, 0) * 0.2))
+    assert torch.allclose(r2.params.V[0], c * init.V[0], atol=1e-12)
+    assert not torch.allclose(r2.params.V[0], (c * 1.01) * init.V[0], atol=1e-6)
+    with pytest.raises(ValueError, match="init_params"):
+        tl.decompose(r2)
+
+
+def test_linear_baseline_and_rank_one_network_agree():
+    x, y = _data(N=30, n=3)
+    xt, yt = _data(N=10, n=3, seed=1)
+    lin = tl.linear_baseline(x, y, xt, yt)
+    X1 = torch.cat([x, torch.ones(30, 1, dtype=torch.float64)], 1)
+    w = torch.linalg.lstsq(X1, y).solution[:, 0]
+    T = float((x @ w[:-1]).abs().max()) + 1
+    V = torch.stack([w[:-1], -w[:-1], torch.zeros(3, dtype=torch.float64)])
+    p = tl.Params(
+        torch.tensor([[[0.5, -0.5, float(w[-1])]]], dtype=torch.float64),
+        V.unsqueeze(0),
+        torch.tensor([[T, T, 1.0]], dtype=torch.float64),
+    )
+    mse = float((tl.forward(p, x)[0] - y).square().mean())
+    assert mse == pytest.approx(lin["train_loss"], rel=1e-9)
+    assert metrics.numerical_rank(V) == 1
+    cls = tl.linear_baseline(
+        x,
+        tl.one_hot(torch.arange(30) % 3, 3, torch.float64),
+        xt,
+        tl.one_hot(torch.arange(10) % 3, 3, torch.float64),
+        True,
+    )
+    assert 0 <= cls["train_acc"] <= 1 and "test_acc" in cls
+
+
+def test_truncated_errors():
+    x, y = _data(N=10, n=5)
+    res = tl.train(
+        x,
+        y,
+        width=8,
+        lams=[0.0],
+        seeds=[0],
+        lr=0.02,
+        batch_size=5,
+        epochs=3,
+        dtype=torch.float64,
+        record_every=3,
+        quiet=True,
+    )
+    full = tl.truncated_errors(res.params, 0, 5, x, y)
+    assert full["f_change"] == pytest.approx(0, abs=1e-10)
+    assert full["loss"] == pytest.approx(float(res.final("train_loss")[0]), rel=1e-9)
+    assert tl.truncated_errors(res.params, 0, 1, x, y)["f_change"] > 1e-6
+
+
+def test_swap_lemma_constant_is_tight():
+    for B in (2, 3, 4):
+        assert tl.swap_ratio(tl.extremal_vectors(B, 7), B) == pytest.approx(2 * B - 1)
+    g = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert tl.swap_ratio(g, 3) <= 5
+    with pytest.raises(ValueError):
+        tl.extremal_vectors(4, 4)
+
+
+def test_near_stationary_point_makes_the_bound_informative():
+    p, x, y, lam = tl.near_stationary_point(0.0, seed=1)
+    e = tl.exact_bounds(p, 0, x, y, [lam] * 8, 3)
+    assert e["eps"] < 1e-10 and e["fro"] > 1  # every batch gradient vanishes, V != 0
+    p, x, y, lam = tl.near_stationary_point(1e-4, seed=1)
+    e = tl.exact_bounds(p, 0, x, y, [lam] * 8, 3)
+    assert e["d1"] <= e["sample"] <= e["book"] < e["fro"]  # holds, and rank-0 control fails
+
+
+def test_weak_dependence_and_summaries():
+    from sgdrank import report
+
+    assert (
+        tl.weak_dependence(report.paired([10.0, 10.2, 9.9], [10.1, 10.0, 10.0]), 10) == "reproduced"
+    )
+    assert tl.weak_dependence(report.paired([2.0, 2.1, 1.9], [10.1, 10.0, 10.2]), 10) == "refuted"
+    assert (
+        tl.weak_dependence(report.paired([5.0, 15.0, 9.0], [10.0, 10.0, 10.0]), 10)
+        == "not resolved"
+    )
+
+
+def test_lam_table_and_summary():
+    import pandas as pd
+
+    x, y = _data(N=16, n=3)
+    xt, yt = _data(N=8, n=3, seed=2)
+    lams, seeds = tl.grid([0.0, 0.1, 5.0], [0, 1, 2])
+    res = tl.train(
+        x,
+        y,
+        width=6,
+        lams=lams,
+        seeds=seeds,
+        lr=0.05,
+        batch_size=4,
+        epochs=3,
+        x_test=xt,
+        y_test=yt,
+        dtype=torch.float64,
+        record_every=3,
+        quiet=True,
+    )
+    lin = tl.linear_baseline(x, y, xt, yt)
+    runs = pd.DataFrame(tl.lam_table(res, x, y, xt, yt, n_random=20, lin=lin))
+    for key in ("c", "D", "srank_dW", "rank_dW", "Dstar", "test_loss_r1", "underfit"):
+        assert key in runs
+    S = tl.lam_summary(runs)
+    assert S["lo"] == 0.0 and S["best"] in S["ok"] and S["hi"] in S["ok"]
+    assert S["rank"].n == 3
+    rows = tl.split_sweep(
+        "diabetes", [1], [0.0], [0], width=4, lr=0.01, batch_size=32, epochs=1, quiet=True
+    )
+    assert len(rows) == 1 and rows[0]["split"] == 1 and "lin_test_loss" in rows[0]

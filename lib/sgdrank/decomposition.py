@@ -217,6 +217,6 @@ def show(experiment: str, rows: Sequence[Mapping], where: str) -> None:
             raise ValueError(f"row {r.get('arm', '?')!r} lacks {missing}; keys: {SHOW_KEYS}")
         clean.append({k: (r[k] if isinstance(r[k], str) else float(r[k])) for k in SHOW_KEYS})
     rec = {"experiment": experiment, "where": where, "rows": clean}
-    df = pd.DataFrame(clean).set_index("arm")
+    df = pd.DataFrame(clean).set_index("arm").T  # one column per arm: narrow on the page
     text = df.to_string(float_format=lambda v: f"{v:.3g}")
     display({"text/plain": text, SYNTHESIS_MIME: json.dumps(rec)}, raw=True)

@@ -7,7 +7,8 @@ The model (WD2L eq. 4, as reconstructed in Chapter 5)::
 no output bias, no 1/sqrt(m) factor. Initialisation: Kaiming normal in fan-in mode,
 ``V_ij ~ N(0, 2/n)``, ``u_ij ~ N(0, 2/m)``, ``b = 0``.
 
-Objective of a batch ``S`` of size ``B`` (the book's weight-decay convention, ``L + lambda ||.||^2``)::
+Objective of a batch ``S`` of size ``B`` (the book's weight-decay convention,
+``L + lambda ||.||^2``)::
 
     L^lambda_S = (1/B) sum_{i in S} ||f(x_i) - y_i||_2^2  +  lambda (||V||_F^2 + ||u||_F^2),
 
@@ -40,6 +41,7 @@ gradient ``g_i = M_i + 2 lambda V``, a batch gradient is ``G_S = (1/B) sum_{i in
 
 which :func:`batch_grad_norms` evaluates for thousands of batches from one ``N x N`` Gram matrix.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -54,7 +56,9 @@ import torch
 from . import metrics
 from .progress import progress
 
-ORDER_OFFSET = 1_000_003  # batch-order generator of seed s: torch.Generator().manual_seed(s + ORDER_OFFSET)
+ORDER_OFFSET = (
+    1_000_003  # batch-order generator of seed s: torch.Generator().manual_seed(s + ORDER_OFFSET)
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +80,7 @@ class Params:
 
     def run(self, i: int) -> "Params":
         """Run ``i`` alone, as a batch of one (views)."""
-        return Params(self.u[i:i + 1], self.V[i:i + 1], self.b[i:i + 1])
+        return Params(self.u[i : i + 1], self.V[i : i + 1], self.b[i : i + 1])
 
     def clone(self) -> "Params":
         return Params(self.u.clone(), self.V.clone(), self.b.clone())
@@ -190,27 +194,44 @@ class Result:
         rows = []
         for t in range(len(self.history["step"])):
             for i in range(len(self.lams)):
-                rows.append(dict(epoch=float(self.history["epoch"][t]), step=int(self.history["step"][t]),
-                                 lam=float(self.lams[i]), seed=int(self.seeds[i]), B=self.batch_size,
-                                 **{k: float(self.history[k][t, i]) for k in keys}))
+                rows.append(
+                    dict(
+                        epoch=float(self.history["epoch"][t]),
+                        step=int(self.history["step"][t]),
+                        lam=float(self.lams[i]),
+                        seed=int(self.seeds[i]),
+                        B=self.batch_size,
+                        **{k: float(self.history[k][t, i]) for k in keys},
+                    )
+                )
         return rows
 
     def at_step(self, step: int) -> dict:
         """The recorded metrics after step ``step`` (must have been recorded), ``{key: (K,)}``."""
         hit = np.nonzero(self.history["step"] == step)[0]
         if hit.size == 0:
-            raise ValueError(f"step {step} was not recorded (recorded: {self.history['step'].tolist()[:8]}...)")
+            raise ValueError(
+                f"step {step} was not recorded (recorded: {self.history['step'].tolist()[:8]}...)"
+            )
         return {k: v[hit[0]] for k, v in self.history.items()}
 
     def table(self) -> list[dict]:
         """One row per run: lambda, seed and the final value of every recorded metric."""
         keys = [k for k in self.history if k not in ("epoch", "step")]
-        return [dict(lam=float(self.lams[i]), seed=int(self.seeds[i]), B=self.batch_size,
-                     **{k: float(self.history[k][-1, i]) for k in keys}) for i in range(len(self.lams))]
+        return [
+            dict(
+                lam=float(self.lams[i]),
+                seed=int(self.seeds[i]),
+                B=self.batch_size,
+                **{k: float(self.history[k][-1, i]) for k in keys},
+            )
+            for i in range(len(self.lams))
+        ]
 
 
 def grid(lams: Sequence[float], seeds: Sequence[int]) -> tuple[list[float], list[int]]:
-    """All ``(lambda, seed)`` pairs, lambda-major: ``([l0, l0, .., l1, ..], [s0, s1, .., s0, ..])``."""
+    """All ``(lambda, seed)`` pairs, lambda-major:
+    ``([l0, l0, .., l1, ..], [s0, s1, .., s0, ..])``."""
     pairs = list(itertools.product(lams, seeds))
     return [float(a) for a, _ in pairs], [int(s) for _, s in pairs]
 
@@ -222,13 +243,29 @@ def _evaluate(p: Params, x, y, classification: bool):
     return loss, acc
 
 
-def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float],
-          seeds: Sequence[int], lr: float | Sequence[float], batch_size: int, epochs: int,
-          x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None,
-          classification: bool = False, lr_gamma: float = 0.95, lr_every: int = 200,
-          record_every: int = 10, record_steps: Sequence[int] = (), dtype=torch.float32,
-          desc: str = "two-layer runs", init: Params | None = None,
-          device: str | torch.device | None = None, quiet: bool = False) -> Result:
+def train(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    width: int,
+    lams: Sequence[float],
+    seeds: Sequence[int],
+    lr: float | Sequence[float],
+    batch_size: int,
+    epochs: int,
+    x_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    classification: bool = False,
+    lr_gamma: float = 0.95,
+    lr_every: int = 200,
+    record_every: int = 10,
+    record_steps: Sequence[int] = (),
+    dtype=torch.float32,
+    desc: str = "two-layer runs",
+    init: Params | None = None,
+    device: str | torch.device | None = None,
+    quiet: bool = False,
+) -> Result:
     """Train ``K = len(lams)`` two-layer ReLU networks of width ``width`` with mini-batch SGD
     (reshuffled every epoch, per-run batch orders from :func:`order_generator`) and weight
     decay ``lams[i]`` on ``u`` and ``V`` (book convention, see the module docstring).
@@ -246,18 +283,24 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     seeds = [int(s) for s in seeds]
     K = len(lams)
     if K == 0 or len(seeds) != K:
-        raise ValueError(f"need one seed per lambda, got {len(lams)} lambdas and {len(seeds)} seeds")
+        raise ValueError(
+            f"need one seed per lambda, got {len(lams)} lambdas and {len(seeds)} seeds"
+        )
     if any(v < 0 for v in lams):
         raise ValueError(f"weight decay must be >= 0, got {lams}")
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be (N, n) and y (N, k) with the same N, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"x must be (N, n) and y (N, k) with the same N, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     N, n = x.shape
     k = y.shape[1]
     if not 1 <= batch_size <= N:
         raise ValueError(f"batch_size must be in 1..{N}, got {batch_size}")
     if epochs < 0 or record_every < 1:
         raise ValueError(f"epochs must be >= 0 and record_every >= 1, got {epochs}, {record_every}")
-    lr_runs = torch.as_tensor([float(lr)] * K if np.ndim(lr) == 0 else [float(v) for v in lr], dtype=dtype)
+    lr_runs = torch.as_tensor(
+        [float(lr)] * K if np.ndim(lr) == 0 else [float(v) for v in lr], dtype=dtype
+    )
     if lr_runs.shape != (K,) or (lr_runs <= 0).any():
         raise ValueError(f"lr must be positive, one value or one per run (K = {K}), got {lr}")
     dev = torch.device(device) if device is not None else x.device
@@ -274,9 +317,10 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     lr_runs = lr_runs.to(dev)
     gens = [order_generator(s) for s in seeds]
     S = N // batch_size
-    run_ix = torch.arange(K).unsqueeze(1)
     rec_steps = set(int(s) for s in record_steps)
-    hist: dict[str, list] = {key: [] for key in ("epoch", "step", "train_loss", "stable_rank", "fro", "spec")}
+    hist: dict[str, list] = {
+        key: [] for key in ("epoch", "step", "train_loss", "stable_rank", "fro", "spec")
+    }
     if has_test:
         hist["test_loss"] = []
     if classification:
@@ -311,11 +355,13 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     step = 0
     last_grad = torch.zeros(K, S, dtype=torch.float64, device=dev)
     last_batches = torch.zeros(K, S, batch_size, dtype=torch.long, device=dev)
-    for epoch in (range(epochs) if quiet else progress(range(epochs), desc=desc)):
+    for epoch in range(epochs) if quiet else progress(range(epochs), desc=desc):
         mu = lr_runs * (lr_gamma ** (epoch // lr_every))
         shrink = (1 - 2 * mu * lam_t).view(K, 1, 1)
         mu3 = mu.view(K, 1, 1)
-        perm = torch.stack([torch.randperm(N, generator=g) for g in gens])[:, :S * batch_size].to(dev)
+        perm = torch.stack([torch.randperm(N, generator=g) for g in gens])[:, : S * batch_size].to(
+            dev
+        )
         batches = perm.view(K, S, batch_size)
         last = epoch == epochs - 1
         for j in range(S):
@@ -323,7 +369,9 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
             xb, yb = x[idx], y[idx]
             _, (dU, dV, db) = loss_grads(p, xb, yb)
             if last:
-                last_grad[:, j] = torch.linalg.matrix_norm(dV + 2 * lam_t.view(K, 1, 1) * p.V).double()
+                last_grad[:, j] = torch.linalg.matrix_norm(
+                    dV + 2 * lam_t.view(K, 1, 1) * p.V
+                ).double()
             p.V.mul_(shrink).sub_(dV.mul_(mu3))
             p.u.mul_(shrink).sub_(dU.mul_(mu3))
             p.b.sub_(db.mul_(mu.view(K, 1)))
@@ -342,9 +390,30 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, lams: Sequence[float]
     ok = torch.isfinite(p.V).all((1, 2)).view(-1, 1, 1)
     sv = metrics.batch_singular_values(torch.where(ok, p.V, 0)).cpu().numpy()
     sv[~ok.view(-1).cpu().numpy()] = np.nan
-    return Result(p, np.asarray(lams), np.asarray(seeds), float(lr_runs[0]), batch_size, epochs, history, sv,
-                  last_grad.cpu().numpy(), last_batches, seconds, S,
-                  dict(width=width, lr_gamma=lr_gamma, lr_every=lr_every, n=n, k=k, N=N))
+    return Result(
+        p,
+        np.asarray(lams),
+        np.asarray(seeds),
+        float(lr_runs[0]),
+        batch_size,
+        epochs,
+        history,
+        sv,
+        last_grad.cpu().numpy(),
+        last_batches,
+        seconds,
+        S,
+        dict(
+            width=width,
+            lr_gamma=lr_gamma,
+            lr_every=lr_every,
+            n=n,
+            k=k,
+            N=N,
+            lrs=lr_runs.cpu().tolist(),
+            custom_init=init is not None,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,11 +465,15 @@ def grad_stats(p: Params, i: int, lam: float, x: torch.Tensor, y: torch.Tensor) 
     gram = (a @ a.T) * (xd @ xd.T)  # <M_i, M_j>
     c = ((a @ V) * xd).sum(1)  # <V, M_j> = a_j^T V x_j
     fro2 = float(V.square().sum())
-    ps = (gram.diagonal() + 4 * lam * c + 4 * lam ** 2 * fro2).clamp_min(0).sqrt()
+    ps = (gram.diagonal() + 4 * lam * c + 4 * lam**2 * fro2).clamp_min(0).sqrt()
     N = xd.shape[0]
-    full = math.sqrt(max(float(gram.sum()) / N ** 2 + 4 * lam * float(c.sum()) / N + 4 * lam ** 2 * fro2, 0.0))
+    full = math.sqrt(
+        max(float(gram.sum()) / N**2 + 4 * lam * float(c.sum()) / N + 4 * lam**2 * fro2, 0.0)
+    )
     sv = metrics.batch_singular_values(V).cpu().numpy()
-    return GradStats(ps.cpu().numpy(), full, 2 * lam * math.sqrt(fro2), math.sqrt(fro2), sv, gram, c, float(lam))
+    return GradStats(
+        ps.cpu().numpy(), full, 2 * lam * math.sqrt(fro2), math.sqrt(fro2), sv, gram, c, float(lam)
+    )
 
 
 def batch_grad_norms(st: GradStats, batches: torch.Tensor, chunk: int = 256) -> np.ndarray:
@@ -409,13 +482,13 @@ def batch_grad_norms(st: GradStats, batches: torch.Tensor, chunk: int = 256) -> 
     if batches.ndim != 2:
         raise ValueError(f"batches must be (n_batches, B), got shape {tuple(batches.shape)}")
     B = batches.shape[1]
-    fro2 = st.fro ** 2
+    fro2 = st.fro**2
     out = []
     for s in range(0, batches.shape[0], chunk):
-        bb = batches[s:s + chunk]
-        quad = st.gram[bb.unsqueeze(2), bb.unsqueeze(1)].sum((1, 2)) / B ** 2
+        bb = batches[s : s + chunk]
+        quad = st.gram[bb.unsqueeze(2), bb.unsqueeze(1)].sum((1, 2)) / B**2
         lin = st.c[bb].sum(1) * (4 * st.lam / B)
-        out.append((quad + lin + 4 * st.lam ** 2 * fro2).clamp_min(0).sqrt())
+        out.append((quad + lin + 4 * st.lam**2 * fro2).clamp_min(0).sqrt())
     return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
@@ -426,7 +499,8 @@ def random_batches(N: int, B: int, n_batches: int, seed: int) -> torch.Tensor:
 
 
 def all_batches(N: int, B: int, limit: int = 200_000) -> torch.Tensor:
-    """Every batch of size ``B`` from ``N`` samples, ``(N choose B, B)`` (refuses more than ``limit``)."""
+    """Every batch of size ``B`` from ``N`` samples, ``(N choose B, B)`` (refuses more than
+    ``limit``)."""
     count = math.comb(N, B)
     if count > limit:
         raise ValueError(f"(N choose B) = {count:,} batches is more than limit={limit:,}")
@@ -452,26 +526,31 @@ def uniform_bound(eps: float, lam: float, B: int) -> float:
     return (2 * B - 1) * eps / (2 * lam)
 
 
-def truncate(p: Params, i: int, r: int) -> Params:
-    """Run ``i`` with ``V`` replaced by its best rank-``r`` approximation (a batch of one)."""
+def truncate(p: Params, i: int, r: int, svd=None) -> Params:
+    """Run ``i`` with ``V`` replaced by its best rank-``r`` approximation (a batch of one);
+    ``svd``: ``torch.linalg.svd(p.V[i].double(), full_matrices=False)`` if already computed."""
     V = p.V[i].double()
-    U, s, Vh = torch.linalg.svd(V, full_matrices=False)
+    U, s, Vh = svd if svd is not None else torch.linalg.svd(V, full_matrices=False)
     Vr = (U[:, :r] * s[:r]) @ Vh[:r]
-    return Params(p.u[i:i + 1].double(), Vr.unsqueeze(0), p.b[i:i + 1].double())
+    return Params(p.u[i : i + 1].double(), Vr.unsqueeze(0), p.b[i : i + 1].double())
 
 
 def lipschitz_gap(p: Params, i: int, r: int, x: torch.Tensor) -> tuple[float, float]:
     """``(max_x |f_V(x) - f_{V_r}(x)|, ||u||_2 ||V - V_r||_2 max_x ||x||)`` over the rows of ``x``
     for run ``i`` and its rank-``r`` truncation: the measured change of the function and its
     Lipschitz bound (ReLU is 1-Lipschitz), largest over outputs (max norm over k)."""
-    one = Params(p.u[i:i + 1].double(), p.V[i:i + 1].double(), p.b[i:i + 1].double())
+    one = Params(p.u[i : i + 1].double(), p.V[i : i + 1].double(), p.b[i : i + 1].double())
     tr = truncate(p, i, r)
     xd = x.double().to(one.V.device)
     diff = (forward(one, xd) - forward(tr, xd))[0]
     meas = float(torch.linalg.vector_norm(diff, dim=-1).max())
     s = metrics.batch_singular_values(one.V[0])
     tail = float(s[r]) if r < s.numel() else 0.0
-    bound = float(torch.linalg.matrix_norm(one.u[0], ord=2)) * tail * float(torch.linalg.vector_norm(xd, dim=1).max())
+    bound = (
+        float(torch.linalg.matrix_norm(one.u[0], ord=2))
+        * tail
+        * float(torch.linalg.vector_norm(xd, dim=1).max())
+    )
     return meas, bound
 
 
@@ -505,9 +584,9 @@ def gen_bound_order(pdim: float, N: int) -> float:
 def n_needed(pdim: float, eps: float = 0.1) -> float:
     """Smallest ``N`` with ``gen_bound_order(pdim, N) <= eps`` (``N = pdim log(N) / eps^2``
     solved by fixed-point iteration)."""
-    N = max(pdim / eps ** 2, 3.0)
+    N = max(pdim / eps**2, 3.0)
     for _ in range(100):
-        N = pdim * math.log(N) / eps ** 2
+        N = pdim * math.log(N) / eps**2
     return N
 
 
@@ -521,12 +600,21 @@ def constant_loss(y_train: torch.Tensor, y_eval: torch.Tensor | None = None) -> 
     return float((y_eval.double() - y_train.double().mean(0)).square().sum(1).mean())
 
 
-def analyze(res: Result, x: torch.Tensor, y: torch.Tensor, *, n_random: int = 1000, seed: int = 0,
-            collapse: float = 0.95, keep_norms: bool = False) -> list[dict]:
+def analyze(
+    res: Result,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_random: int = 1000,
+    seed: int = 0,
+    collapse: float = 0.95,
+    keep_norms: bool = False,
+) -> list[dict]:
     """One row per run of ``res`` at its final parameters, on the training data ``(x, y)``:
 
     - ``sr``/``sr0``: stable rank of ``V`` now / at initialisation; ``rank``/``rank0``: threshold
-      rank (``atol = 1e-3`` on ``V / ||V||_F``) now / at initialisation; ``fro``/``fro0``: ``||V||_F``; ``d1``, ``d2``:
+      rank (``atol = 1e-3`` on ``V / ||V||_F``) now / at initialisation; ``fro``/``fro0``:
+      ``||V||_F``; ``d1``, ``d2``:
       distance to the nearest matrix of rank 1 / 2; ``collapsed``: train loss at least
       ``collapse`` times the constant predictor's (then ``V`` carries no fitted signal);
     - ``eps_sgd``: largest ``||grad_V L^lambda_S||_F`` SGD met in its last epoch;
@@ -548,38 +636,62 @@ def analyze(res: Result, x: torch.Tensor, y: torch.Tensor, *, n_random: int = 10
     rank0 = metrics.threshold_rank(metrics.batch_singular_values(init.V)).cpu().numpy()
     rows = []
     for i, (lam, sd) in enumerate(zip(res.lams, res.seeds)):
-        row = dict(lam=float(lam), seed=int(sd), B=B, sr=float(res.final("stable_rank")[i]), sr0=float(s0[i]),
-                   fro=float(res.final("fro")[i]), fro0=float(f0[i]), rank0=int(rank0[i]))
+        row = dict(
+            lam=float(lam),
+            seed=int(sd),
+            B=B,
+            sr=float(res.final("stable_rank")[i]),
+            sr0=float(s0[i]),
+            fro=float(res.final("fro")[i]),
+            fro0=float(f0[i]),
+            rank0=int(rank0[i]),
+        )
         for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
             if key in res.history:
                 row[key] = float(res.final(key)[i])
         if "test_loss" in row:
             row["gap"] = row["test_loss"] - row["train_loss"]
-        row["collapsed"] = bool(not np.isfinite(row["train_loss"]) or row["train_loss"] >= collapse * base)
+        row["collapsed"] = bool(
+            not np.isfinite(row["train_loss"]) or row["train_loss"] >= collapse * base
+        )
         if not np.all(np.isfinite(res.sv[i])):
             rows.append(row)
             continue
         st = grad_stats(res.params, i, float(lam), x, y)
         nr = st.batch_norms(rb)
         nl = st.batch_norms(res.last_epoch_batches[i])
-        row.update(rank=int(metrics.threshold_rank(torch.as_tensor(st.sv))), d1=float(dist_to_rank(st.sv, 1)),
-                   d2=float(dist_to_rank(st.sv, 2)), eps_sgd=float(res.last_epoch_grad[i].max()),
-                   eps_last=float(nl.max()), eps_rand=float(nr.max()), eps_up=st.eps_upper(B),
-                   g_min=float(st.per_sample.min()), g_med=float(np.median(st.per_sample)), full=st.full,
-                   reg=st.reg)
-        row.update(b_sample=row["g_min"] / (2 * lam) if lam > 0 else math.inf,
-                   b_rand=uniform_bound(row["eps_rand"], float(lam), B), b_up=uniform_bound(row["eps_up"], float(lam), B))
+        row.update(
+            rank=int(metrics.threshold_rank(torch.as_tensor(st.sv))),
+            d1=float(dist_to_rank(st.sv, 1)),
+            d2=float(dist_to_rank(st.sv, 2)),
+            eps_sgd=float(res.last_epoch_grad[i].max()),
+            eps_last=float(nl.max()),
+            eps_rand=float(nr.max()),
+            eps_up=st.eps_upper(B),
+            g_min=float(st.per_sample.min()),
+            g_med=float(np.median(st.per_sample)),
+            full=st.full,
+            reg=st.reg,
+        )
+        row.update(
+            b_sample=row["g_min"] / (2 * lam) if lam > 0 else math.inf,
+            b_rand=uniform_bound(row["eps_rand"], float(lam), B),
+            b_up=uniform_bound(row["eps_up"], float(lam), B),
+        )
         if keep_norms:
             row.update(norms_rand=nr, norms_last=nl)
         rows.append(row)
     return rows
 
 
-def exact_bounds(p: Params, i: int, x: torch.Tensor, y: torch.Tensor, lam_i: Sequence[float], B: int) -> dict:
+def exact_bounds(
+    p: Params, i: int, x: torch.Tensor, y: torch.Tensor, lam_i: Sequence[float], B: int
+) -> dict:
     """Theorems 2.4 / 2.6 on a problem small enough to enumerate every batch (float64).
 
-    Run ``i`` of ``p``, per-sample weight decays ``lam_i`` (WD2L's ``lambda_i = lambda g(x_i, y_i)``;
-    all equal for ordinary weight decay), ``g_j = M_j + 2 lam_j V`` and ``G_S = (1/B) sum_{j in S} g_j``.
+    Run ``i`` of ``p``, per-sample weight decays ``lam_i`` (WD2L's
+    ``lambda_i = lambda g(x_i, y_i)``; all equal for ordinary weight decay),
+    ``g_j = M_j + 2 lam_j V`` and ``G_S = (1/B) sum_{j in S} g_j``.
     Returns ``eps`` (max over all ``(N choose B)`` batches of ``||G_S||_F``), the per-sample norms
     ``g`` and the distances ``d1``, ``d2`` of ``V`` to rank 1 / 2, with the bounds
 
@@ -600,11 +712,18 @@ def exact_bounds(p: Params, i: int, x: torch.Tensor, y: torch.Tensor, lam_i: Seq
     gn = torch.linalg.matrix_norm(g)
     sv = metrics.batch_singular_values(V).cpu().numpy()
     spread = float(lam.max() - lam.min())
-    return dict(eps=eps, g=gn.cpu().numpy(), d1=float(dist_to_rank(sv, 1)), d2=float(dist_to_rank(sv, 2)),
-                fro=float(V.norm()), n_batches=int(batches.shape[0]),
-                paper=B * eps / spread if spread > 0 else math.inf,
-                sample=float((gn / (2 * lam)).min()), book=(2 * B - 1) * eps / (2 * float(lam.max())),
-                g_le=bool((gn <= (2 * B - 1) * eps * (1 + 1e-12)).all()))
+    return dict(
+        eps=eps,
+        g=gn.cpu().numpy(),
+        d1=float(dist_to_rank(sv, 1)),
+        d2=float(dist_to_rank(sv, 2)),
+        fro=float(V.norm()),
+        n_batches=int(batches.shape[0]),
+        paper=B * eps / spread if spread > 0 else math.inf,
+        sample=float((gn / (2 * lam)).min()),
+        book=(2 * B - 1) * eps / (2 * float(lam.max())),
+        g_le=bool((gn <= (2 * B - 1) * eps * (1 + 1e-12)).all()),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,9 +743,23 @@ def load_xy(name: str, n_train: int | None = None, n_test: int | None = None, se
     return ds, x, one_hot(ds.y_train, k), xt, one_hot(ds.y_test, k)
 
 
-def batch_sweep(x, y, x_test, y_test, *, batch_sizes: Sequence[int], lam: float, seeds: Sequence[int],
-                width: int, lr: float, epochs: int, steps: int, classification: bool = False,
-                desc: str = "B sweep", device: str | torch.device | None = None) -> list[dict]:
+def batch_sweep(
+    x,
+    y,
+    x_test,
+    y_test,
+    *,
+    batch_sizes: Sequence[int],
+    lam: float,
+    seeds: Sequence[int],
+    width: int,
+    lr: float,
+    epochs: int,
+    steps: int,
+    classification: bool = False,
+    desc: str = "B sweep",
+    device: str | torch.device | None = None,
+) -> list[dict]:
     """Stable rank, ``||V||_F``, errors (and accuracies) against the batch size at a fixed
     number of epochs and at a fixed number of SGD steps, with a constant learning rate (so that
     the schedule does not differ between batch sizes). Batch size ``B`` runs for
@@ -637,20 +770,329 @@ def batch_sweep(x, y, x_test, y_test, *, batch_sizes: Sequence[int], lam: float,
     for B in batch_sizes:
         S = N // B
         ep = max(epochs, -(-steps // S))
-        res = train(x, y, width=width, lams=[lam] * len(seeds), seeds=seeds, lr=lr, batch_size=B, epochs=ep,
-                    x_test=x_test, y_test=y_test, classification=classification, lr_gamma=1.0,
-                    record_every=epochs, record_steps=[steps], desc=f"{desc}, B = {B}",
-                    device=device)
+        res = train(
+            x,
+            y,
+            width=width,
+            lams=[lam] * len(seeds),
+            seeds=seeds,
+            lr=lr,
+            batch_size=B,
+            epochs=ep,
+            x_test=x_test,
+            y_test=y_test,
+            classification=classification,
+            lr_gamma=1.0,
+            record_every=epochs,
+            record_steps=[steps],
+            desc=f"{desc}, B = {B}",
+            device=device,
+        )
         h = res.history
         at_ep = int(np.nonzero(np.isclose(h["epoch"], epochs))[0][0])
         at_st = int(np.nonzero(h["step"] == steps)[0][0])
         for when, t in (("epochs", at_ep), ("steps", at_st)):
             for i, sd in enumerate(seeds):
-                row = dict(B=B, seed=int(sd), when=when, epoch=float(h["epoch"][t]), step=int(h["step"][t]))
+                row = dict(
+                    B=B, seed=int(sd), when=when, epoch=float(h["epoch"][t]), step=int(h["step"][t])
+                )
                 for key in h:
                     if key not in ("epoch", "step"):
                         row[key] = float(h[key][t, i])
                 if "test_loss" in row:
                     row["gap"] = row["test_loss"] - row["train_loss"]
                 rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Decomposition V_T = c V_0 + DeltaV, linear baseline, truncation, sub-claim rules (Chapter 5)
+# --------------------------------------------------------------------------------------------
+def step_lrs(res: Result, i: int = 0) -> np.ndarray:
+    """The learning rate of every SGD step of run ``i`` of ``res`` (``epochs * steps_per_epoch``
+    values): ``lr * gamma ** (epoch // every)`` for each of the epoch's steps."""
+    cfg = res.config
+    lr = float(cfg.get("lrs", [res.lr] * len(res.lams))[i])
+    ep = np.arange(res.epochs)
+    per_epoch = lr * cfg["lr_gamma"] ** (ep // cfg["lr_every"])
+    return np.repeat(per_epoch, res.steps_per_epoch)
+
+
+def decompose(res: Result) -> list[dict]:
+    """For every run of ``res``: ``c`` (from its learning-rate schedule), ``D = -ln c``, ``lr_sum``
+    and the parts of ``V_T = c V_0 + DeltaV`` by :func:`sgdrank.decomposition.parts`, as flat keys
+    ``rank_X`` (threshold rank at ``1e-3`` of the part's own norm), ``srank_X``, ``fro_X`` for
+    ``X`` in ``W`` (``V_T``), ``W0`` (``V_0``; ``c V_0`` has its ranks), ``dW``, plus ``fro_cW0``
+    and ``Dstar`` (the decay budget at ``1e-3``). ``V_0`` is redrawn from the seed."""
+    from . import decomposition
+
+    cfg = res.config
+    if cfg.get("custom_init"):
+        raise ValueError("decompose needs runs started from init_params(seeds) (init=None)")
+    init = init_params(res.seeds.tolist(), cfg["n"], cfg["width"], cfg["k"], torch.float64)
+    rows = []
+    for i, lam in enumerate(res.lams):
+        lrs = step_lrs(res, i)
+        c = decomposition.decay_factor(lrs, float(lam))
+        row = dict(c=c, D=decomposition.total_decay(lrs, float(lam)), lr_sum=float(lrs.sum()))
+        VT = res.params.V[i].double().cpu()
+        if torch.isfinite(VT).all() and c > 0:
+            q = decomposition.parts(VT, init.V[i], c, eps=(1e-3,))
+            for x in ("W", "W0", "dW"):
+                row.update(
+                    {
+                        f"rank_{x}": q[f"{x}_rank@0.001"],
+                        f"srank_{x}": q[f"{x}_srank"],
+                        f"fro_{x}": q[f"{x}_fro"],
+                    }
+                )
+            row.update(fro_cW0=c * q["W0_fro"], Dstar=q["Dstar@0.001"])
+        rows.append(row)
+    return rows
+
+
+def linear_baseline(x, y, x_test, y_test, classification: bool = False) -> dict:
+    """Ordinary least squares with an intercept fitted on ``(x, y)``: the square loss (summed over
+    outputs, averaged over samples) on train and test, and for classification the accuracies.
+    A two-layer ReLU net with a rank-one ``V`` represents this fit exactly
+    (``sigma(t + T) - sigma(-t + T) = 2t`` for ``|t| < T``: two units, one direction)."""
+    xd, yd = x.double(), y.double()
+    X = torch.cat([xd, torch.ones(len(xd), 1, dtype=torch.float64)], 1)
+    W = torch.linalg.lstsq(X, yd, driver="gelsd").solution
+    out = {}
+    for tag, xx, yy in (("train", xd, yd), ("test", x_test.double(), y_test.double())):
+        pred = torch.cat([xx, torch.ones(len(xx), 1, dtype=torch.float64)], 1) @ W
+        out[f"{tag}_loss"] = float((pred - yy).square().sum(1).mean())
+        if classification:
+            out[f"{tag}_acc"] = float((pred.argmax(1) == yy.argmax(1)).double().mean())
+    return out
+
+
+def truncated_errors(
+    p: Params, i: int, r: int, x, y, classification: bool = False, svd=None
+) -> dict:
+    """Loss (and accuracy) of run ``i`` on ``(x, y)`` with ``V`` replaced by its best rank-``r``
+    approximation, and ``f_change``: the root-mean-square change of ``f`` over the samples
+    (``svd``: as in :func:`truncate`)."""
+    tr = truncate(p, i, r, svd)
+    one = Params(p.u[i : i + 1].double(), p.V[i : i + 1].double(), p.b[i : i + 1].double())
+    xd = x.double().to(tr.V.device)
+    yd = y.double().to(tr.V.device)
+    ft, f = forward(tr, xd)[0], forward(one, xd)[0]
+    out = dict(
+        loss=float((ft - yd).square().sum(1).mean()),
+        f_change=float((ft - f).square().sum(1).mean().sqrt()),
+    )
+    if classification:
+        out["acc"] = float((ft.argmax(1) == yd.argmax(1)).double().mean())
+    return out
+
+
+def weak_dependence(pr, ref: float, tol: float = 0.25) -> str:
+    """Sub-claim verdict for "``a`` and ``b`` differ little" from a paired comparison ``pr``
+    (``report.paired(a, b)``): ``reproduced`` when the whole 95% interval of the difference lies
+    within ``tol * |ref|`` of 0 (an equivalence test), ``refuted`` when the difference is
+    resolved and its mean exceeds ``tol * |ref|``, else ``not resolved``."""
+    band = tol * abs(ref)
+    if pr.n >= 2 and math.isfinite(pr.lo) and -band < pr.lo and pr.hi < band:
+        return "reproduced"
+    if pr.resolved and abs(pr.mean) > band:
+        return "refuted"
+    return "not resolved"
+
+
+def near_stationary_point(
+    delta: float,
+    *,
+    n: int = 3,
+    m: int = 12,
+    N: int = 8,
+    lam: float = 0.05,
+    rho: float = -0.5,
+    seed: int = 0,
+):
+    """A network and data where the hypothesis of Theorem 2.6 holds with a small ``eps`` and
+    ``V != 0`` (so that its bound is informative), for the exact check of Chapter 5.
+
+    At ``delta = 0``: collinear inputs ``x_i = t_i w`` (``t_i = 1 + i/4``), ``V = v w^T`` with
+    ``v = -(rho/lam) D u`` on the units ``D`` where ``rho u_j < 0`` (the others get ``v_j = 0``
+    and bias ``-1``, so they stay off), and targets chosen so that the residuals are
+    ``r_i = rho / t_i``: then every ``g_i = 2 r_i t_i D u w^T + 2 lam V = 0``. ``delta > 0``
+    perturbs the inputs and ``V`` by ``delta`` times Gaussian noise (targets kept), so every
+    ``g_i`` is ``O(delta)`` while ``||V||_F`` stays ``O(1)``. Returns ``(params, x, y, lam)``
+    in float64 (one run)."""
+    g = torch.Generator().manual_seed(int(seed))
+    dt = torch.float64
+    w = torch.randn(n, generator=g, dtype=dt)
+    w = w / w.norm()
+    u = torch.randn(1, m, generator=g, dtype=dt)
+    act = (rho * u[0]) < 0
+    v = torch.where(act, -(rho / lam) * u[0], torch.zeros((), dtype=dt))
+    b = torch.where(act, torch.zeros((), dtype=dt), -torch.ones((), dtype=dt))
+    V = torch.outer(v, w)
+    t = 1 + torch.arange(N, dtype=dt) / 4
+    x = t.unsqueeze(1) * w
+    p = Params(u.unsqueeze(0), V.unsqueeze(0), b.unsqueeze(0))
+    y = forward(p, x)[0] - (rho / t).unsqueeze(1)
+    x = x + delta * torch.randn(N, n, generator=g, dtype=dt)
+    V = V + delta * torch.randn(m, n, generator=g, dtype=dt)
+    return Params(u.unsqueeze(0), V.unsqueeze(0), b.unsqueeze(0)), x, y, lam
+
+
+def swap_ratio(g: torch.Tensor, B: int) -> float:
+    """``max_i ||g_i|| / max_S ||(1/B) sum_{i in S} g_i||`` over all batches ``S`` of size ``B``
+    of the vectors (or matrices) ``g`` (``(N, ...)``): the swap lemma says it is at most
+    ``2B - 1``."""
+    g = g.double().flatten(1)
+    eps = float(g[all_batches(g.shape[0], B)].mean(1).norm(dim=-1).max())
+    return float(g.norm(dim=-1).max()) / eps
+
+
+def extremal_vectors(B: int, N: int, d: int = 2) -> torch.Tensor:
+    """``N`` vectors on which the swap lemma is an equality: ``g_0 = (2B - 1) e``, every other
+    ``g_l = -e`` (``|e| = 1``). A batch with ``g_0`` has mean ``(2B-1 - (B-1)) e / B = e``, a
+    batch without it ``-e``: ``eps = 1`` and ``||g_0|| = (2B - 1) eps``."""
+    if not 1 <= B < N:
+        raise ValueError(f"need 1 <= B < N, got B={B}, N={N}")
+    g = torch.zeros(N, d, dtype=torch.float64)
+    g[0, 0] = 2 * B - 1
+    g[1:, 0] = -1.0
+    return g
+
+
+def lam_table(
+    res: Result,
+    x,
+    y,
+    x_test,
+    y_test,
+    *,
+    n_random: int = 1000,
+    classification: bool = False,
+    lin: dict | None = None,
+) -> list[dict]:
+    """One row per run: :func:`analyze` (with the batch-gradient norms), :func:`decompose`, the
+    test loss (and accuracy) after truncating ``V`` to rank 1 and 2 (``test_loss_r1``, ...,
+    ``f_change_r1``: RMS change of ``f`` on the test inputs) and, given the linear baseline
+    ``lin`` (:func:`linear_baseline`), ``underfit``: train loss above the linear model's (a
+    rank-one ``V`` can represent the linear fit, so such a run underfits its own class)."""
+    rows = analyze(res, x, y, n_random=n_random, keep_norms=True)
+    for i, (row, dec) in enumerate(zip(rows, decompose(res))):
+        row.update(dec)
+        if "train_acc" in row and "test_acc" in row:
+            row["acc_gap"] = row["train_acc"] - row["test_acc"]
+        if np.all(np.isfinite(res.sv[i])):
+            svd = torch.linalg.svd(res.params.V[i].double(), full_matrices=False)
+            for r in (1, 2):
+                t = truncated_errors(res.params, i, r, x_test, y_test, classification, svd)
+                row.update({f"test_loss_r{r}": t["loss"], f"f_change_r{r}": t["f_change"]})
+                if classification:
+                    row[f"test_acc_r{r}"] = t["acc"]
+        if lin is not None:
+            row["underfit"] = bool(not row["train_loss"] <= lin["train_loss"])
+    return rows
+
+
+def _arm(runs, lam, key):
+    """Values of ``key`` at ``lam``, in seed order (so that arms pair by seed)."""
+    return runs[runs.lam == lam].sort_values("seed")[key].to_numpy(float)
+
+
+def lam_summary(runs, gap_key: str = "gap") -> dict:
+    """The numbers and paired comparisons behind Chapter 5's verdicts on one lambda sweep
+    (``runs``: the :func:`lam_table` rows as a DataFrame; arms pair by seed).
+
+    Lambdas: ``lo`` (the smallest, 0), ``ok`` (no run collapsed), ``fit`` (no run underfits the
+    linear baseline), ``hi`` (the largest fitting lambda; ``lo`` if none larger), ``top`` (the
+    largest non-collapsed), ``best`` (lowest mean test loss among ``ok``), ``small_gap``
+    (smallest mean ``gap_key`` among ``ok``). Paired comparisons (``a - b``): ``rank`` stable
+    rank at ``hi`` vs ``lo``; ``rank_best`` at ``best`` vs its initialisation; ``dW_free``
+    stable rank of DeltaV at ``lo`` vs that of ``V_0``; ``dW_fit`` stable rank of DeltaV at
+    ``hi`` vs ``lo``; ``gap`` ``gap_key`` at ``top`` vs ``lo``; ``test_gap`` test loss at
+    ``small_gap`` vs ``best``."""
+    from . import report
+
+    lams = sorted(runs.lam.unique())
+    ok = [v for v in lams if not runs[runs.lam == v].collapsed.any()] or lams
+    fit = [v for v in ok if not runs[runs.lam == v].underfit.any()] or ok[:1]
+    lo, hi, top = lams[0], fit[-1], ok[-1]
+    mean = {v: _arm(runs, v, "test_loss").mean() for v in ok}
+    gmean = {v: _arm(runs, v, gap_key).mean() for v in ok}
+    best, small_gap = min(mean, key=mean.get), min(gmean, key=gmean.get)
+    P = report.paired
+    return dict(
+        lams=lams,
+        ok=ok,
+        fit=fit,
+        lo=lo,
+        hi=hi,
+        top=top,
+        best=best,
+        small_gap=small_gap,
+        coll=[v for v in lams if v not in ok],
+        under=[v for v in ok if v not in fit],
+        rank=P(_arm(runs, hi, "sr"), _arm(runs, lo, "sr")),
+        rank_best=P(_arm(runs, best, "sr"), _arm(runs, best, "sr0")),
+        dW_free=P(_arm(runs, lo, "srank_dW"), _arm(runs, lo, "srank_W0")),
+        dW_fit=P(_arm(runs, hi, "srank_dW"), _arm(runs, lo, "srank_dW")),
+        gap=P(_arm(runs, top, gap_key), _arm(runs, lo, gap_key)),
+        test_gap=P(_arm(runs, small_gap, "test_loss"), _arm(runs, best, "test_loss")),
+        rho=report.spearman(runs[runs.lam.isin(ok)].lam, runs[runs.lam.isin(ok)].sr),
+    )
+
+
+def batch_pairs(bs, key: str = "stable_rank") -> dict:
+    """Paired comparisons (by seed) of ``key`` at the smallest against the largest batch size of
+    a :func:`batch_sweep` table, at fixed epochs and at fixed steps, with the reference value
+    (mean at the largest ``B``) for :func:`weak_dependence`."""
+    from . import report
+
+    Bs = sorted(bs.B.unique())
+    out = {}
+    for when in ("epochs", "steps"):
+        b = bs[bs.when == when]
+        a = b[b.B == Bs[0]].sort_values("seed")[key].to_numpy(float)
+        c = b[b.B == Bs[-1]].sort_values("seed")[key].to_numpy(float)
+        out[when] = report.paired(a, c)
+        out[f"{when}_ref"] = float(c.mean())
+    out["Bs"] = Bs
+    return out
+
+
+def split_sweep(
+    name: str,
+    splits: Sequence[int],
+    lams: Sequence[float],
+    seeds: Sequence[int],
+    *,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    desc: str = "splits",
+    **train_kw,
+) -> list[dict]:
+    """Final train/test loss (and accuracy) of networks trained at ``lams`` x ``seeds`` on each
+    data split ``splits`` (the seed of :func:`load_xy`'s train/test split), with the linear
+    baseline of the same split: one row per (split, lambda, seed), keys ``split``, ``lam``,
+    ``seed``, ``train_loss``, ``test_loss`` (``train_acc``, ``test_acc``), ``lin_train_loss``,
+    ``lin_test_loss`` (``lin_test_acc``). ``train_kw`` go to :func:`train`."""
+    rows = []
+    for sp in splits:
+        ds, x, y, xt, yt = load_xy(name, n_train, n_test, seed=sp)
+        cls = ds.task == "classification"
+        lin = linear_baseline(x, y, xt, yt, cls)
+        ls, ss = grid(lams, seeds)
+        res = train(
+            x,
+            y,
+            lams=ls,
+            seeds=ss,
+            x_test=xt,
+            y_test=yt,
+            classification=cls,
+            desc=f"{desc}, split {sp}",
+            **train_kw,
+        )
+        for row in res.table():
+            row.update(split=int(sp), **{f"lin_{k}": v for k, v in lin.items()})
+            rows.append(row)
     return rows
