@@ -45,7 +45,8 @@ class Result:
 
     def __repr__(self):
         blown = sum(any(r["epochs"]["eval_blowup"]) for r in self.records)
-        return (f"<sweep.Result: {len(self)} runs ({sum(self.cached)} from cache), "
+        # two short lines: the book's text column holds 77 characters
+        return (f"<sweep.Result: {len(self)} runs ({sum(self.cached)} from cache),\n "
                 f"{sum(r['diverged_epoch'] is not None for r in self.records)} diverged, "
                 f"{blown} with an eval-mode blow-up>")
 
