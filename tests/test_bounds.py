@@ -20,7 +20,8 @@ def test_lowrank_distance_is_eckart_young():
 
 def test_rhs_constant_and_scheduled_learning_rates_agree():
     assert bounds.thm33_rhs(0.1, 0.01, 5, 2.0) == pytest.approx(2.0 * (1 - 0.002) ** 5)
-    assert bounds.thm33_rhs([0.1] * 5, 0.01, 5, 2.0) == pytest.approx(bounds.thm33_rhs(0.1, 0.01, 5, 2.0))
+    assert bounds.thm33_rhs([0.1] * 5, 0.01, 5, 2.0) == pytest.approx(
+        bounds.thm33_rhs(0.1, 0.01, 5, 2.0))
     with pytest.raises(ValueError):
         bounds.thm33_rhs([0.1] * 4, 0.01, 5, 1.0)
 
@@ -50,11 +51,13 @@ def test_certified_rank():
 
 def test_momentum_unrolling_matches_torch_sgd():
     """A parameter with zero loss gradient under torch.optim.SGD(momentum, weight_decay=2 lam)
-    is a_k W_0 after k steps; with gradients, W_t = a_k W_{t-k} + b_k v_{t-k} + sum_l c_l G_{t-l}."""
+    is a_k W_0 after k steps; with gradients,
+    W_t = a_k W_{t-k} + b_k v_{t-k} + sum_l c_l G_{t-l}."""
     import torch
 
     lr, lam, beta = 0.1, 0.05, 0.9
-    w = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    w = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(0)))
     w0 = w.detach().clone()
     opt = torch.optim.SGD([w], lr=lr, momentum=beta, weight_decay=2 * lam)
     for k in range(1, 31):
@@ -73,7 +76,8 @@ def test_momentum_unrolling_matches_torch_sgd():
         Wk = Wk - lr * vk
     a, b = bounds.momentum_factors(lr, lam, beta, 7)
     M = bounds.momentum_matrix(lr, lam, beta)
-    rest = sum((np.linalg.matrix_power(M, l - 1) @ np.array([-lr, 1.0]))[0] * Gs[-l] for l in range(1, 8))
+    rest = sum((np.linalg.matrix_power(M, l - 1) @ np.array([-lr, 1.0]))[0] * Gs[-l]
+               for l in range(1, 8))
     assert np.allclose(Wk, a * W + b * v + rest, rtol=1e-12, atol=1e-12)
     assert bounds.momentum_factors(lr, lam, 0.0, 7) == pytest.approx(((1 - 2 * lr * lam) ** 7, 0.0))
 

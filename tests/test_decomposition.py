@@ -95,6 +95,23 @@ def test_budget_matches_a_direct_simulation():
     assert decomposition.budget(torch.zeros(3, 3), 1.0) == -math.inf
 
 
+def test_budget_of_a_wide_matrix_uses_its_left_side():
+    """Wide W_0 (3 x 5): the weak direction is the left singular vector; a learned part whose
+    column space avoids it leaves s_3(W_T) = e^{-D} s_min(W_0), and the rank drops at D*."""
+    w0 = torch.zeros(3, 5, dtype=torch.float64)
+    w0[0, 0], w0[1, 1], w0[2, 2] = 2.0, 1.0, 0.02
+    M = torch.zeros(3, 5, dtype=torch.float64)
+    M[:2, :] = torch.tensor([[3.0, 1, 0, 2, 1], [0, 2, 0, 0, 3]])  # row 2 (the weak side) empty
+    eps = 1e-3
+    fro = lambda D: float(torch.linalg.matrix_norm(math.exp(-D) * w0 + M))
+    rank = lambda D: int(metrics.threshold_rank(
+        metrics.singular_values(math.exp(-D) * w0 + M), atol=eps))
+    Dstar = 0.0
+    for _ in range(20):
+        Dstar = decomposition.budget(w0, fro(Dstar), eps)
+    assert rank(Dstar - 0.01) == 3 and rank(Dstar + 0.01) == 2
+
+
 def test_parts_keys_and_scale_invariance():
     g = torch.Generator().manual_seed(1)
     w0 = torch.randn(8, 5, generator=g, dtype=torch.float64)

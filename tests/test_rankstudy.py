@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sgdrank import metrics, rankstudy as rs, sweep
+from sgdrank import rankstudy as rs, sweep
 
 
 def make_data(seed=0, n_train=64, n_test=32, classes=3, dim=12):
@@ -17,7 +17,8 @@ def make_data(seed=0, n_train=64, n_test=32, classes=3, dim=12):
     centers = torch.randn(classes, dim, generator=g)
     y = torch.randint(0, classes, (n_train + n_test,), generator=g)
     x = centers[y] + 0.8 * torch.randn(n_train + n_test, dim, generator=g)
-    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
+    return SimpleNamespace(x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:],
+                           y_test=y[n_train:],
                            n_classes=classes, input_shape=(dim,))
 
 
@@ -64,7 +65,8 @@ def test_total_decay_is_the_sum_of_step_factors(result):
         for idx, e in zip(rows.index, rows.epoch):
             expect = sum(2 * cfg.lr_at(k) * cfg.lam * spe for k in range(1, int(e) + 1))
             assert d.loc[idx] == pytest.approx(expect, rel=1e-12, abs=1e-15)
-    assert (d[ep.lam == 0] == 0).all() and (d[ep.lam > 0].groupby(ep.run_id).diff().dropna() > 0).all()
+    assert (d[ep.lam == 0] == 0).all()
+    assert (d[ep.lam > 0].groupby(ep.run_id).diff().dropna() > 0).all()
     with pytest.raises(ValueError):
         rs.total_decay(ep.drop(columns=["lam"]))
 
@@ -108,3 +110,46 @@ def test_summarize_and_values():
         rs.summarize(t, ["nope"], ["x"])
     with pytest.raises(ValueError):
         rs.values(t, "x", nope=1)
+
+
+def test_seeded_orders_by_seed_and_refuses_duplicates():
+    t = pd.DataFrame({"seed": [2, 0, 1, 0], "lam": [0.1, 0.1, 0.1, 0.2], "x": [3.0, 1.0, 2.0, 9.0]})
+    assert rs.seeded(t, "x", lam=0.1) == [1.0, 2.0, 3.0]
+    assert rs.seeded(t, "x", lam=0.3) == []
+    with pytest.raises(ValueError):
+        rs.seeded(t, "x")                      # seed 0 twice
+
+
+def test_decomposed_rebuilds_the_init_and_splits_exactly(result):
+    dec = rs.decomposed(result, range(len(result)))
+    n_layers = result.layers.layer.nunique()
+    assert len(dec) == len(result) * n_layers
+    lay = result.layers
+    for rid, cfg in enumerate(result.configs):
+        rows = dec[dec.run_id == rid]
+        c = float(np.prod([1 - 2 * cfg.lr_at(e) * cfg.lam
+                           for e in range(1, cfg.epochs + 1) for _ in range(64 // cfg.batch_size)]))
+        assert rows.c.to_numpy() == pytest.approx(c, rel=1e-12)
+        assert (rows.D.to_numpy() == pytest.approx(-math.log(c), abs=1e-12))
+        # the rebuilt W_0 is the engine's initialisation: same spectrum as the recorded epoch 0
+        init = lay[(lay.run_id == rid) & (lay.epoch == 0)]
+        for (_, r), (_, s) in zip(rows.sort_values("index").iterrows(), init.iterrows()):
+            assert r["W0_fro"] == pytest.approx(float(np.linalg.norm(s.sv)), rel=1e-5)
+    # lambda = 0: c = 1 and nothing decays
+    assert (dec[dec.lam == 0].c == 1.0).all() and (dec[dec.lam == 0].D.abs() == 0).all()
+    pr = rs.per_run(dec)
+    assert len(pr) == len(result)
+    assert (pr["Dstar@0.001"].to_numpy()
+            == dec.groupby("run_id")["Dstar@0.001"].min().to_numpy()).all()
+    assert pr.W_srank.to_numpy() == pytest.approx(dec.groupby("run_id").W_srank.mean().to_numpy())
+
+
+def test_relative_layers_divides_each_layer_by_its_own_control():
+    rows = []
+    for seed in (0, 1):
+        for lam, scale in ((0.0, 1.0), (0.1, 0.5)):
+            for k, v in enumerate([100.0, 40.0, 60.0]):
+                rows.append(dict(model="M", lam=lam, seed=seed, index=k, r=scale * v * (1 + seed)))
+    t = pd.DataFrame(rows)
+    rel = rs.relative_layers(t, "M", 0.1, "r")
+    assert rel.shape == (2, 3) and np.allclose(rel, 0.5)

@@ -63,7 +63,8 @@ def certified_rank(lr: float, lam: float, batch: int, eps: float, patches: int =
 
 def unrolled_sgd(w0: np.ndarray, lr: float, lam: float, batch: int, steps: int, *,
                  grad_scale: float = 1.0, seed: int = 0) -> list[np.ndarray]:
-    """A minimal model of the mechanism, for illustration: ``W_{s+1} = (1 - 2 mu lambda) W_s - mu G_s``
+    """A minimal model of the mechanism, for illustration:
+    ``W_{s+1} = (1 - 2 mu lambda) W_s - mu G_s``
     with ``G_s`` a random matrix of rank exactly ``batch`` (a sum of ``batch`` Gaussian outer
     products scaled by ``grad_scale / batch``). Returns ``[W_0, ..., W_steps]``."""
     rng = np.random.default_rng(seed)
@@ -86,7 +87,8 @@ def momentum_matrix(lr: float, lam: float, beta: float) -> np.ndarray:
 
 
 def momentum_factors(lr: float, lam: float, beta: float, k: int) -> tuple[float, float]:
-    """``(a_k, b_k)``, the first row of ``M^k`` (:func:`momentum_matrix`): unrolling ``k`` heavy-ball
+    """``(a_k, b_k)``, the first row of ``M^k`` (:func:`momentum_matrix`): unrolling ``k``
+    heavy-ball
     steps gives ``W_t = a_k W_{t-k} + b_k v_{t-k} + (a combination of G_{t-1}, ..., G_{t-k})``.
     The remainder is not a multiple of ``W_{t-k}``: it contains the full-rank buffer ``v_{t-k}``.
     With ``beta = 0``, ``(a_k, b_k) = ((1 - 2 lr lam)^k, 0)``."""

@@ -19,11 +19,15 @@ runs that scalar recursion. ``DeltaW_T = W_T - c_T W_0`` is then exactly the con
 gradients (through the momentum buffer).
 
 **The decay budget.** The threshold rank at tolerance ``eps`` counts the singular values of
-``W_T`` above ``eps ||W_T||_F`` (:func:`sgdrank.metrics.threshold_rank`). Let ``v`` be the right
-singular vector of ``W_0`` for its smallest singular value ``s_min(W_0)`` (over ``min(m, n)``
-values). If no gradient touched that direction (``DeltaW_T v = 0``) then ``W_T v = c_T W_0 v``
-and ``s_min(W_T) <= ||W_T v|| = c_T s_min(W_0)``: decay alone can bring that direction below the
-threshold only once ``c_T s_min(W_0) <= eps ||W_T||_F``, i.e. once
+``W_T`` above ``eps ||W_T||_F`` (:func:`sgdrank.metrics.threshold_rank`). Let ``s_min(W_0)`` be
+the smallest of the ``p = min(m, n)`` singular values of the ``m x n`` matrix ``W_0`` and ``x``
+its singular vector *on the smaller side*: the right one (``x`` in ``R^n``) when ``m >= n``, the
+left one (``x`` in ``R^m``, acting as ``x^T W``) when ``m < n``. On that side the smallest
+singular value is a minimum, ``s_p(W) = min_{|x|=1} |W x|`` (or ``|x^T W|``); on the larger
+side it is not (a wide matrix has a null space). If no gradient touched that direction
+(``DeltaW_T x = 0``, resp. ``x^T DeltaW_T = 0``) then ``s_p(W_T) <= c_T s_min(W_0)``: decay alone
+can bring that direction below the threshold only once ``c_T s_min(W_0) <= eps ||W_T||_F``,
+i.e. once
 
     D >= D* = ln( s_min(W_0) / (eps ||W_T||_F) ).
 

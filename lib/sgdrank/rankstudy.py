@@ -20,7 +20,8 @@ import pandas as pd
 from . import sweep
 
 
-def at_steps(cfg: sweep.Config, steps: int, drop_at: Sequence[float] = (), gamma: float = 0.1) -> sweep.Config:
+def at_steps(cfg: sweep.Config, steps: int, drop_at: Sequence[float] = (),
+             gamma: float = 0.1) -> sweep.Config:
     """``cfg`` trained for (at least) ``steps`` SGD steps, whatever its batch size: ``epochs`` =
     ``ceil(steps / (n_train // B))``, and learning-rate drops by ``gamma`` after the fractions
     ``drop_at`` of those epochs (``MultiStepLR`` milestones, rounded to whole epochs).
@@ -28,7 +29,8 @@ def at_steps(cfg: sweep.Config, steps: int, drop_at: Sequence[float] = (), gamma
     Equal steps means equally many decay factors ``1 - 2 mu lam``; at equal epochs a run with
     batch ``B`` takes ``n / B`` steps per epoch."""
     if cfg.n_train is None:
-        raise ValueError("at_steps needs cfg.n_train (the number of training samples) to count steps")
+        raise ValueError("at_steps needs cfg.n_train (the number of training samples) to count "
+                         "steps")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if any(not 0 < f < 1 for f in drop_at):
@@ -46,17 +48,20 @@ def total_decay(epochs: pd.DataFrame) -> pd.Series:
     :attr:`sweep.Result.epochs` table (0 at epoch 0), from each row's config (``lr``,
     ``lr_milestones``, ``lr_gamma``, ``lam``, ``n_train``, ``batch_size``, ``drop_last``).
     ``exp(-D)`` is what is left of a weight component that no gradient has touched."""
-    need = {"run_id", "epoch", "lr", "lam", "lr_milestones", "lr_gamma", "n_train", "batch_size", "drop_last"}
+    need = {"run_id", "epoch", "lr", "lam", "lr_milestones", "lr_gamma", "n_train", "batch_size",
+            "drop_last"}
     missing = sorted(need - set(epochs.columns))
     if missing:
         raise ValueError(f"total_decay needs the columns of sweep.Result.epochs; missing {missing}")
     out = pd.Series(0.0, index=epochs.index, name="total_decay")
     for _, g in epochs.groupby("run_id", sort=False):
         r = g.iloc[0]
-        cfg = sweep.Config(lr=r.lr, lam=r.lam, lr_milestones=tuple(r.lr_milestones), lr_gamma=r.lr_gamma)
+        cfg = sweep.Config(lr=r.lr, lam=r.lam, lr_milestones=tuple(r.lr_milestones),
+                           lr_gamma=r.lr_gamma)
         spe = sweep.steps_per_epoch(int(r.n_train), int(r.batch_size), bool(r.drop_last))
         emax = int(g.epoch.max())
-        per_epoch = np.array([0.0] + [2.0 * cfg.lr_at(e) * cfg.lam * spe for e in range(1, emax + 1)])
+        per_epoch = np.array([0.0] + [2.0 * cfg.lr_at(e) * cfg.lam * spe
+                                      for e in range(1, emax + 1)])
         cum = np.cumsum(per_epoch)
         out.loc[g.index] = cum[g.epoch.to_numpy(dtype=int)]
     return out
@@ -124,7 +129,8 @@ def at_step(table: pd.DataFrame, step: int) -> pd.DataFrame:
     return sub.loc[idx.values]
 
 
-def summarize(table: pd.DataFrame, by: Sequence[str], cols: Sequence[str], sig: int = 3) -> pd.DataFrame:
+def summarize(table: pd.DataFrame, by: Sequence[str], cols: Sequence[str],
+              sig: int = 3) -> pd.DataFrame:
     """One row per group of ``by``: each column of ``cols`` as ``mean ± sd`` over the group's
     runs (:func:`sgdrank.report.spread`; sample standard deviation), and ``runs``, the count."""
     from . import report
@@ -158,3 +164,61 @@ def values(table: pd.DataFrame, col: str, **where) -> list[float]:
         else:
             mask &= colv == v
     return [float(x) for x in table.loc[mask, col]]
+
+
+def seeded(table: pd.DataFrame, col: str, **where) -> list[float]:
+    """Like :func:`values`, ordered by ``seed``: one value per seed, so that two arms that share
+    seeds line up for :func:`sgdrank.report.paired`. Raises if a seed occurs twice."""
+    mask = np.ones(len(table), dtype=bool)
+    for k, v in where.items():
+        colv = table[k].to_numpy()
+        mask &= (np.isclose(colv.astype(float), v, rtol=1e-9, atol=0.0) if isinstance(v, float)
+                 else colv == v)
+    sub = table.loc[mask].sort_values("seed")
+    if sub.seed.duplicated().any():
+        raise ValueError(f"seeded: several rows per seed for {where}; narrow the selection")
+    return [float(x) for x in sub[col]]
+
+
+def decomposed(res, run_ids: Sequence[int], eps: Sequence[float] = (1e-3, 0.04)) -> pd.DataFrame:
+    """:func:`sgdrank.decomposition.run_parts` of the runs ``run_ids`` (one row per run x
+    rank-tracked matrix: ``W_T = c_T W_0 + DeltaW_T``, threshold and stable ranks of ``W``,
+    ``W0``, ``dW``, ``D`` and the budgets ``Dstar@eps``) with ``model``, ``lam``, ``lr``,
+    ``batch_size`` and ``seed`` of each run."""
+    from . import decomposition
+
+    rows = []
+    for rid in run_ids:
+        cfg = res.configs[rid]
+        for r in decomposition.run_parts(res, rid, eps):
+            rows.append({"model": cfg.model, "lam": cfg.lam, "lr": cfg.lr,
+                         "batch_size": cfg.batch_size, "seed": cfg.seed, **r})
+    return pd.DataFrame(rows)
+
+
+def per_run(dec: pd.DataFrame) -> pd.DataFrame:
+    """:func:`decomposed`'s table averaged over the matrices of each run (one row per run);
+    ``Dstar@...`` columns take the *smallest* budget over the matrices (the first that can
+    move)."""
+    keys = ["run_id", "model", "lam", "lr", "batch_size", "seed"]
+    num = [c for c in dec.columns if c not in keys + ["layer", "index"]
+           and pd.api.types.is_numeric_dtype(dec[c])]
+    agg = {c: ("min" if c.startswith("Dstar") else "mean") for c in num}
+    return dec.groupby(keys, as_index=False).agg(agg)
+
+
+def relative_layers(layers: pd.DataFrame, arch: str, lam: float, col: str,
+                    lam0: float = 0.0, **where) -> np.ndarray:
+    """Per seed (rows, by seed) and layer (columns, input to output): the final value of ``col``
+    at ``lam`` divided by the same seed's and layer's value at ``lam0`` (each layer against its
+    own control). ``layers`` has one row per run x layer (``model``, ``lam``, ``seed``,
+    ``index``)."""
+    def grid(lv):
+        sub = layers[(layers.model == arch) & np.isclose(layers.lam, lv)]
+        for k, v in where.items():
+            sub = sub[np.isclose(sub[k].astype(float), v)]
+        return sub.pivot_table(index="seed", columns="index", values=col)
+
+    a, b = grid(lam), grid(lam0)
+    seeds = sorted(set(a.index) & set(b.index))
+    return (a.loc[seeds] / b.loc[seeds]).to_numpy(float)
