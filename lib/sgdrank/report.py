@@ -166,6 +166,12 @@ def _tq(dof: float, level: float = LEVEL) -> float:
     return float(t.ppf(0.5 + level / 2, dof))
 
 
+def _magnitude(d: float, lo: float, hi: float) -> tuple[float, float]:
+    """The interval ``(lo, hi)`` of a difference ``d`` restated for its size ``|d|`` ("lower by 35
+    (95% interval 31 to 39)" rather than "-39 to -31")."""
+    return (-hi, -lo) if d < 0 else (lo, hi)
+
+
 def _interval(lo: float, hi: float, sig: int) -> str:
     return f"{int(round(LEVEL * 100))}% interval {num(lo, sig)} to {num(hi, sig)}"
 
@@ -195,9 +201,10 @@ class Comparison:
     def text(self, sig: int = 2) -> str:
         """``lower by 8.4 (95% interval 7.4 to 9.4, unpaired)`` or ``not resolved at this scale
         (difference 0.3, 95% interval -0.5 to 1.1, unpaired)``."""
-        iv = _interval(self.lo, self.hi, sig)
         if self.resolved:
-            return f"{self.word} by {num(abs(self.diff), sig)} ({iv}, unpaired)"
+            lo, hi = _magnitude(self.diff, self.lo, self.hi)
+            return f"{self.word} by {num(abs(self.diff), sig)} ({_interval(lo, hi, sig)}, unpaired)"
+        iv = _interval(self.lo, self.hi, sig)
         return f"{self.word} (difference {num(self.diff, sig)}, {iv}, unpaired)"
 
     @property
@@ -266,7 +273,8 @@ class Paired:
         return f"{w} in {k} of {self.n} seed{'s' if self.n != 1 else ''}"
 
     def text(self, sig: int = 2, words: Sequence[str] = ("lower", "higher")) -> str:
-        """``lower by 35 (95% interval 31 to 39; lower in 5 of 5 seeds, paired)`` or
+        """``lower by 35 (95% interval 31 to 39; lower in 5 of 5 seeds, paired)`` -- a resolved
+        difference with the interval of its size -- or
         ``not resolved at this scale (difference -0.18, 95% interval -0.4 to 0.05; lower in 2 of
         3 seeds, paired)``."""
         if self.n == 0:
@@ -274,9 +282,11 @@ class Paired:
         if self.n == 1:
             return (f"not resolved at this scale (one seed: difference {num(self.mean, sig)}, "
                     "paired)")
-        tail = f"{_interval(self.lo, self.hi, sig)}; {self.signs(words)}, paired"
         if self.resolved:
+            lo, hi = _magnitude(self.mean, self.lo, self.hi)
+            tail = f"{_interval(lo, hi, sig)}; {self.signs(words)}, paired"
             return f"{self.word} by {num(abs(self.mean), sig)} ({tail})"
+        tail = f"{_interval(self.lo, self.hi, sig)}; {self.signs(words)}, paired"
         return f"{self.word} (difference {num(self.mean, sig)}, {tail})"
 
     @property
