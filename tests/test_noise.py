@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from sgdrank import gradients, models, noise
@@ -16,7 +15,8 @@ def _mlp(seed=0, d_in=6, width=7, depth=2, k=3, bias=True):
 
 def _data(n=12, d=6, k=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, k, (n,), generator=g)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64),
+            torch.randint(0, k, (n,), generator=g))
 
 
 # --- left side -------------------------------------------------------------------------------
@@ -32,10 +32,12 @@ def test_tail_distance_is_the_truncated_svd_error(shape):
         spec = float(torch.linalg.matrix_norm(w - approx, ord=2))
         assert noise.tail_distance(w, r) == pytest.approx(fro, rel=1e-10, abs=1e-12)
         assert noise.tail_distance(w, r, ord="2") == pytest.approx(spec, rel=1e-10, abs=1e-12)
-        assert noise.tail_distance(w, r) == pytest.approx(float(s[r:].pow(2).sum().sqrt()), abs=1e-12)
+        assert noise.tail_distance(w, r) == pytest.approx(float(s[r:].pow(2).sum().sqrt()),
+                                                          abs=1e-12)
         # Eckart-Young: no random rank-r matrix does better
         for _ in range(5):
-            v = torch.randn(shape[0], r, generator=g, dtype=torch.float64) @ torch.randn(r, shape[1], generator=g, dtype=torch.float64)
+            v = (torch.randn(shape[0], r, generator=g, dtype=torch.float64)
+                 @ torch.randn(r, shape[1], generator=g, dtype=torch.float64))
             assert float(torch.linalg.matrix_norm(w - v)) >= fro - 1e-12
 
 
@@ -60,7 +62,8 @@ def test_mse_matches_torch_mse_on_one_hot():
     out = torch.randn(7, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (7,))
     ref = F.mse_loss(out, F.one_hot(y, 4).double())
-    assert float(noise.per_sample_loss(out, y, "mse").mean()) == pytest.approx(float(ref), rel=1e-12)
+    assert float(noise.per_sample_loss(out, y, "mse").mean()) == pytest.approx(float(ref),
+                                                                               rel=1e-12)
 
 
 def test_gram_norms_match_explicit_norms():
@@ -74,7 +77,8 @@ def test_gram_norms_match_explicit_norms():
     for f in facs.values():
         bn = noise.BatchNorms(f, lam)
         got = bn.norms(batches)
-        ref = torch.stack([torch.linalg.matrix_norm(noise.batch_gradient(f, b, lam)) for b in batches])
+        ref = torch.stack([torch.linalg.matrix_norm(noise.batch_gradient(f, b, lam))
+                           for b in batches])
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
@@ -194,8 +198,33 @@ def test_settle_table_reads_trend_floor_tau_and_collapse():
     assert falling.trend == pytest.approx((1.0 / (1 + 95.5)) / mid, rel=0.02)
     assert falling.trend < 0.6 and flat.trend == pytest.approx(1.0)
     assert flat.floor == pytest.approx(0.021)
-    assert math.isinf(falling.tau_epochs) and flat.tau_epochs == pytest.approx(1 / (2 * 0.1 * 0.01) / 4)
+    assert math.isinf(falling.tau_epochs)
+    assert flat.tau_epochs == pytest.approx(1 / (2 * 0.1 * 0.01) / 4)
     assert not falling.collapsed and flat.collapsed
     assert falling["rank"] == 9.0 and falling["rank0"] == 10.0
     with pytest.raises(ValueError):
         noise.settle_table(pd.DataFrame(rows), tail=1.5)
+
+
+def test_settle_table_finds_a_loss_spike_and_regime_reads_the_seeds():
+    import pandas as pd
+
+    rows = []
+    for seed in (0, 1):
+        for e in range(0, 51):
+            loss = 1.0 / (1 + e)
+            if seed == 1 and e == 40:
+                loss = 2.0  # a spike: from its running minimum 1/40 to 2 (80x)
+            rows.append(dict(dataset="toy", loss="ce", lam=0.01, seed=seed, epoch=e, step=e,
+                             lr=0.1, conv_dist=0.02 if e else float("nan"), train_acc=1.0,
+                             train_loss=loss, avg_rank=3.0, avg_stable_rank=2.0, head_fro=1.0))
+    t = noise.settle_table(pd.DataFrame(rows)).set_index("seed")
+    assert t.loc[1].spike == pytest.approx(2.0 * 40) and t.loc[1].spike_epoch == 40
+    assert t.loc[1].spike_from == pytest.approx(1 / 40) and t.loc[1].spike_to == 2.0
+    assert t.loc[0].spike <= 1.0  # a falling loss never exceeds its running minimum
+    q = t.reset_index()
+    assert noise.regime(q) == "levelled off"
+    assert noise.regime(q.assign(trend=[0.5, 0.7])) == "still falling"
+    assert noise.regime(q.assign(trend=[0.5, 1.0])) == "differs between seeds"
+    assert noise.regime(q.assign(trend=[1.3, 2.0])) == "still rising"
+    assert noise.regime(q.assign(collapsed=True)) == "collapses (W → 0)"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgdrank import gradients, metrics, weightnorm as wn
+from sgdrank import metrics, weightnorm as wn
 
 TINY = wn.Arch((2, 7, 7), ((3, 3, 2, 1), (4, 3, 1, 0)), (5,))
 
@@ -61,10 +61,12 @@ def test_init_and_steps_keep_unit_frobenius_norms():
     x, y = _data()
     r = torch.ones(2, dtype=torch.float64)
     for _ in range(5):
-        g_V, g_r, _ = wn.batch_gradients(V, r, TINY, x, y, torch.tensor([0.0, 0.1], dtype=torch.float64), "square")
+        lam = torch.tensor([0.0, 0.1], dtype=torch.float64)
+        g_V, g_r, _ = wn.batch_gradients(V, r, TINY, x, y, lam, "square")
         V, r = wn.sgd_step(V, r, g_V, g_r, 0.5)
         for v in V:
-            torch.testing.assert_close(v.flatten(1).norm(dim=1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-14)
+            torch.testing.assert_close(v.flatten(1).norm(dim=1), torch.ones(2, dtype=torch.float64),
+                                       rtol=0, atol=1e-14)
 
 
 def test_euler_identity_and_rank_one_fc_gradients():
@@ -89,7 +91,8 @@ def test_euler_identity_and_rank_one_fc_gradients():
 
 @pytest.mark.parametrize("loss", wn.LOSSES)
 def test_riemannian_gradient_is_autograd_through_the_normalisation(loss):
-    """At ||V||=1, grad_V L(V / ||V||) = (I - V V^T) grad L(V): the projected gradient we step with."""
+    """At ||V||=1, grad_V L(V / ||V||) = (I - V V^T) grad L(V): the projected gradient we step
+    with."""
     V = wn.init_weights(TINY, 1, seed=4, dtype=torch.float64)
     x, y = _data(seed=5)
     rho0, lam = 7.0, 0.3
@@ -105,7 +108,8 @@ def test_riemannian_gradient_is_autograd_through_the_normalisation(loss):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
         assert abs(float((a * v).sum())) < 1e-12  # tangent to the sphere
     torch.testing.assert_close(g_r, ref[-1], rtol=1e-10, atol=1e-13)
-    if loss == "square":  # JANUS eq. 17 (signs corrected): dL/drho = -(2/B) sum (1 - rho fbar) fbar + 2 lam rho
+    # JANUS eq. 17 (signs corrected): dL/drho = -(2/B) sum (1 - rho fbar) fbar + 2 lam rho
+    if loss == "square":
         rho = rho0 * r
         g_rho = -(2 * (1 - rho * fbar[:, 0]) * fbar[:, 0]).mean() + 2 * lam * rho / rho0**2
         # in r = rho / rho0: dL/dr = rho0 dL/drho, and lam r^2 = (lam / rho0^2) rho^2
@@ -184,7 +188,8 @@ def test_margin_fluctuation_lag_compares_equal_step_counts():
     mean_abs = float(drift.abs().mean())
     for lag in (1, 4):
         got = wn.margin_fluctuation(drift, lag=lag)
-        torch.testing.assert_close(got, torch.full((2,), 0.01 * lag / mean_abs, dtype=torch.float64))
+        torch.testing.assert_close(got, torch.full((2,), 0.01 * lag / mean_abs,
+                                                   dtype=torch.float64))
     with pytest.raises(ValueError, match="lag"):
         wn.margin_fluctuation(drift, lag=0)
     with pytest.raises(ValueError, match="at least 13"):
@@ -198,7 +203,8 @@ def test_layer_ranks_of_known_matrices_and_of_the_init():
     eye = torch.eye(3, dtype=torch.float64)[None]
     out = wn.layer_ranks([a / a.norm(), eye / eye.norm()], TINY)
     assert out["rank"].tolist() == [[2], [3]]
-    torch.testing.assert_close(out["stable_rank"], torch.tensor([[25 / 16], [3.0]], dtype=torch.float64))
+    torch.testing.assert_close(out["stable_rank"],
+                               torch.tensor([[25 / 16], [3.0]], dtype=torch.float64))
     V = wn.init_weights(TINY, 2, seed=1, dtype=torch.float64)
     init = wn.layer_ranks(V, TINY)
     assert init["rank"].shape == (4, 2)
@@ -208,4 +214,60 @@ def test_layer_ranks_of_known_matrices_and_of_the_init():
                        history={}, margins=torch.empty(0), grad_batch=torch.empty(0),
                        grad_full=torch.empty(0), V=V, r=torch.ones(2), rho0=1.0).layer_table()
     assert [r["rank"] for r in rows[::2]] == init["rank"][:, 0].tolist()
-    assert [r["stable_rank"] for r in rows[1::2]] == pytest.approx(init["stable_rank"][:, 1].tolist())
+    assert ([r["stable_rank"] for r in rows[1::2]]
+            == pytest.approx(init["stable_rank"][:, 1].tolist()))
+
+
+def _trained(batch_size, epochs=3, lams=(0.0, 0.2), lr=0.05):
+    x, y = _data(12)
+    res = wn.train(x, y, arch=TINY, lams=list(lams), loss="square", batch_size=batch_size, lr=lr,
+                   epochs=epochs, record_last=2, seed=0, dtype=torch.float64, device="cpu")
+    return res, x, y
+
+
+def test_probe_steps_continues_gradient_descent_exactly():
+    # GD (B = N) is deterministic: 3 epochs then 2 probe steps = 5 epochs of training
+    res, x, y = _trained(12, epochs=3)
+    m = wn.probe_steps(res, x, y, steps=2)
+    assert m.shape == (3, 2, 12)
+    ref, _, _ = _trained(12, epochs=5)
+    torch.testing.assert_close(m[0], res.margins[-1])
+    torch.testing.assert_close(m[-1], ref.margins[-1])
+    # a zero learning rate leaves the margins in place (negative control for the step)
+    still = wn.probe_steps(res, x, y, steps=3, lr=0.0)
+    assert float(wn.margin_fluctuation(still, 1).max()) < 1e-12  # renormalisation rounding
+    assert float(wn.margin_fluctuation(m, 1).min()) > 0.0
+
+
+def test_sharpness_is_the_top_eigenvalue_of_the_preconditioned_hessian():
+    res, x, y = _trained(4, epochs=2)
+    got = wn.sharpness(res, x, y, iters=300)
+    xx = x.reshape(x.shape[0], *TINY.in_shape)
+    yy = wn.signs(y).double()
+    sizes = [1] + [math.prod(s) for s in TINY.shapes()]
+    scales = torch.cat([torch.full((n,), math.sqrt(a)) for n, a in
+                        zip(sizes, [res.lr] + wn.layer_lrs(TINY, res.lr))]).double()
+    for j, lam in enumerate(res.lams):
+        theta = torch.cat([res.r[j:j + 1]] + [v[j].flatten() for v in res.V])
+
+        def obj(t, lam=lam):
+            parts = torch.split(t, sizes)
+            V = [wn._unit(p.view(1, *s)) for p, s in zip(parts[1:], TINY.shapes())]
+            fbar = wn.f_normalised(V, TINY, xx)[:, 0] * yy
+            return wn.margin_loss(res.rho0 * parts[0][0] * fbar, "square").mean() \
+                + lam * parts[0][0] ** 2
+
+        H = torch.autograd.functional.hessian(obj, theta)
+        top = float(torch.linalg.eigvalsh(scales[:, None] * H * scales[None, :]).max())
+        assert float(got[j]) == pytest.approx(top, rel=1e-4)
+    # linear in the learning rate: doubling it doubles eta * lambda_max
+    torch.testing.assert_close(wn.sharpness(res, x, y, lr=2 * res.lr, iters=300), 2 * got,
+                               rtol=1e-4, atol=0)
+
+
+def test_run_rows_carries_keys_and_one_row_per_lambda_and_layer():
+    res, x, y = _trained(4, epochs=2)
+    rows, layers = wn.run_rows(res, x, y, init_seed=0, probe=4, loss="square", mode="SGD", seed=0)
+    assert len(rows) == 2 and len(layers) == 2 * len(TINY.names())
+    assert {"step1", "step2", "sharp", "fluct", "v_batch", "stable0"} <= set(rows[0])
+    assert rows[0]["mode"] == "SGD" and layers[0]["layer"] == TINY.names()[0]

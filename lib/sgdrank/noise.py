@@ -8,14 +8,15 @@ layer input ``h_i`` once, ``z_i = W h_i``. For a per-sample loss ``ell_i`` write
 
     grad_W L^lambda_S = (1/B) D_S^T H_S + 2 lambda W,
 
-with ``D_S`` (``B x d_out``) and ``H_S`` (``B x d_in``) the rows ``delta_i``, ``h_i`` of the batch. The
-matrix ``U_S = -(1/(2 lambda B)) D_S^T H_S`` has rank ``<= B`` and ``W - U_S = grad_W L^lambda_S / (2 lambda)``,
-hence GP22's Theorem 1 (C6), for every batch ``S`` of size ``B*`` and any norm:
+with ``D_S`` (``B x d_out``) and ``H_S`` (``B x d_in``) the rows ``delta_i``, ``h_i`` of the batch.
+The matrix ``U_S = -(1/(2 lambda B)) D_S^T H_S`` has rank ``<= B`` and ``W - U_S = grad_W L^lambda_S
+/ (2 lambda)``, hence GP22's Theorem 1 (C6), for every batch ``S`` of size ``B*`` and any norm:
 
     min_{rank V <= B*} ||W - V||  <=  ||grad_W L^lambda_S|| / (2 lambda).
 
-The left side is the *tail* of the singular values ``s_1 >= s_2 >= ...`` of ``W`` (Eckart-Young-Mirsky):
-``sqrt(sum_{i > B*} s_i^2)`` in the Frobenius norm, ``s_{B*+1}`` in the spectral norm.
+The left side is the *tail* of the singular values ``s_1 >= s_2 >= ...`` of ``W``
+(Eckart-Young-Mirsky): ``sqrt(sum_{i > B*} s_i^2)`` in the Frobenius norm, ``s_{B*+1}`` in the
+spectral norm.
 
 Evaluating the right side's minimum over all ``C(N, B*)`` batches is impossible for real data sets.
 Every batch gives a valid bound, so the minimum over *sampled* batches is an upper estimate of the
@@ -26,7 +27,8 @@ overstates that gap. :func:`local_search` lowers the estimate further by swappin
 The right side is computed without forming any batch gradient: with the Gram matrix
 ``K = (D D^T) o (H H^T)`` (``o``: elementwise product) and ``c_i = delta_i^T W h_i``,
 
-    ||grad_W L^lambda_S||_F^2 = (1/B^2) sum_{a, b in S} K_ab + (4 lambda / B) sum_{a in S} c_a + 4 lambda^2 ||W||_F^2,
+    ||grad_W L^lambda_S||_F^2 = (1/B^2) sum_{a, b in S} K_ab + (4 lambda / B) sum_{a in S} c_a
+                                + 4 lambda^2 ||W||_F^2,
 
 so one pass over the data gives the norms of any number of batches. This needs a network whose
 samples do not interact (no batch normalisation in training mode): with BN the gradient of a
@@ -106,8 +108,8 @@ def per_sample_loss(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tens
 @dataclass
 class Factors:
     """One linear layer's per-sample gradient factors: ``W`` ``(d_out, d_in)``, ``D`` ``(n, d_out)``
-    (``delta_i = d ell_i / d z_i``) and ``H`` ``(n, d_in)`` (layer inputs ``h_i``), float64. The gradient of
-    ``ell_i`` w.r.t. ``W`` is ``outer(D[i], H[i])``."""
+    (``delta_i = d ell_i / d z_i``) and ``H`` ``(n, d_in)`` (layer inputs ``h_i``), float64. The
+    gradient of ``ell_i`` w.r.t. ``W`` is ``outer(D[i], H[i])``."""
 
     name: str
     W: torch.Tensor
@@ -127,22 +129,26 @@ class Factors:
         return ((self.D @ self.W) * self.H).sum(1)
 
 
-def gradient_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str | Callable = "ce",
+def gradient_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     loss: str | Callable = "ce",
                      layers: Sequence[str] | None = None) -> dict[str, Factors]:
     """:class:`Factors` of every linear layer of ``model`` (as named by
     :func:`sgdrank.gradients.weight_modules`: hidden layers and ``head``), from one forward and one
     backward pass over ``(x, y)``. ``loss``: a name of :func:`per_sample_loss` or a callable
     ``(out, y) -> (n,)`` per-sample losses. Raises for convolutions (their per-sample gradient
-    is a sum over patches) and for models that couple the samples of a batch (BN in training mode)."""
+    is a sum over patches) and for models that couple the samples of a batch (BN in training
+    mode)."""
     if gradients.couples_batch(model):
-        raise ValueError("the model couples samples (batch norm in training mode): per-sample factors "
-                         "are not defined; use autograd_batch_gradient per batch, or model.eval()")
+        raise ValueError("the model couples samples (batch norm in training mode): per-sample "
+                         "factors are not defined; use autograd_batch_gradient per batch, or "
+                         "model.eval()")
     mods = gradients.weight_modules(model)
     if layers is not None:
         mods = {k: mods[k] for k in layers}
     for name, m in mods.items():
         if not isinstance(m, nn.Linear):
-            raise TypeError(f"layer {name!r} is a {type(m).__name__}; gradient_factors handles nn.Linear only")
+            raise TypeError(f"layer {name!r} is a {type(m).__name__}; gradient_factors handles "
+                            "nn.Linear only")
     ins, outs = {}, {}
 
     def hook(name):
@@ -161,7 +167,8 @@ def gradient_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: s
     names = list(mods)
     deltas = torch.autograd.grad(ell.sum(), [outs[n] for n in names])
     return {
-        n: Factors(n, mods[n].weight.detach().double(), d.detach().double().reshape(-1, d.shape[-1]),
+        n: Factors(n, mods[n].weight.detach().double(),
+                   d.detach().double().reshape(-1, d.shape[-1]),
                    ins[n].double().reshape(-1, ins[n].shape[-1]))
         for n, d in zip(names, deltas)
     }
@@ -175,13 +182,14 @@ def batch_gradient(f: Factors, idx: torch.Tensor, lam: float) -> torch.Tensor:
 
 def autograd_batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float,
                             loss: str | Callable = "ce") -> dict[str, torch.Tensor]:
-    """``grad_W L^lambda_S`` of every weight matrix by autograd on the batch ``(x, y)`` itself (works
-    for batch-coupled models too): the mean loss over the batch plus ``2 lambda W``."""
+    """``grad_W L^lambda_S`` of every weight matrix by autograd on the batch ``(x, y)`` itself
+    (works for batch-coupled models too): the mean loss over the batch plus ``2 lambda W``."""
     mods = gradients.weight_modules(model)
     out = model(x)
     ell = loss(out, y) if callable(loss) else per_sample_loss(out, y, loss)
     grads = torch.autograd.grad(ell.mean(), [m.weight for m in mods.values()])
-    return {n: as_matrix(g + 2.0 * lam * m.weight).detach() for (n, m), g in zip(mods.items(), grads)}
+    return {n: as_matrix(g + 2.0 * lam * m.weight).detach()
+            for (n, m), g in zip(mods.items(), grads)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +222,8 @@ class BatchNorms:
     def norms(self, batches: torch.Tensor) -> torch.Tensor:
         return self.sq(batches).sqrt()
 
-    def local_search(self, batch: torch.Tensor, max_iter: int = 200, tol: float = 1e-12) -> tuple[torch.Tensor, float]:
+    def local_search(self, batch: torch.Tensor, max_iter: int = 200,
+                     tol: float = 1e-12) -> tuple[torch.Tensor, float]:
         """Best-improvement swap search from ``batch`` (1-D indices): exchange one member ``a`` for
         one non-member ``b`` while that lowers the norm. Returns the batch and its norm. Each
         accepted swap lowers the norm, so the result is still an upper estimate of the true min."""
@@ -242,7 +251,8 @@ class BatchNorms:
         return best, float(self.norms(best[None])[0])
 
 
-def random_batches(n: int, batch_size: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_batches(n: int, batch_size: int, count: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """``count`` batches of ``batch_size`` distinct indices from ``range(n)`` (each drawn uniformly,
     independently of the others): ``(count, batch_size)``."""
     if not 1 <= batch_size <= n:
@@ -252,22 +262,28 @@ def random_batches(n: int, batch_size: int, count: int, generator: torch.Generat
 
 
 def all_batches(n: int, batch_size: int) -> torch.Tensor:
-    """Every subset of ``range(n)`` of size ``batch_size``, ``(C(n, B), B)`` -- for tiny ``n`` only."""
+    """Every subset of ``range(n)`` of size ``batch_size``, ``(C(n, B), B)`` -- for tiny ``n``
+    only."""
     if math.comb(n, batch_size) > 2_000_000:
-        raise ValueError(f"C({n}, {batch_size}) = {math.comb(n, batch_size)} batches is too many to enumerate")
-    return torch.tensor(list(itertools.combinations(range(n), batch_size)), dtype=torch.long).reshape(-1, batch_size)
+        raise ValueError(f"C({n}, {batch_size}) = {math.comb(n, batch_size)} batches is too many "
+                         "to enumerate")
+    return torch.tensor(list(itertools.combinations(range(n), batch_size)),
+                        dtype=torch.long).reshape(-1, batch_size)
 
 
-def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int], *, n_batches: int = 200,
+def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int], *,
+             n_batches: int = 200,
              search_iters: int = 0, exhaustive: bool = False, seed: int = 0) -> list[dict]:
-    """Both sides of GP22 Theorem 1 (Frobenius norm) for each layer and each ``B*`` in ``batch_sizes``.
+    """Both sides of GP22 Theorem 1 (Frobenius norm) for each layer and each ``B*`` in
+    ``batch_sizes``.
 
     Rows: ``layer``, ``B``, ``lhs`` (distance of ``W`` to rank ``<= B``), ``rhs_min`` (min over the
-    sampled batches -- or over all batches with ``exhaustive=True`` -- of ``||grad_W L^lambda_S||_F / (2 lambda)``),
-    ``rhs_search`` (after :meth:`BatchNorms.local_search` from the best sampled batch; equal to
-    ``rhs_min`` when ``search_iters = 0``), ``rhs_median`` (a typical batch), ``fro`` (``||W||_F``: the
-    bound is vacuous when the right side exceeds it, since ``V = 0`` has rank 0), ``ratio``
-    (``rhs_search / lhs``), ``holds``, ``n_batches`` (how many batches were evaluated)."""
+    sampled batches -- or over all batches with ``exhaustive=True`` -- of ``||grad_W L^lambda_S||_F
+    / (2 lambda)``), ``rhs_search`` (after :meth:`BatchNorms.local_search` from the best sampled
+    batch; equal to ``rhs_min`` when ``search_iters = 0``), ``rhs_median`` (a typical batch),
+    ``fro`` (``||W||_F``: the bound is vacuous when the right side exceeds it, since ``V = 0`` has
+    rank 0), ``ratio`` (``rhs_search / lhs``), ``holds``, ``n_batches`` (how many batches were
+    evaluated)."""
     if lam <= 0:
         raise ValueError("Theorem 1 needs lambda > 0 (its right side is divided by 2 lambda)")
     g = torch.Generator().manual_seed(seed)
@@ -287,15 +303,18 @@ def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int]
             rows.append(dict(layer=name, B=B, lhs=left, rhs_min=best / (2 * lam), rhs_search=rhs,
                              rhs_median=float(nrm.median()) / (2 * lam), fro=float(s.norm()),
                              ratio=rhs / left if left > 0 else float("inf"),
-                             holds=bool(left <= rhs * (1 + 1e-9) + 1e-12), n_batches=int(batches.shape[0])))
+                             holds=bool(left <= rhs * (1 + 1e-9) + 1e-12),
+                             n_batches=int(batches.shape[0])))
     return rows
 
 
 # --------------------------------------------------------------------------------------------
 # Props 1-2: common stationary points of all batches, on tiny networks
 # --------------------------------------------------------------------------------------------
-def regularised_loss(model: nn.Module, x, y, lam: float, loss: str | Callable = "mse") -> torch.Tensor:
-    """``(1/n) sum_i ell_i + lambda sum_W ||W||_F^2`` over every weight matrix (biases not decayed)."""
+def regularised_loss(model: nn.Module, x, y, lam: float,
+                     loss: str | Callable = "mse") -> torch.Tensor:
+    """``(1/n) sum_i ell_i + lambda sum_W ||W||_F^2`` over every weight matrix (biases not
+    decayed)."""
     out = model(x)
     ell = loss(out, y) if callable(loss) else per_sample_loss(out, y, loss)
     reg = sum(m.weight.pow(2).sum() for m in gradients.weight_modules(model).values())
@@ -308,7 +327,8 @@ def fit_full_batch(model: nn.Module, x, y, lam: float, loss: str | Callable = "m
     deterministic full-batch training to a stationary point of the *full* objective, i.e. a fixed
     point of gradient descent. Returns the final full-gradient norm (all parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=0.0,
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                            tolerance_change=0.0,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
@@ -322,11 +342,14 @@ def fit_full_batch(model: nn.Module, x, y, lam: float, loss: str | Callable = "m
     return float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
 
 
-def per_sample_regularised_gradients(model: nn.Module, x, y, lam: float, loss: str | Callable = "mse") -> list[dict[str, torch.Tensor]]:
+def per_sample_regularised_gradients(model: nn.Module, x, y, lam: float,
+                                     loss: str | Callable = "mse"
+                                     ) -> list[dict[str, torch.Tensor]]:
     """For each sample ``i``: ``grad_W (ell_i + lambda ||W||^2)`` of every weight matrix -- the SGD
     direction with batch size 1. A point is a convergence point of SGD with any ``B < n`` iff all of
     these vanish (GP22 eq. 8-9)."""
-    return [autograd_batch_gradient(model, x[i:i + 1], y[i:i + 1], lam, loss) for i in range(x.shape[0])]
+    return [autograd_batch_gradient(model, x[i:i + 1], y[i:i + 1], lam, loss)
+            for i in range(x.shape[0])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,11 +368,16 @@ def settle_table(epochs, keys: Sequence[str] = ("dataset", "loss", "lam", "seed"
     (inf for lam = 0), the time weight decay needs to act; ``epochs``; ``collapsed`` -- the
     classifier's ``||W||_F`` fell below ``collapse`` times its initial value (the trivial
     convergence point ``W -> 0``); final ``train_acc``, ``train_loss``; ``rank``/``stable_rank``
-    (average over hidden matrices) at the end and ``rank0``/``stable_rank0`` at initialisation."""
+    (average over hidden matrices) at the end and ``rank0``/``stable_rank0`` at initialisation;
+    ``spike`` -- the largest ratio of the training loss to its running minimum over the earlier
+    epochs (a loss spike: e.g. 200 when the loss jumps from 5e-3 to 1), at epoch ``spike_epoch``,
+    from ``spike_from`` to ``spike_to``."""
+    import numpy as np
     import pandas as pd
 
     if not 0 < tail < 1 or not 0 <= middle[0] < middle[1] <= 1:
-        raise ValueError(f"need 0 < tail < 1 and 0 <= middle[0] < middle[1] <= 1, got {tail}, {middle}")
+        raise ValueError(f"need 0 < tail < 1 and 0 <= middle[0] < middle[1] <= 1, got {tail}, "
+                         f"{middle}")
     rows = []
     for key, run in epochs.groupby(list(keys)):
         run = run.sort_values("epoch")
@@ -363,6 +391,14 @@ def settle_table(epochs, keys: Sequence[str] = ("dataset", "loss", "lam", "seed"
             d_mid = live.conv_dist.iloc[len(live) // 2:len(live) // 2 + 1]
         first, end = run.iloc[0], run.iloc[-1]
         floor, mid = float(d_tail.median()), float(d_mid.median())
+        loss = live.train_loss.to_numpy(float)
+        prior = np.minimum.accumulate(np.concatenate([[np.inf], loss[:-1]]))
+        ratio = np.where(np.isfinite(prior) & (prior > 0), loss / prior, 1.0)
+        k = int(np.nanargmax(ratio)) if len(ratio) else 0
+        spike = {"spike": float(ratio[k]) if len(ratio) else 1.0,
+                 "spike_epoch": int(live.epoch.iloc[k]) if len(ratio) else 0,
+                 "spike_from": float(prior[k]) if len(ratio) else math.nan,
+                 "spike_to": float(loss[k]) if len(ratio) else math.nan}
         steps_per_epoch = float(end.step) / last
         lam, lr = float(end.lam), float(end.lr)
         rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
@@ -371,5 +407,23 @@ def settle_table(epochs, keys: Sequence[str] = ("dataset", "loss", "lam", "seed"
                      "epochs": last, "collapsed": bool(end.head_fro < collapse * first.head_fro),
                      "train_acc": float(end.train_acc), "train_loss": float(end.train_loss),
                      "rank": float(end.avg_rank), "stable_rank": float(end.avg_stable_rank),
-                     "rank0": float(first.avg_rank), "stable_rank0": float(first.avg_stable_rank)})
+                     "rank0": float(first.avg_rank), "stable_rank0": float(first.avg_stable_rank),
+                     **spike})
     return pd.DataFrame(rows)
+
+
+def regime(q) -> str:
+    """How ``d`` ends in the runs ``q`` (rows of :func:`settle_table`) of one setting, decided
+    from all seeds: ``collapses (W → 0)`` if every run collapsed; else from the trends' range over
+    seeds: all below 0.8 ``still falling``, all above 1.25 ``still rising``, all within 0.8-1.25
+    ``levelled off``, otherwise ``differs between seeds``."""
+    if q.collapsed.all():
+        return "collapses (W → 0)"
+    lo, hi = float(q.trend.min()), float(q.trend.max())
+    if hi < 0.8:
+        return "still falling"
+    if lo > 1.25:
+        return "still rising"
+    if lo >= 0.8 and hi <= 1.25:
+        return "levelled off"
+    return "differs between seeds"

@@ -39,21 +39,21 @@ Where this departs from JANUS:
   sign (they would *ascend* the loss), and eq. 1 also drops ``eta``. Their gradient-flow
   eq. 15 has the right signs, which is what we implement.
 - Per-layer learning rates ``eta_k = eta / (v_scale^2 n_k)`` (:func:`layer_lrs`): their experiments
-  used PyTorch's weight normalisation ``V_k = v_k / ||v_k||`` with the gain frozen and SGD on ``v_k``,
-  which moves ``V_k`` like the step above with ``eta / ||v_k||^2``, and ``||v_k|| ~ 0.1 sqrt(n_k)`` at
-  their "initialization scale 0.1". One ``eta`` for all layers kills the network in our runs
-  (``||d fbar / d V_k||`` grows like ``sqrt(n_k)``). They also used momentum 0.9, cosine annealing
-  and 2000 epochs; we keep ``||V_k||_F = 1`` exactly.
+  used PyTorch's weight normalisation ``V_k = v_k / ||v_k||`` with the gain frozen and SGD on
+  ``v_k``, which moves ``V_k`` like the step above with ``eta / ||v_k||^2``, and ``||v_k|| ~ 0.1
+  sqrt(n_k)`` at their "initialization scale 0.1". One ``eta`` for all layers kills the network in
+  our runs (``||d fbar / d V_k||`` grows like ``sqrt(n_k)``). They also used momentum 0.9, cosine
+  annealing and 2000 epochs; we keep ``||V_k||_F = 1`` exactly.
 - ``rho = rho0 r``: with ``||x_n|| <= 1`` and unit-norm layers ``f_V`` is tiny (~1e-5), so a plain
   step on ``rho ~ 1e5`` would never move it. ``rho0 = rho0_scale / RMS_n f_V(x_n)`` at
   initialisation (``f`` starts at RMS ``rho0_scale``), ``r`` starts at 1. This mirrors their
-  implementation, where the frozen weight-normalisation gains multiply to a constant and the learnable
-  global scalar plays the role of ``r``; the papers do not say how they initialise it.
+  implementation, where the frozen weight-normalisation gains multiply to a constant and the
+  learnable global scalar plays the role of ``r``; the papers do not say how they initialise it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -84,7 +84,8 @@ class Arch:
         for _, k, s, p in self.convs:
             h, w = (h - k + 2 * p) // s + 1, (w - k + 2 * p) // s + 1
             if min(h, w) < 1:
-                raise ValueError(f"convolutions {self.convs} shrink a {self.in_shape} input to nothing")
+                raise ValueError(f"convolutions {self.convs} shrink a {self.in_shape} input to "
+                                 "nothing")
             out.append((h, w))
         return out
 
@@ -95,7 +96,8 @@ class Arch:
         return self.convs[-1][0] * h * w
 
     def shapes(self) -> list[tuple[int, ...]]:
-        """Shape of every ``V_k`` (conv filters ``(c_out, c_in, k, k)``, linear ``(d_out, d_in)``)."""
+        """Shape of every ``V_k`` (conv filters ``(c_out, c_in, k, k)``, linear
+        ``(d_out, d_in)``)."""
         out, c = [], self.in_shape[0]
         for c_out, k, _, _ in self.convs:
             out.append((c_out, c, k, k))
@@ -124,7 +126,8 @@ class Arch:
 #: they state (and their parameter count 3,519,335 = 3,519,328 weights + 6 frozen WN gains + rho
 #: confirms 3200 x 1024); strides (2, 1, 1, 2) give 5x5. They use 2 outputs; we use one
 #: (for two classes, softmax CE on 2 outputs is the logistic loss of their difference).
-PAPER_ARCH = Arch((3, 32, 32), ((32, 3, 2, 0), (64, 3, 1, 0), (128, 3, 1, 0), (128, 3, 2, 0)), (1024,))
+PAPER_ARCH = Arch((3, 32, 32), ((32, 3, 2, 0), (64, 3, 1, 0), (128, 3, 1, 0), (128, 3, 2, 0)),
+                  (1024,))
 
 #: The book's CPU-sized version, for Fashion-MNIST downsampled to 1x14x14: the same 4 conv + 2 FC
 #: layout with 8-16 channels, stride 2, padding 1: 14 -> 7 -> 4 -> 2 -> 1, then 16 -> 32 -> 1.
@@ -140,7 +143,8 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / n.view(-1, *([1] * (t.ndim - 1)))
 
 
-def init_weights(arch: Arch, k: int = 1, *, seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
+def init_weights(arch: Arch, k: int = 1, *, seed: int = 0,
+                 dtype=torch.float32) -> list[torch.Tensor]:
     """``k`` identical copies of a random normalised network: each ``V_j`` Gaussian, then scaled to
     ``||V_j||_F = 1``. Shapes ``(k, *arch.shapes()[j])``."""
     g = torch.Generator().manual_seed(seed)
@@ -152,7 +156,8 @@ def init_weights(arch: Arch, k: int = 1, *, seed: int = 0, dtype=torch.float32) 
 
 
 def f_normalised(V: Sequence[torch.Tensor], arch: Arch, x: torch.Tensor) -> torch.Tensor:
-    """Outputs ``f_V(x)`` of the K networks, shape ``(n, K)``, for inputs ``x`` of shape ``(n, c, h, w)``.
+    """Outputs ``f_V(x)`` of the K networks, shape ``(n, K)``, for inputs ``x`` of shape
+    ``(n, c, h, w)``.
 
     The K convolutional stacks run as one grouped convolution (groups = K); the linear layers as
     one batched matrix product."""
@@ -234,13 +239,13 @@ class WNResult:
     """What :func:`train` records for K networks (one per ``lams[j]``).
 
     - ``history``: per recorded epoch (``epoch`` holds which; entry 0 = initialisation) tensors of
-      shape ``(K,)``: ``loss`` (data loss on the training set, without ``lambda r^2``), ``acc`` (train
-      accuracy), ``test_acc``, ``rho`` (``= rho0 r``), ``margin_mean`` / ``margin_std`` (mean and std
-      over samples of ``fbar``), ``step_norm`` (mean over the epoch's batches of the Riemannian batch
-      gradient norm, all layers together in quadrature).
+      shape ``(K,)``: ``loss`` (data loss on the training set, without ``lambda r^2``), ``acc``
+      (train accuracy), ``test_acc``, ``rho`` (``= rho0 r``), ``margin_mean`` / ``margin_std`` (mean
+      and std over samples of ``fbar``), ``step_norm`` (mean over the epoch's batches of the
+      Riemannian batch gradient norm, all layers together in quadrature).
     - ``margins``: ``(R, K, N)`` margins ``fbar_n`` at the end of each of the last ``R`` epochs.
-    - ``grad_batch``: ``(L, K)`` per layer, mean over the last epoch's batches of ``||grad_{V_k} L_S||_F``
-      (JANUS's ``||dV_k/dt||``: the SGD update of ``V_k`` per unit learning rate).
+    - ``grad_batch``: ``(L, K)`` per layer, mean over the last epoch's batches of ``||grad_{V_k}
+      L_S||_F`` (JANUS's ``||dV_k/dt||``: the SGD update of ``V_k`` per unit learning rate).
     - ``grad_full``: ``(L, K)`` the same for the whole training set at the end (the GD gradient).
     - ``V``, ``r``, ``rho0``: final parameters (``rho = rho0 * r``).
     """
@@ -279,13 +284,17 @@ class WNResult:
 
 @torch.no_grad()
 def evaluate(V, rho, arch: Arch, x, y, loss: str, chunk: int = 4096):
-    """Margins ``fbar`` ``(n, K)``, mean data loss ``(K,)`` and accuracy ``(K,)`` on ``(x, y)`` (+-1)."""
-    fbar = torch.cat([f_normalised(V, arch, x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) * y.view(-1, 1)
+    """Margins ``fbar`` ``(n, K)``, mean data loss ``(K,)`` and accuracy ``(K,)`` on ``(x, y)``
+    (+-1)."""
+    fbar = torch.cat([f_normalised(V, arch, x[i:i + chunk])
+                      for i in range(0, x.shape[0], chunk)]) * y.view(-1, 1)
     return fbar, margin_loss(rho * fbar, loss).mean(0), (fbar > 0).to(fbar.dtype).mean(0)
 
 
-def full_gradient_norms(V, r, arch, x, y, lam, loss, rho0: float = 1.0, chunk: int = 4096) -> torch.Tensor:
-    """``||grad_{V_k} L_S||_F`` on the whole set ``(x, y)`` (labels +-1), accumulated in chunks: ``(L, K)``."""
+def full_gradient_norms(V, r, arch, x, y, lam, loss, rho0: float = 1.0,
+                        chunk: int = 4096) -> torch.Tensor:
+    """``||grad_{V_k} L_S||_F`` on the whole set ``(x, y)`` (labels +-1), accumulated in chunks:
+    ``(L, K)``."""
     n = x.shape[0]
     acc = None
     for i in range(0, n, chunk):
@@ -301,7 +310,8 @@ def signs(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y > 0, 1.0, -1.0)
 
 
-def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float], loss: str = "square",
+def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float],
+          loss: str = "square",
           batch_size: int = 128, lr: float = 0.03, epochs: int = 100, seed: int = 0,
           v_scale: float | None = 0.1, rho0_scale: float = 0.1, record_last: int = 10,
           eval_every: int = 1, x_test=None, y_test=None, dtype=torch.float32,
@@ -384,30 +394,31 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
     return WNResult(arch=arch, lams=[float(v) for v in lams], loss=loss, batch_size=B, lr=lr,
                     epochs=epochs, history={k: torch.stack(v) for k, v in hist.items()},
                     margins=torch.stack(margins) if margins else torch.empty(0, K, n),
-                    grad_batch=grad_batch.cpu(), grad_full=grad_full.cpu(), V=[v.detach().cpu() for v in V],
+                    grad_batch=grad_batch.cpu(), grad_full=grad_full.cpu(),
+                    V=[v.detach().cpu() for v in V],
                     r=r.detach().cpu(), rho0=rho0, seconds=time.time() - t0)
 
 
 def margin_fluctuation(margins: torch.Tensor, lag: int = 1) -> torch.Tensor:
-    """SGD noise seen in the margins, the margin analogue of GP22's ``d(W_{t+1}, W_t)``: the RMS over
-    samples and recorded epochs of the change ``fbar_n(t+lag) - fbar_n(t)`` between records ``lag``
-    epochs apart, divided by the mean ``|fbar_n|`` (margins of different ``lambda`` differ in scale).
-    A smooth drift (GD far from its fixed point) gives small changes, noise large ones.
-    ``lag`` compares runs at equal numbers of *steps*: GD makes one step per epoch, SGD with
-    ``N/B`` steps per epoch is compared with GD at ``lag = N/B``. ``margins``: ``(R, K, N)`` ->
-    ``(K,)``."""
+    """SGD noise seen in the margins, the margin analogue of GP22's ``d(W_{t+1}, W_t)``: the RMS
+    over samples and recorded epochs of the change ``fbar_n(t+lag) - fbar_n(t)`` between records
+    ``lag`` epochs apart, divided by the mean ``|fbar_n|`` (margins of different ``lambda`` differ
+    in scale). A smooth drift (GD far from its fixed point) gives small changes, noise large ones.
+    ``lag`` compares runs at equal numbers of *steps*: GD makes one step per epoch, SGD with ``N/B``
+    steps per epoch is compared with GD at ``lag = N/B``. ``margins``: ``(R, K, N)`` -> ``(K,)``."""
     lag = int(lag)
     if lag < 1:
         raise ValueError(f"lag must be >= 1, got {lag}")
     if margins.shape[0] < lag + 1:
-        raise ValueError(f"need margins from at least {lag + 1} epochs for lag {lag}, got {margins.shape[0]}")
+        raise ValueError(f"need margins from at least {lag + 1} epochs for lag {lag}, got "
+                         f"{margins.shape[0]}")
     step = margins[lag:] - margins[:-lag]
     return step.pow(2).mean((0, 2)).sqrt() / margins.abs().mean((0, 2))
 
 
 def layer_ranks(V: Sequence[torch.Tensor], arch: Arch, atol: float = metrics.DEFAULT_ATOL) -> dict:
-    """Threshold rank (``s_i > atol`` of the unit-norm ``V_k``) and stable rank of every layer of the
-    K networks ``V`` (e.g. :func:`init_weights` for the values at initialisation, or
+    """Threshold rank (``s_i > atol`` of the unit-norm ``V_k``) and stable rank of every layer of
+    the K networks ``V`` (e.g. :func:`init_weights` for the values at initialisation, or
     ``WNResult.V``): ``{"rank": (L, K) long, "stable_rank": (L, K) float64}``, layers in
     ``arch.names()`` order, conv filters as ``c_out x c_in k k``."""
     rk, st = [], []
@@ -416,3 +427,129 @@ def layer_ranks(V: Sequence[torch.Tensor], arch: Arch, atol: float = metrics.DEF
         rk.append(torch.as_tensor(metrics.threshold_rank(s, atol=atol)).long().reshape(-1))
         st.append(torch.as_tensor(metrics.stable_rank(s), dtype=torch.float64).reshape(-1))
     return {"rank": torch.stack(rk), "stable_rank": torch.stack(st)}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step probes: margin changes step by step and the sharpness (edge of stability)
+# --------------------------------------------------------------------------------------------
+def probe_steps(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+                batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+                v_scale: float | None = 0.1) -> torch.Tensor:
+    """Continue the K trained networks of ``res`` for ``steps`` more steps (batch size
+    ``res.batch_size`` unless given, learning rate ``res.lr`` unless given, fresh random batches
+    from ``seed``) and return their margins after every step, ``(steps + 1, K, N)`` (entry 0: the
+    trained state). With these, :func:`margin_fluctuation` at ``lag=1`` is the change per *step*,
+    for GD and SGD alike; at ``lag=2`` it shows a period-2 oscillation (small at lag 2, large at lag
+    1)."""
+    dtype = res.V[0].dtype
+    x = x.to(dtype).reshape(x.shape[0], *res.arch.in_shape)
+    yy = signs(y).to(dtype)
+    n = x.shape[0]
+    B = min(batch_size or res.batch_size, n)
+    lr = res.lr if lr is None else lr
+    lam = torch.tensor(res.lams, dtype=dtype)
+    V, r = [v.clone() for v in res.V], res.r.clone()
+    lr_V = layer_lrs(res.arch, lr, v_scale)
+    gen = torch.Generator().manual_seed(seed)
+    out = [evaluate(V, res.rho0 * r, res.arch, x, yy, res.loss)[0].T]
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + B > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + B]
+        pos += B
+        g_V, g_r, _ = batch_gradients(V, r, res.arch, x[idx], yy[idx], lam, res.loss, res.rho0)
+        V, r = sgd_step(V, r, g_V, g_r, lr, lr_V)
+        out.append(evaluate(V, res.rho0 * r, res.arch, x, yy, res.loss)[0].T)
+    return torch.stack(out)
+
+
+def sharpness(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, lr: float | None = None,
+              iters: int = 30, seed: int = 0, v_scale: float | None = 0.1) -> torch.Tensor:
+    """``lr * lambda_max`` for each of the K trained networks: the top eigenvalue of the Hessian
+    of the full-set objective ``L(r, v) = mean_n ell(rho0 r fbar_n(v / ||v||)) + lambda r^2``,
+    preconditioned by the step sizes, ``D^{1/2} H D^{1/2}`` with ``D = diag(lr, lr_k)``
+    (:func:`layer_lrs`). A gradient step with these rates is linearly stable when this number is
+    below 2; gradient descent at the *edge of stability* (Cohen et al. 2021) hovers at 2 and
+    oscillates with period 2 along the top eigenvector. Power iteration with Hessian-vector products
+    (``iters`` steps; a second, shifted pass when the largest-magnitude eigenvalue is negative).
+    Returns ``(K,)``."""
+    dtype = res.V[0].dtype
+    x = x.to(dtype).reshape(x.shape[0], *res.arch.in_shape)
+    yy = signs(y).to(dtype)
+    lam = torch.tensor(res.lams, dtype=dtype)
+    lr = res.lr if lr is None else lr
+    K = len(res.lams)
+    scales = [math.sqrt(lr)] + [math.sqrt(a) for a in layer_lrs(res.arch, lr, v_scale)]
+    params = [res.r.clone().requires_grad_(True)] + [v.clone().requires_grad_(True) for v in res.V]
+
+    def objective(ps):
+        fbar = f_normalised([_unit(v) for v in ps[1:]], res.arch, x) * yy.view(-1, 1)
+        data = margin_loss(res.rho0 * ps[0] * fbar, res.loss).mean(0)
+        return (data + lam * ps[0] ** 2).sum()  # the K copies are independent: blocks of H
+
+    grads = torch.autograd.grad(objective(params), params, create_graph=True)
+
+    def hvp(u):  # D^{1/2} H D^{1/2} u, all K copies at once
+        dot = sum((g * (a * w)).sum() for g, a, w in zip(grads, scales, u))
+        hu = torch.autograd.grad(dot, params, retain_graph=True)
+        return [a * h.detach() for a, h in zip(scales, hu)]
+
+    def per_copy(u, w):  # <u, w> per copy: (K,)
+        return sum((a.reshape(K, -1) * b.reshape(K, -1)).sum(1) for a, b in zip(u, w))
+
+    def power(shift):
+        g = torch.Generator().manual_seed(seed)
+        u = [torch.randn(p.shape, generator=g, dtype=dtype) for p in params]
+        ev = torch.zeros(K, dtype=dtype)
+        for _ in range(iters):
+            nrm = per_copy(u, u).sqrt()
+            u = [w / nrm.view(-1, *[1] * (w.ndim - 1)) for w in u]
+            hu = [h - shift.view(-1, *[1] * (h.ndim - 1)) * w for h, w in zip(hvp(u), u)]
+            ev = per_copy(u, hu)
+            u = hu
+        return ev + shift
+
+    ev = power(torch.zeros(K, dtype=dtype))
+    if (ev < 0).any():  # the largest |eigenvalue| is negative: shift it to the bottom
+        ev = torch.where(ev < 0, power(torch.where(ev < 0, ev, torch.zeros_like(ev))), ev)
+    return ev.detach()
+
+
+def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
+             probe: int = 8, lag: int = 1, **keys) -> tuple[list[dict], list[dict]]:
+    """The rows that Chapter 4 tabulates for one :func:`train` call (``keys``, e.g. loss, mode,
+    seed, are copied into every row): per network (one per ``lambda``) the final training loss and
+    accuracy, ``rho``, the mean and sd of the margins, the margin change ``fluct`` between records
+    ``lag`` epochs apart, the margin changes per step (``step1``) and per two steps (``step2``) over
+    ``probe`` further steps (:func:`probe_steps`), ``lr * lambda_max`` (:func:`sharpness`), the
+    batch and full gradient norms, and the ranks at the end and at initialisation (``init_seed``,
+    the seed of :func:`init_weights`); and per layer the update norm and ranks."""
+    names = res.arch.names()
+    fl = margin_fluctuation(res.margins, lag=lag)
+    m = probe_steps(res, x, y, steps=probe, seed=10_000 + init_seed)
+    s1, s2 = margin_fluctuation(m, 1), margin_fluctuation(m, 2)
+    sharp = sharpness(res, x, y, seed=init_seed)
+    rk = layer_ranks(res.V, res.arch)
+    rk0 = layer_ranks(init_weights(res.arch, 1, seed=init_seed), res.arch)
+    h = res.history
+    rows, layer_rows = [], []
+    for j, lam in enumerate(res.lams):
+        fb = res.margins[-1, j]
+        gb = res.grad_batch[:, j]
+        rows.append({**keys, "lam": lam, "train_loss": float(h["loss"][-1, j]),
+                     "train_acc": float(h["acc"][-1, j]), "test_acc": float(h["test_acc"][-1, j]),
+                     "rho": float(h["rho"][-1, j]), "margin_mean": float(fb.mean()),
+                     "margin_sd": float(fb.std()), "fluct": float(fl[j]),
+                     "step1": float(s1[j]), "step2": float(s2[j]), "sharp": float(sharp[j]),
+                     "v_batch": float(gb.mean()), "v_full": float(res.grad_full[:, j].mean()),
+                     "top_smallest": int(gb.argmin()) == len(names) - 1,
+                     "rank": int(rk["rank"][:, j].sum()), "rank0": int(rk0["rank"].sum()),
+                     "stable": float(rk["stable_rank"][:, j].mean()),
+                     "stable0": float(rk0["stable_rank"].mean())})
+        for li, name in enumerate(names):
+            layer_rows.append({**keys, "lam": lam, "layer": name, "v_batch": float(gb[li]),
+                               "stable": float(rk["stable_rank"][li, j]),
+                               "stable0": float(rk0["stable_rank"][li, 0]),
+                               "rank": int(rk["rank"][li, j]), "rank0": int(rk0["rank"][li, 0])})
+    return rows, layer_rows
