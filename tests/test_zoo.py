@@ -13,7 +13,8 @@ def _param_count(m: nn.Module) -> int:
 
 
 def _images(b: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, 32, 32, generator=g, dtype=torch.float64).to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_forward_shape(built, name):
 
 
 def test_parameter_counts(built):
-    # VGG-16 convs + BN + one Linear(512, 10): the authors' model; CIFAR ResNet-18 (kuangliu/authors)
+    # VGG-16 convs + BN + one Linear(512, 10): the authors' model; CIFAR ResNet-18
+    # (kuangliu/authors)
     assert _param_count(built["VGG16-BN"]) == 14_728_266
     assert _param_count(built["RESNET18"]) == 11_173_962
     d, mlp, t = 256, 512, 65
@@ -75,7 +77,8 @@ def test_rank_layer_names_and_matrix_shapes(built):
     res = built["RESNET18"]
     names = [n for n, _ in res.rank_layers()]
     assert names[:3] == ["stem", "stage1.block1.conv1", "stage1.block1.conv2"]
-    assert [n for n in names if n.endswith("shortcut")] == [f"stage{s}.block1.shortcut" for s in (2, 3, 4)]
+    shortcuts = [f"stage{s}.block1.shortcut" for s in (2, 3, 4)]
+    assert [n for n in names if n.endswith("shortcut")] == shortcuts
     assert names.index("stage2.block1.shortcut") == names.index("stage2.block1.conv2") + 1
     assert len(res.rank_layers(shortcuts=False)) == 17  # the authors' set
     mats = metrics.rank_matrices(res)

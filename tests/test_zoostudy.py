@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sgdrank import rankstudy, sweep, zoo, zoostudy
+from sgdrank import sweep, zoo, zoostudy
 
 VGG = "VGG16-BN:width=4"
 VIT = "VIT:dim=16,depth=1,heads=2,mlp=32,patch=7"
@@ -24,6 +24,8 @@ def test_layer_counts_vgg_28x28():
     # stage 5: 32 x 288 filter matrices, N = 4: B N = 32 is not below 32 at B = 8; at B = 4
     # (16 < 32) it bites there, and stage 4 (N = 16, B N = 64) still does not
     assert not t.bites.any()
+    # with BN following every conv the refined bound B N - 1 = 31 < 32 bites in stage 5 at B = 8
+    assert list(t.layer[t.bites_bn]) == ["stage5.conv1", "stage5.conv2", "stage5.conv3"]
     t4 = zoostudy.layer_counts(m, (1, 28, 28), batch_size=4)
     assert list(t4.layer[t4.bites]) == ["stage5.conv1", "stage5.conv2", "stage5.conv3"]
     assert m.training  # the mode is restored
@@ -110,3 +112,63 @@ def test_layer_ranks_and_run_table(tiny_sweep):
     pl = zoostudy.per_layer_means(lr, "stable_rank_end")
     assert len(pl) == 2 * n_layers and (pl["min"] <= pl["mean"]).all()
     assert zoostudy.short_name("VGG16-BN:WIDTH=4") == "VGG16-BN"
+
+
+def test_step_schedule_equal_for_both_batch_sizes():
+    base = sweep.Config(n_train=2048, n_test=32)
+    cfgs = zoostudy.grid(base, models=[VGG], lams=[1e-2], batch_sizes=[8, 16], lrs=[0.1],
+                         seeds=[0], steps=1024, drop_at=(0.75,), gamma=0.1)
+    for c in cfgs:  # both drop after 768 steps and end at lr 0.01
+        spe = sweep.steps_per_epoch(2048, c.batch_size)
+        assert c.epochs * spe == 1024 and [m * spe for m in c.lr_milestones] == [768]
+        assert math.isclose(c.lr_at(c.epochs), 0.01)
+    # the old 80% / 90% drops are rounded to whole epochs differently for B = 8 and 16
+    with pytest.raises(ValueError, match="epoch boundaries"):
+        zoostudy.grid(base, models=[VGG], lams=[1e-2], batch_sizes=[8, 16], lrs=[0.1],
+                      seeds=[0], steps=1024, drop_at=(0.8, 0.9), gamma=0.1)
+
+
+@pytest.mark.parametrize("spec,bn", [(VGG, True), (VIT, False)])
+def test_batch_gradient_check_training_mode(spec, bn):
+    m = zoo.build(spec, (1, 28, 28), seed=0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    t = zoostudy.batch_gradient_check(m, x).set_index("layer")
+    assert t.within.all() and (t.bn == bn).all() and (t.BN == 2 * t.N).all()
+    if bn:  # VGG stage 5 (N = 4, 32 x 288): the refined bound B N - 1 = 7 is attained
+        assert t.loc["stage5.conv3", "bound"] == 7 and t.loc["stage5.conv3", "attained"]
+        assert t.tight_fails.any()  # a bound one smaller fails: the check can fail
+    assert m.training and next(m.parameters()).dtype == torch.float32
+    for k, v in m.state_dict().items():  # BN running statistics restored
+        assert torch.equal(v, before[k])
+
+
+def test_matched_accuracy(tiny_sweep):
+    cfgs, res = tiny_sweep
+    mt = zoostudy.matched_accuracy(res, 5e-2)
+    assert len(mt) == 2 and set(mt.seed) == {0, 1}
+    ep = res.epochs
+    for r in mt.itertuples():
+        pid = [i for i, c in enumerate(cfgs) if c.lam == 0 and c.seed == r.seed][0]
+        part = ep[ep.run_id == pid]
+        if r.reached:
+            assert r.acc0 >= r.target
+            earlier = part[part.epoch < r.epoch0]
+            assert (earlier.train_acc < r.target).all()  # the first epoch that reaches it
+        assert r.step0 == r.epoch0 * sweep.steps_per_epoch(32, 8)
+    for c in ("rank@0.001_lam", "rank@0.001_0", "stable_rank_lam", "stable_rank_0"):
+        assert mt[c].notna().all()
+
+
+@pytest.mark.slow  # two spawned worker processes: seconds alone, minutes on a loaded machine
+def test_run_parallel_matches_in_process(tmp_path):
+    torch.set_num_threads(1)
+    base = sweep.Config(dataset="fashion-mnist", n_train=32, n_test=16)
+    cfgs = zoostudy.grid(base, models=[VIT], lams=[5e-2], batch_sizes=[4, 8], lrs=[0.1],
+                         seeds=[0], steps=8)
+    par = zoostudy.run_parallel(cfgs, cache=str(tmp_path / "c"), jobs=2, progress=False)
+    seq = sweep.run(cfgs, progress=False)
+    assert len(list((tmp_path / "c").glob("*.pt"))) == len(cfgs)
+    a = zoostudy.layer_ranks(par)["stable_rank_end"].to_numpy()
+    b = zoostudy.layer_ranks(seq)["stable_rank_end"].to_numpy()
+    assert a == pytest.approx(b, rel=1e-6)

@@ -60,7 +60,8 @@ def _image_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
     except TypeError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"the zoo's models take images: in_shape must be (channels, height, width), got {in_shape!r}")
+        raise ValueError("the zoo's models take images: in_shape must be (channels, height, "
+                         f"width), got {in_shape!r}")
     return shape  # type: ignore[return-value]
 
 
@@ -120,7 +121,8 @@ class VGG16BN(nn.Module):
                 continue
             i += 1
             conv = nn.Conv2d(c, int(v), 3, stride=1, padding=1, bias=True)
-            items += [(f"conv{i}", conv), (f"bn{i}", nn.BatchNorm2d(int(v))), (f"relu{i}", nn.ReLU())]
+            items += [(f"conv{i}", conv), (f"bn{i}", nn.BatchNorm2d(int(v))),
+                      (f"relu{i}", nn.ReLU())]
             self._convs.append((f"stage{stage}.conv{i}", conv))
             c = int(v)
         if items:  # a cfg that does not end with "M"
@@ -174,9 +176,10 @@ class ResNet18(nn.Module):
 
     Architecture (CIFAR-10 shapes)::
 
-        stem:   Conv2d(c, 64, 3, stride 1, padding 1, no bias) -> BatchNorm2d -> ReLU   (no max-pool)
+        stem:   Conv2d(c, 64, 3, stride 1, padding 1, no bias) -> BatchNorm2d -> ReLU
+                (no max-pool)
         stage1: 2 BasicBlocks, 64 channels,  stride 1    32x32
-        stage2: 2 BasicBlocks, 128 channels, stride 2    16x16   (block1 has a 1x1 conv + BN shortcut)
+        stage2: 2 BasicBlocks, 128 channels, stride 2    16x16   (block1: 1x1 conv + BN shortcut)
         stage3: 2 BasicBlocks, 256 channels, stride 2     8x8    (idem)
         stage4: 2 BasicBlocks, 512 channels, stride 2     4x4    (idem)
         global average pool -> (B, 512) -> head = Linear(512, out_dim)
@@ -325,7 +328,9 @@ class ViT(nn.Module):
     per-sample gradient has rank <= 65 (Chapter 1). Two exact refinements: (i) softmax is
     unchanged when a constant is added to one query's scores, so the gradients w.r.t. the keys
     ``k(x_j)`` sum to zero over ``j``: ``rank(dF/dW_k) <= T - 1 = 64`` and the ``k`` bias gets
-    zero gradient; (ii) in the last block only the class token reaches the head, so there the
+    zero gradient (the *query* matrix keeps ``T``: each head's block has rank ``<= T - 1``, but
+    the heads' blocks sit in different rows and their ranks add up, measured 65 for ``q``);
+    (ii) in the last block only the class token reaches the head, so there the
     per-sample gradients of ``q``, ``out``, ``fc1``, ``fc2`` have rank 1 and those of ``k``,
     ``v`` rank <= ``heads`` (one outer product per head).
     """

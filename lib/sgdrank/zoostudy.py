@@ -6,13 +6,16 @@ Conventions: a conv filter ``(c_out, c_in, k, k)`` is the ``c_out x c_in k^2`` m
 (:func:`sgdrank.metrics.as_matrix`); ``N`` is the number of vectors a matrix multiplies in one
 sample's forward pass (:func:`sgdrank.gradients.applications`: output positions = patches of a
 conv, tokens of a ViT Linear). One sample's gradient (BN in eval mode: no coupling) has rank
-``<= min(N, d_out, d_in)`` (Chapter 1, GSGP Lemma 3.1); with BN in training mode every sample's
-output depends on the whole batch, so one batch gradient is only bounded by ``min(B N, d_out,
-d_in)``. Threshold rank: ``#{i : s_i / ||W||_F > atol}``; stable rank ``||W||_F^2 / ||W||_2^2``.
+``<= min(N, d_out, d_in)`` (Chapter 1, GSGP Lemma 3.1); one batch gradient is a sum of outer
+products over all ``B N`` patch or token vectors of the batch, with or without BN, so its rank is
+``<= min(B N, d_out, d_in)``, and ``<= B N - 1`` where a BN in training mode follows the matrix
+(it removes the batch mean, so the ``B N`` output gradients sum to zero). Threshold rank:
+``#{i : s_i / ||W||_F > atol}``; stable rank ``||W||_F^2 / ||W||_2^2``.
 The weight decay convention is the book's (loss ``L + lam ||theta||^2``).
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,7 +38,9 @@ def layer_counts(model: nn.Module, in_shape: Sequence[int], batch_size: int) -> 
     = ``min(N, min_dim)`` (the bound on one sample's gradient, BN in eval mode), ``BN`` = ``B N``
     and ``batch`` = ``min(B N, min_dim)`` (the bound on one batch gradient, BN in training mode
     couples the samples), and ``bites``: True where ``B N < min_dim``, i.e. where one step's
-    update is rank-deficient. ``in_shape`` is ``(c, h, w)``; the count uses one forward pass of a
+    update is rank-deficient; ``bites_bn``: the same with Chapter 1's refinement ``B N - 1``
+    where a BatchNorm follows the matrix (:func:`batch_gradient_check`). ``in_shape`` is
+    ``(c, h, w)``; the count uses one forward pass of a
     zero batch of two images (the counts do not depend on the values)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -44,6 +49,7 @@ def layer_counts(model: nn.Module, in_shape: Sequence[int], batch_size: int) -> 
     model.eval()
     try:
         app = G.applications(model, x)
+        follows = _bn_follows(model, x)
     finally:
         model.train(was)
     rows = []
@@ -51,9 +57,10 @@ def layer_counts(model: nn.Module, in_shape: Sequence[int], batch_size: int) -> 
         d_out, d_in = as_matrix(mod.weight).shape
         n = int(app[name])
         m = min(d_out, d_in)
+        bn = batch_size * n - int(follows[name])
         rows.append(dict(layer=name, shape=f"{d_out} x {d_in}", N=n, min_dim=m,
                          per_sample=min(n, m), BN=batch_size * n, batch=min(batch_size * n, m),
-                         bites=batch_size * n < m))
+                         bites=batch_size * n < m, bites_bn=bn < m))
     return pd.DataFrame(rows)
 
 
@@ -86,6 +93,65 @@ def gradient_check(model: nn.Module, x: torch.Tensor, seed: int = 0) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def _bn_follows(model: nn.Module, x: torch.Tensor) -> dict[str, bool]:
+    """For every rank-tracked matrix: True when its output is the input of a BatchNorm (the
+    tensor itself, as in conv -> BN -> ReLU)."""
+    outs, follows, hooks = {}, {}, []
+    for name, mod in model.rank_layers():
+        hooks.append(mod.register_forward_hook(
+            lambda m, i, o, n=name: outs.__setitem__(id(o), n)))
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, i: follows.__setitem__(outs.get(id(i[0])), True)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: bool(follows.get(n, False)) for n, _ in model.rank_layers()}
+
+
+def batch_gradient_check(model: nn.Module, x: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """The rank of one mini-batch gradient, measured in training mode (BatchNorm uses the batch
+    statistics and couples the samples), float64: ``d (sum_j c . f(x_j)) / dW`` for a fixed
+    random unit ``c``. Bound: ``min(B N, d_out, d_in)`` (every one of the ``B N`` patch or
+    token vectors of the batch contributes one outer product, with or without BN), refined to
+    ``B N - 1`` where a BatchNorm follows the matrix (BN removes the batch mean of its input, so
+    the ``B N`` output gradients sum to zero over the batch and positions, Chapter 1). One row
+    per layer: ``N``, ``BN`` = ``B N``, ``bn`` (a BatchNorm follows), ``bound``, ``measured``,
+    ``within``, ``attained`` and ``tight_fails`` (a bound one smaller would be violated). The
+    model is left in its mode and dtype; its BN running statistics are restored."""
+    was, dtype = model.training, next(model.parameters()).dtype
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    m = model.double().train()
+    try:
+        x = x.to(torch.float64)
+        B = x.shape[0]
+        app = G.applications(m, x)
+        follows = _bn_follows(m, x)
+        k = m(x[:1]).shape[1]
+        c = torch.randn(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        m.zero_grad()
+        (m(x) @ (c / c.norm())).sum().backward()
+        rows = []
+        for name, mod in m.rank_layers():
+            g = as_matrix(mod.weight.grad.detach())
+            s = torch.linalg.svdvals(g)
+            r = int((s > G.RANK_RTOL * s[0]).sum()) if s[0] > 0 else 0
+            n = int(app[name])
+            bound = min(B * n - int(follows[name]), *g.shape)
+            rows.append(dict(layer=name, N=n, BN=B * n, bn=follows[name], bound=bound,
+                             measured=r, within=r <= bound, attained=r == bound,
+                             tight_fails=r > bound - 1))
+        m.zero_grad()
+    finally:
+        model.to(dtype).train(was)
+        model.load_state_dict(state)
+    return pd.DataFrame(rows)
+
+
 def grid(base: sweep.Config, *, models: Sequence[str], lams: Sequence[float],
          batch_sizes: Sequence[int], lrs: Sequence[float], seeds: Sequence[int],
          steps: int | None = None, drop_at: Sequence[float] = (), gamma: float = 0.1,
@@ -94,7 +160,9 @@ def grid(base: sweep.Config, *, models: Sequence[str], lams: Sequence[float],
     """The configs of the sweep: every model x lr x B x lam x seed, except that ``lam = 0``
     runs (the controls) are made only for the batch sizes in ``control_batch_sizes`` (None:
     all). Length: ``steps`` SGD steps for every B (:func:`sgdrank.rankstudy.at_steps`, drops
-    by ``gamma`` after the fractions ``drop_at``), or, when ``steps`` is None, ``epochs[model]``
+    by ``gamma`` after the fractions ``drop_at``, which must fall on epoch boundaries for every
+    B so that all batch sizes get the same schedule in steps: :func:`check_step_schedule`), or,
+    when ``steps`` is None, ``epochs[model]``
     epochs with ``milestones`` (the papers' protocol: equal epochs)."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps (equal steps) and epochs (per model)")
@@ -110,6 +178,7 @@ def grid(base: sweep.Config, *, models: Sequence[str], lams: Sequence[float],
                         cfg = sweep.replace(base, model=m, lr=lr, lam=lam, batch_size=B, seed=s)
                         if steps is not None:
                             cfg = rankstudy.at_steps(cfg, steps, drop_at, gamma)
+                            check_step_schedule(cfg, steps, drop_at)
                         else:
                             if m not in epochs:
                                 raise ValueError(f"epochs has no entry for model {m!r}")
@@ -182,3 +251,112 @@ def values(table: pd.DataFrame, col: str, **where) -> list[float]:
     compared with a relative tolerance of 1e-9; see :func:`sgdrank.rankstudy.values`)."""
     vals = rankstudy.values(table, col, **where)
     return [v for v in vals if np.isfinite(v)]
+
+
+# --- the schedule by steps, matched accuracy, two worker processes ------------------------------
+# (the decomposition W_T = c_T W_0 + DeltaW and the budget D*: sgdrank.decomposition)
+
+def check_step_schedule(cfg: sweep.Config, steps: int, drop_at: Sequence[float]) -> None:
+    """Raise ``ValueError`` unless ``cfg`` (made by :func:`sgdrank.rankstudy.at_steps`) takes
+    exactly ``steps`` SGD steps and drops its learning rate exactly after ``round(f * steps)``
+    steps for every ``f`` in ``drop_at``: milestones are whole epochs, so a drop that falls
+    inside an epoch would be rounded differently for different batch sizes and the runs would
+    end at different learning rates."""
+    spe = sweep.steps_per_epoch(cfg.n_train, cfg.batch_size, cfg.drop_last)
+    want = sorted({int(round(f * steps)) for f in drop_at})
+    got = sorted(m * spe for m in cfg.lr_milestones)
+    if cfg.epochs * spe != steps or got != want:
+        raise ValueError(
+            f"B={cfg.batch_size}: {spe} steps per epoch; {steps} steps with drops after "
+            f"{want} steps do not fall on epoch boundaries (got {cfg.epochs * spe} steps, drops "
+            f"after {got}): choose steps and drop_at that are multiples of {spe} steps")
+
+
+def matched_accuracy(res: sweep.Result, lam: float, atols: Sequence[float] = (1e-3, 4e-2)
+                     ) -> pd.DataFrame:
+    """The matched-accuracy comparison: for every run with weight decay ``lam`` and its
+    ``lam = 0`` partner (same model, lr, batch size and seed), the first recorded epoch at which
+    the partner's train accuracy (eval mode) reaches the decayed run's final one. One row per
+    pair: the setting, ``seed``, ``target`` (the decayed run's final train accuracy),
+    ``epoch0`` / ``step0`` / ``acc0`` (the partner at that epoch; its last epoch and
+    ``reached = False`` if it never gets there) and, for both runs, the layer-averaged
+    threshold ranks and stable rank (``<metric>_lam`` at the decayed run's end, ``<metric>_0``
+    at the partner's matched epoch)."""
+    lay = rankstudy.layer_ranks(res.layers, atols)
+    cols = [rankstudy.rank_col(a) for a in atols] + ["stable_rank"]
+    avg = lay.groupby(["run_id", "epoch"])[cols].mean()
+    ep = res.epochs
+    cf = res.runs.reset_index(drop=True)
+    rows = []
+    for rid in range(len(cf)):
+        r = cf.loc[rid]
+        if not math.isclose(float(r["lam"]), lam, rel_tol=1e-9):
+            continue
+        same = ((cf.model == r.model) & np.isclose(cf.lr, r.lr) & (cf.batch_size == r.batch_size)
+                & (cf.seed == r.seed) & (cf.lam == 0) & (cf.epochs == r.epochs))
+        if not same.any():
+            continue
+        pid = int(np.flatnonzero(same.to_numpy())[0])
+        mine = ep[ep.run_id == rid].sort_values("epoch")
+        part = ep[ep.run_id == pid].sort_values("epoch")
+        target = float(mine.train_acc.iloc[-1])
+        hit = part[part.train_acc >= target]
+        reached = not hit.empty
+        at = hit.iloc[0] if reached else part.iloc[-1]
+        spe = sweep.steps_per_epoch(res.configs[pid].n_train, int(r.batch_size),
+                                    res.configs[pid].drop_last)
+        row = {k: r[k] for k in list(SETTING) + ["seed"]}
+        row.update(target=target, reached=reached, epoch0=int(at.epoch),
+                   step0=int(at.epoch) * spe, acc0=float(at.train_acc),
+                   test_lam=float(mine.test_acc.iloc[-1]), test0=float(at.test_acc))
+        for c in cols:
+            row[f"{c}_lam"] = float(avg.loc[(rid, int(mine.epoch.iloc[-1])), c])
+            row[f"{c}_0"] = float(avg.loc[(pid, int(at.epoch)), c])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _train_group(cfgs: list, cache: str, code_hash: str) -> int:
+    from . import cache as _cache
+
+    torch.set_num_threads(1)
+    _cache._CODE_HASH = code_hash  # the parent's cache keys, even if a source file changed since
+    sweep.run([sweep.Config(**c) for c in cfgs], cache=cache, progress=False)
+    return len(cfgs)
+
+
+def _cost(group: Sequence[sweep.Config]) -> float:
+    w = {"VGG16-BN": 1.0, "RESNET18": 1.6, "VIT": 0.25}.get(short_name(group[0].model), 1.0)
+    steps = max(c.epochs * sweep.steps_per_epoch(c.n_train, c.batch_size, c.drop_last)
+                for c in group)
+    return w * steps * (1 + 0.2 * (len(group) - 1))
+
+
+def run_parallel(cfgs: Sequence[sweep.Config], cache: str, jobs: int = 2,
+                 progress: bool = True) -> sweep.Result:
+    """``sweep.run(cfgs, cache)`` with the sweep's groups spread over ``jobs`` worker
+    processes (one thread each; longest groups first, each to the least loaded worker), then
+    the result read from the cache. ``jobs = 1`` or a fully cached sweep: in-process.
+    Measured on the book's 2-core CPU (shared with other jobs): two ViT groups of 6 runs x 2,048
+    steps took 80 s with ``jobs = 2`` against 123 s in-process; two groups of 512 steps 43-46 s
+    against 31-39 s (starting the workers costs about 10 s). More torch threads instead of
+    processes was slower: a ResNet group took 201 s with 2 threads against 28 s with 1."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from . import cache as _cache
+    from .dispatch import groups
+    from .progress import progress as bar
+
+    folder = _cache.folder(cache)
+    todo = [g for g in groups(cfgs)
+            if folder is None or not all((folder / f"{sweep.run_key(c)}.pt").exists() for c in g)]
+    if jobs > 1 and len(todo) > 1 and folder is not None:
+        todo.sort(key=_cost, reverse=True)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futs = [pool.submit(_train_group, [c.to_dict() for c in g], cache,
+                                _cache.code_hash()) for g in todo]
+            done = as_completed(futs)
+            for f in (bar(done, desc="sweep groups", total=len(futs)) if progress else done):
+                f.result()
+    return sweep.run(list(cfgs), cache=cache, progress=progress)
