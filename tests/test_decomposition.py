@@ -123,6 +123,9 @@ def test_parts_keys_and_scale_invariance():
     assert p["W0_rank@0.001"] == 5 and p["W0_srank"] > 1.5
     assert p["c"] == 0.01 and (p["d_out"], p["d_in"]) == (8, 5)
     assert p["Dstar@0.001"] == pytest.approx(decomposition.budget(w0, p["W_fro"], 1e-3))
+    s0 = np.linalg.svd(w0.numpy(), compute_uv=False)
+    assert p["decay_rank@0.001"] == int((0.01 * s0 > 1e-3 * p["W_fro"]).sum())
+    assert decomposition.parts(wT, w0, 1e-9)["decay_rank@0.001"] == 0
     conv = decomposition.parts(torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3), 0.5)
     assert (conv["d_out"], conv["d_in"]) == (4, 27)
 

@@ -138,17 +138,24 @@ def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
     each ``eps``), ``{part}_srank`` (stable rank), ``{part}_fro`` for ``part`` in ``W`` (= W_T),
     ``W0`` (the initialisation; ``c W_0`` has the same ranks, its norm is ``c`` times), ``dW``
     (the learned part); ``c``; ``Dstar@{eps}`` (:func:`budget` with ``||W_T||_F``); ``dW_share``
-    = ``||DeltaW||_F / ||W_T||_F``; ``d_out``, ``d_in``."""
+    = ``||DeltaW||_F / ||W_T||_F``; ``decay_rank@{eps}``: how many singular values of the decayed
+    initialisation ``c W_0`` stay above ``eps ||W_T||_F`` -- the threshold rank that decay alone
+    would leave at the trained matrix's scale if no gradient had touched ``W_0``'s directions
+    (0 means the whole threshold rank of ``W_T`` is carried by the learned part; compare it with
+    ``W_rank@{eps}``, rather than comparing ``D`` with the smallest ``D*``, which says only
+    whether *one* direction could fall); ``d_out``, ``d_in``."""
     cw0, dw = split(W_T, W_0, c)
     w = _mat(W_T)
     out = {"d_out": int(w.shape[0]), "d_in": int(w.shape[1]), "c": float(c)}
     for name, m in (("W", w), ("W0", _mat(W_0)), ("dW", dw)):
         for k, v in _ranks(metrics.batch_singular_values(m), eps).items():
             out[f"{name}_{k}"] = v
-    s0_min = float(metrics.batch_singular_values(_mat(W_0))[-1])
+    s0 = metrics.batch_singular_values(_mat(W_0))
+    s0_min = float(s0[-1])
     for e in eps:
         out[f"Dstar@{e:g}"] = (math.log(s0_min / (e * out["W_fro"])) if s0_min > 0
                                else -math.inf)
+        out[f"decay_rank@{e:g}"] = int((c * s0 > e * out["W_fro"]).sum())
     out["dW_share"] = out["dW_fro"] / out["W_fro"] if out["W_fro"] > 0 else math.nan
     return out
 
