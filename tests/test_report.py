@@ -82,6 +82,8 @@ def test_paired_edge_cases():
     # two seeds, both lower, tight: resolved; two seeds of opposite sign: never
     assert report.paired([1.0, 2.0], [2.0, 3.01]).resolved
     assert not report.paired([1.0, 3.0], [2.0, 2.0]).resolved
+    same = report.paired([3.0, 4.0, 5.0], [3.0, 4.0, 5.0])
+    assert not same.resolved and same.text() == "identical in all 3 seeds (paired)"
     with pytest.raises(ValueError, match="same seed order"):
         report.paired([1.0, 2.0], [1.0])
     # close: the interval's near end within a quarter half-width of 0

@@ -282,6 +282,8 @@ class Paired:
         if self.n == 1:
             return (f"not resolved at this scale (one seed: difference {num(self.mean, sig)}, "
                     "paired)")
+        if self.n_lower == self.n_higher == 0:
+            return f"identical in all {self.n} seeds (paired)"
         if self.resolved:
             lo, hi = _magnitude(self.mean, self.lo, self.hi)
             tail = f"{_interval(lo, hi, sig)}; {self.signs(words)}, paired"
