@@ -1,4 +1,6 @@
 """Chapter 1's claims as unit tests: exact gradient ranks against their bounds."""
+import math
+
 import pytest
 import torch
 
@@ -259,3 +261,46 @@ def test_flip_slope_recovers_a_linear_law_and_its_interval_excludes_zero():
     flat = rng.random((4000, 7)) < 0.3        # no dependence on delta: slope 0
     fz = G.flip_slope(deltas, flat, max_delta=0.05)
     assert fz["lo"] <= 0 <= fz["hi"]
+
+
+def test_live_bound_counts_dead_units_and_caps_the_rank():
+    """A ReLU unit off for the whole batch zeroes a row of Delta (a row of the gradient); the
+    live bound min(nonzero rows, nonzero columns) is between the rank and the sharp bound."""
+    torch.manual_seed(0)
+    m = models.MLP(6, 1, 2, 5).double()
+    with torch.no_grad():
+        m.layers[0].weight[0].zero_()
+        m.layers[0].bias[0] = -1.0                       # unit 0 of layer 1: off for every x
+    x = torch.randn(6, 6)
+    g = G.weighted_batch_gradient(m, x, torch.randn(6))
+    assert G.live_size(g["W1"])[0] <= 4                  # a zero row of Delta
+    assert G.live_size(g["W2"])[1] <= 4                  # a zero row of H (the dead input)
+    rows = G.check_losses(m, lambda gen, b: torch.randn(b, 6, generator=gen), batch=6, trials=2)
+    assert all(r["rank B"] <= r["live B"] <= r["bound B"] for r in rows)
+    assert all(r["rank 1"] <= r["live 1"] <= r["bound 1"] for r in rows)
+    assert any(r["live B"] < r["bound B"] for r in rows)  # negative control: dead units bite
+
+
+def test_batch_factors_multiply_to_the_gradient():
+    m = models.MLP(10, 3, 3, [8, 7, 6]).double()
+    x, beta = torch.randn(6, 10), torch.randn(6)
+    fac = G.batch_factors(m, x, beta)
+    grads = G.weighted_batch_gradient(m, x, beta)
+    for n, f in fac.items():
+        assert f["rank"] == G.ranks({n: grads[n]})[n]
+        assert f["rank"] <= min(f["rank Delta"], f["rank H"])
+        assert f["rank Delta"] <= int(grads[n].shape[0]) - f["zero rows Delta"]
+        assert f["rank H"] <= int(grads[n].shape[1]) - f["zero rows H"]
+
+
+def test_trained_checks_decomposition_and_lambda_zero_arm():
+    _, w_dec, _ = G.trained_checks(lambda: models.MLP(6, 3, 2, 5), 6, seed=1, steps=50, n=24,
+                                   check=False)
+    checks, w0, _ = G.trained_checks(lambda: models.MLP(6, 3, 2, 5), 6, seed=1, steps=50, n=24,
+                                     lam=0.0, check=False)
+    assert checks == []
+    assert w0[0]["c"] == 1.0 and w0[0]["D"] == 0.0
+    assert w_dec[0]["c"] == pytest.approx((1 - 2 * 0.1 * 1e-3) ** 50)
+    assert w_dec[0]["D"] == pytest.approx(-50 * math.log(1 - 2e-4))
+    assert all(w["Dstar"] > w["D"] for w in w_dec)       # 50 steps cannot spend the budget
+    assert all(w["stable init"] == w0[i]["stable init"] for i, w in enumerate(w_dec))

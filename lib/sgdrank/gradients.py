@@ -332,6 +332,17 @@ def rank_and_gap(g: torch.Tensor, rtol: float = RANK_RTOL) -> tuple[int, float, 
     return r, kept, dropped
 
 
+def live_size(g: torch.Tensor) -> tuple[int, int]:
+    """``(nonzero rows, nonzero columns)`` of one gradient matrix ``Delta H^T`` (exact zeros).
+
+    A ReLU unit above the matrix that is off for every sample zeroes a row of ``Delta``, hence
+    a row of the gradient; an input coordinate that is zero for every sample (a unit below
+    that is off for the whole batch) zeroes a row of ``H``, hence a column. So
+    ``rank <= min(nonzero rows, nonzero columns)``: the bound that dead units leave."""
+    g = as_matrix(g.detach())
+    return int((g != 0).any(1).sum()), int((g != 0).any(0).sum())
+
+
 def ranks(grads: Mapping[str, torch.Tensor], rtol: float = RANK_RTOL) -> dict[str, int]:
     """Rank of each gradient matrix: singular values above ``rtol * s_1`` (float64)."""
     return {n: rank_and_gap(g, rtol)[0] for n, g in grads.items()}
@@ -415,6 +426,41 @@ def weighted_batch_gradient(
     return _grads((out @ c) @ beta, mods)
 
 
+def batch_factors(model: nn.Module, x: torch.Tensor, beta: torch.Tensor) -> dict[str, dict]:
+    """The factors of :func:`weighted_batch_gradient` ``= Delta H^T`` for every fully-connected
+    weight matrix (``nn.Linear``, applied once per sample): ``H`` holds the inputs ``h_j`` and
+    ``Delta`` the ``delta_j = beta_j d(c . f(x_j))/dz_j``. Per layer: ``zero rows Delta`` (output
+    units with ``delta = 0`` for every sample: a ReLU off for the whole batch),
+    ``zero rows H`` (input coordinates that are 0 for every sample), ``rank Delta``,
+    ``rank H`` and ``rank`` (of the gradient); ``rank <= min(rank Delta, rank H)``."""
+    mods = {n: m for n, m in weight_modules(model).items() if isinstance(m, nn.Linear)}
+    seen: dict[str, list] = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            if name not in seen:  # a matrix applied once: one call per forward
+                out.retain_grad()
+                seen[name] = [inp[0].detach(), out]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    c = _unit(out.shape[1], out.dtype)
+    grads = _grads((out @ c) @ beta, mods)
+    res = {}
+    for n, (h, z) in seen.items():
+        d = z.grad.detach()  # (B, d_out): row j is delta_j
+        res[n] = {"zero rows Delta": int((d == 0).all(0).sum()),
+                  "zero rows H": int((h == 0).all(0).sum()),
+                  "rank Delta": rank_and_gap(d)[0], "rank H": rank_and_gap(h)[0],
+                  "rank": rank_and_gap(grads[n])[0]}
+    return res
+
+
 def _loss_terms(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """Per-sample losses ``l(f(x_j), y_j)``: ``"mse"`` ``||f - y||^2`` (``y``: ``(B, k)``),
     ``"ce"`` softmax cross-entropy (``y``: ``(B,)`` class indices)."""
@@ -472,9 +518,11 @@ def check_ranks(
     (:func:`random_targets`). One row per matrix, with ``M`` (vectors it multiplies per
     sample) and, over all gradients measured, the smallest counted and the largest discarded
     singular value relative to the largest (``kept min``, ``dropped max``; see
-    :func:`rank_and_gap`)."""
+    :func:`rank_and_gap`), and the *live* bound: the sharp bound capped by the nonzero rows and
+    columns of the gradient (:func:`live_size`; dead ReLU units), largest over the trials
+    (``live (1 sample)``, ``live (B=...)``)."""
     g = torch.Generator().manual_seed(seed)
-    per, tot, gaps = {}, {}, {}
+    per, tot, gaps, live = {}, {}, {}, {"1": {}, "B": {}}
     x = draw(g, batch)
     k = model(x).shape[1]
     cap = output_rank(loss, k)
@@ -493,9 +541,12 @@ def check_ranks(
             one = per_sample_loss_gradients(model, x, y, loss)
             whole = batch_loss_gradient(model, x, y, loss)
         for grads, store in [(gr, per) for gr in one] + [(whole, tot)]:
+            key, bnd = ("1", bound_sample) if store is per else ("B", bound_batch)
             for n, gmat in grads.items():
                 r, kept, dropped = rank_and_gap(gmat)
                 store[n] = max(store.get(n, 0), r)
+                lv = min(bnd[n], *live_size(gmat))
+                live[key][n] = max(live[key].get(n, 0), lv)
                 lo, hi = gaps.get(n, (math.inf, 0.0))
                 gaps[n] = (min(lo, kept) if kept == kept else lo, max(hi, dropped))
     rows = []
@@ -514,6 +565,8 @@ def check_ranks(
                 f"lemma (B={batch})": lemma_batch[n],
                 f"bound (B={batch})": bound_batch[n],
                 f"rank (B={batch})": tot[n],
+                "live (1 sample)": live["1"][n],
+                f"live (B={batch})": live["B"][n],
                 "kept min": gaps[n][0],
                 "dropped max": gaps[n][1],
             }
@@ -537,8 +590,9 @@ def check_losses(
     """:func:`check_ranks` for each quantity in ``losses``, in long format: one row per (matrix,
     loss) with keys ``layer, kind`` (``"linear"``/``"conv"``), ``coupled`` (BN in training mode),
     ``shape, M, loss, lemma 1, bound 1, rank 1, lemma B, bound B,
-    rank B`` (``1``: one sample's gradient, ``B``: the batch gradient; ``lemma``: the plain
-    chain-rule bound, ``bound``: the sharp one of :func:`rank_bounds`)."""
+    rank B, live 1, live B`` (``1``: one sample's gradient, ``B``: the batch gradient;
+    ``lemma``: the plain chain-rule bound, ``bound``: the sharp one of :func:`rank_bounds`,
+    ``live``: the sharp bound capped by the gradient's nonzero rows and columns)."""
     rows = []
     for loss in losses:
         for r in check_ranks(model, draw, batch=batch, trials=trials, seed=seed, loss=loss):
@@ -556,6 +610,8 @@ def check_losses(
                     "lemma B": r[f"lemma (B={batch})"],
                     "bound B": r[f"bound (B={batch})"],
                     "rank B": r[f"rank (B={batch})"],
+                    "live 1": r["live (1 sample)"],
+                    "live B": r[f"live (B={batch})"],
                     "kept min": r["kept min"],
                     "dropped max": r["dropped max"],
                 }
@@ -902,6 +958,7 @@ def trained_checks(
     lr: float = 0.1,
     lam: float = 1e-3,
     trials: int = 5,
+    check: bool = True,
 ) -> tuple[list[dict], list[dict], dict]:
     """The rank checks of :func:`check_losses` at initialisation and after training.
 
@@ -911,7 +968,12 @@ def trained_checks(
     ``100 + seed``), and checked on batches of that training set. Returns the check rows (with
     ``when`` = ``"init"`` / ``"trained"``), one row per rank-tracked weight matrix with its
     threshold rank (``||W||_F``-relative ``atol = 1e-3``) and stable rank at init and trained,
-    and the mean batch loss of the first and last 20 steps."""
+    and the mean batch loss of the first and last 20 steps. Each weight row also carries the
+    decomposition ``W_T = c W_0 + DeltaW`` (:mod:`sgdrank.decomposition`): ``lam``, ``c``,
+    ``D`` (= ``-ln c``), ``Dstar`` (the decay budget at ``eps = 1e-3``), ``dW stable`` and
+    ``dW share`` (``||DeltaW||_F / ||W_T||_F``). ``check=False`` skips the gradient checks
+    (the first list is then empty): training and the weight rows only."""
+    from .decomposition import decay_factor, parts
     torch.manual_seed(seed)
     model = build().double()
     g = torch.Generator().manual_seed(100 + seed)
@@ -928,14 +990,19 @@ def trained_checks(
         return out
 
     checks, before, hist = [], weight_ranks(), []
+    w0 = {name: w.clone() for name, w in rank_matrices(model).items()}
     for when in ("init", "trained"):
         if when == "trained":
             hist = train_briefly(
                 model, x, y, "ce", steps=steps, batch=batch, lr=lr, lam=lam, seed=seed
             )
+        if not check:
+            continue
         for r in check_losses(model, batch_sampler(x), batch=batch, trials=trials, seed=seed):
             checks.append({"seed": seed, "when": when, **r})
     after = weight_ranks()
+    c = decay_factor([lr] * steps, lam)
+    dec = {name: parts(w, w0[name], c, eps=(1e-3,)) for name, w in rank_matrices(model).items()}
     weights = [
         {
             "layer": name,
@@ -944,6 +1011,12 @@ def trained_checks(
             "rank trained": after[name][0],
             "stable init": s0,
             "stable trained": after[name][1],
+            "lam": lam,
+            "c": c,
+            "D": -math.log(c),
+            "Dstar": dec[name]["Dstar@0.001"],
+            "dW stable": dec[name]["dW_srank"],
+            "dW share": dec[name]["dW_share"],
         }
         for name, (r0, s0) in before.items()
     ]
