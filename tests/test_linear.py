@@ -370,3 +370,36 @@ def test_online_msd_equals_the_simulator_window():
             from_step=0,
             reference=ref[:1],
         )
+
+
+def test_simulate_refuses_divergent_rates():
+    """Issue 21: a rate that can only diverge raises a clear ValueError instead of returning
+    inf/1e228 MSEs; stable rates (and SGD above its own limit under a decaying schedule) run."""
+    p = L.make_problem(6, 4, 2, seed=0)
+    W0 = L.random_init(2, 6, 0.1, seed=1)
+    with pytest.raises(ValueError, match="1 - 2 eta lam"):
+        L.simulate([p], [L.Run(0, W0, 100.0, 1.0, scheme="cyclic")], 2, progress=False)
+    lim = L.gd_max_lr(p.X, 0.01)
+    with pytest.raises(ValueError, match="stability limit"):
+        L.simulate([p], [L.Run(0, W0, 0.01, 1.01 * lim, scheme="gd")], 2,
+                        progress=False)
+    tr = L.simulate([p], [L.Run(0, W0, 0.01, 0.9 * lim, scheme="gd"),
+                               L.Run(0, W0, 0.01, 5 * lim, scheme="cyclic")], 2,
+                         progress=False)
+    assert np.isfinite(tr.W).all()
+
+
+def test_span_smax_is_the_data_span_part():
+    """span_smax measures sigma_max(W Q): blind to the null-space part of W."""
+    from sgdrank import linear_study
+
+    p = L.make_problem(6, 3, 2, seed=2)
+    Q, Qp = L.span_bases(p.X)
+    W0 = L.random_init(2, 6, 0.5, seed=3)
+    tr = L.simulate([p], [L.Run(0, W0, 0.01, 0.05, scheme="gd")], 3,
+                         record=[0, 3], progress=False)
+    s = linear_study.span_smax(tr, 0)
+    assert np.allclose(s, np.linalg.norm(tr.W[:, 0] @ Q, ord=2, axis=(1, 2)))
+    bumped = tr.W[:, 0] + 10 * (tr.W[:, 0] @ Qp) @ Qp.T  # more null space, same data span
+    assert np.allclose(np.linalg.norm(bumped @ Q, ord=2, axis=(1, 2)), s)
+    assert not np.allclose(np.linalg.norm(bumped, ord=2, axis=(1, 2)), s)  # control

@@ -377,6 +377,32 @@ class Run:
     labels: dict = field(default_factory=dict)
 
 
+def check_stable(problems: Sequence[Problem], runs: Sequence[Run], epochs: int) -> None:
+    """Refuse runs that can only diverge, before simulating them: a ``ValueError`` when some
+    rate makes the decay factor ``1 - 2 eta lam`` larger than 1 in absolute value (every step
+    then amplifies ``W``), or when a GD run's rate reaches GD's stability limit
+    ``1 / (mu_max + lam)`` (:func:`gd_max_lr`). SGD above its own (smaller) limit is allowed:
+    a decaying schedule can bring it back below (the paper's schedule does)."""
+    limits: dict = {}
+    for k, r in enumerate(runs):
+        lr = _lr_array(r, epochs)
+        eta = float(np.max(np.abs(lr))) if lr.size else 0.0
+        if abs(1 - 2 * eta * r.lam) > 1 + 1e-12:
+            raise ValueError(
+                f"run {k}: eta = {eta:.4g}, lam = {r.lam:.4g} give a decay factor "
+                f"1 - 2 eta lam = {1 - 2 * eta * r.lam:.4g} of absolute value > 1, so every "
+                f"step amplifies W; choose eta * lam <= 1 (eta <= {1 / r.lam:.4g})")
+        if r.scheme == "gd":
+            if (r.data, r.lam) not in limits:
+                limits[r.data, r.lam] = gd_max_lr(problems[r.data].X, r.lam)
+            lim = limits[r.data, r.lam]
+            if eta >= lim * (1 - 1e-12):
+                raise ValueError(
+                    f"run {k}: GD at eta = {eta:.4g} is at or above its stability limit "
+                    f"1 / (mu_max + lam) = {lim:.4g} on this data set and diverges; choose "
+                    f"eta < {lim:.4g} (e.g. linear.janus_gd_lr(X, lam), a quarter of it)")
+
+
 def _check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown batch scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
@@ -753,6 +779,7 @@ def simulate(
     runs = list(runs)
     if not runs:
         raise ValueError("no runs to simulate")
+    check_stable(problems, runs, epochs)
     st = _Stack(problems, runs, epochs)
     R, m, d = len(runs), st.m, st.d
     W = st.W0.copy()

@@ -217,12 +217,21 @@ def conv_rate(ep: np.ndarray, s: np.ndarray) -> float:
     return linear.fit_log_slope(ep[keep], dev[keep])[0] if keep.sum() >= 3 else float("nan")
 
 
+def span_smax(tr: linear.Trace, i: int) -> np.ndarray:
+    """``sigma_max(W_t Q)`` at every recorded epoch of run ``i``: the largest singular value of
+    the data-span part of ``W`` (``Q`` an orthonormal basis of ``span(X)``), free of the
+    null-space part that ``sigma_max(W)`` couples in at order ``gamma^2``."""
+    Q = linear.span_bases(tr.problems[tr.runs[i].data].X)[0]
+    return np.linalg.norm(tr.W[:, i] @ Q, ord=2, axis=(1, 2))
+
+
 def a7_fits(problems, spec, *, W0: np.ndarray, lam: float, epochs: int,
             fit_from: int) -> tuple[linear.Trace, pd.DataFrame]:
     """Fig. A.7's runs: ``spec`` lists ``(name, data index, lr, scheme)`` (B = 1). Fits the slope
     of ``log sigma_min`` per epoch over ``epochs >= fit_from`` (one window for all runs, as the
-    paper), with the closed-form slope of the null-space factor (``predicted``) and the rate at
-    which ``sigma_max`` approaches its limit (``smax_rate``). Returns the trace and the fits."""
+    paper), with the closed-form slope of the null-space factor (``predicted``) and the rate per
+    epoch at which the data-span part ``sigma_max(W Q)`` approaches its own final value
+    (``smax_rate``, :func:`span_smax`, :func:`conv_rate`). Returns the trace and the fits."""
     runs = [linear.Run(k, W0, lam, lr, scheme=sc, B=1, labels=dict(name=name))
             for name, k, lr, sc in spec]
     tr = linear.simulate(problems, runs, epochs, record=np.arange(epochs + 1), progress=False)
@@ -233,5 +242,31 @@ def a7_fits(problems, spec, *, W0: np.ndarray, lam: float, epochs: int,
         s, a, r2 = linear.fit_log_slope(tr.epochs, sv[:, i, -1], win)
         pred = linear.fit_log_slope(tr.epochs, tr.gamma[:, i], win)[0]
         fits[r.labels["name"]] = dict(slope=s, intercept=a, R2=r2, predicted=pred,
-                                      smax_rate=conv_rate(tr.epochs, sv[:, i, 0]))
+                                      smax_rate=conv_rate(tr.epochs, span_smax(tr, i)))
     return tr, pd.DataFrame(fits).T
+
+
+def e1_decomposition(tr: linear.Trace, arms: dict, lam: float) -> list[dict]:
+    """Rows for :func:`sgdrank.decomposition.show`: for each arm (``name -> run indices``, one per
+    seed) the split ``W_T = c_T W_0 + DeltaW_T`` at the last recorded epoch, with ``c_T =
+    gamma_T`` (the simulator's exact product of the per-step factors ``1 - 2 eta_t lam``), the
+    total decay ``D = -ln c_T``, the budget ``D*`` at ``eps = 1e-3`` and the threshold ranks
+    (1e-3) and stable ranks of ``W_T``, ``W_0`` and ``DeltaW_T``; means over the seeds. ``fit``
+    is the training MSE. ``lam`` is the arm's weight decay (a dict ``name -> lam`` or a float)."""
+    import torch
+
+    from . import decomposition
+
+    mse = tr.mse()[-1]
+    rows = []
+    for name, idx in arms.items():
+        ps = [decomposition.parts(torch.as_tensor(tr.W[-1, i]), torch.as_tensor(tr.runs[i].W0),
+                                  float(tr.gamma[-1, i])) for i in idx]
+        mean = lambda k: float(np.mean([p[k] for p in ps]))  # noqa: E731
+        D = float(np.mean([-math.log(tr.gamma[-1, i]) for i in idx]))
+        rows.append(dict(arm=name, lam=lam[name] if isinstance(lam, dict) else lam, D=D,
+                         Dstar=mean("Dstar@0.001"), fit=f"MSE {np.mean(mse[idx]):.3g}",
+                         rank_W=mean("W_rank@0.001"), rank_W0=mean("W0_rank@0.001"),
+                         rank_dW=mean("dW_rank@0.001"), srank_W=mean("W_srank"),
+                         srank_W0=mean("W0_srank"), srank_dW=mean("dW_srank")))
+    return rows
