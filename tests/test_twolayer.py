@@ -421,6 +421,37 @@ def test_near_stationary_point_makes_the_bound_informative():
     assert e["d1"] <= e["sample"] <= e["book"] < e["fro"]  # holds, and rank-0 control fails
 
 
+def test_near_stationary_point_with_per_sample_decay():
+    phi = [1 + i / 8 for i in range(8)]
+    p, x, y, lam = tl.near_stationary_point(0.0, seed=1, profile=phi)
+    lam_i = [lam * f for f in phi]
+    e = tl.exact_bounds(p, 0, x, y, lam_i, 3)
+    assert e["eps"] < 1e-10 and e["fro"] > 1  # every g_i vanishes with lambda_i too
+    p, x, y, lam = tl.near_stationary_point(1e-4, seed=1, profile=phi)
+    e = tl.exact_bounds(p, 0, x, y, lam_i, 3)
+    assert e["d2"] <= e["paper"] < e["fro"]  # rank-two bound holds; its rank-0 control fails
+    assert e["d1"] <= e["book"] < e["paper"]  # rank-one bound holds and is smaller
+    # the uniform point with per-sample decays is not near-stationary: the bound is vacuous
+    p, x, y, lam = tl.near_stationary_point(1e-4, seed=1)
+    assert tl.exact_bounds(p, 0, x, y, lam_i, 3)["paper"] > e["fro"]
+    with pytest.raises(ValueError):
+        tl.near_stationary_point(0.0, profile=[1.0, -1.0])
+
+
+def test_low_rank_verdicts():
+    from sgdrank import report
+
+    P = report.paired
+    a, b = [4.0, 4.1, 3.9], [10.0, 10.2, 9.9]
+    assert tl.low_rank(P(a, b), a, b) == "reproduced"
+    a = [9.0, 9.1, 8.9]
+    assert tl.low_rank(P(a, b), a, b) == "not reproduced"  # resolved, but not half
+    a = [11.0, 11.1, 11.2]
+    assert tl.low_rank(P(a, b), a, b) == "refuted"
+    a = [2.0, 20.0, 9.0]
+    assert tl.low_rank(P(a, b), a, b) == "not resolved"
+
+
 def test_weak_dependence_and_summaries():
     from sgdrank import report
 
@@ -436,6 +467,8 @@ def test_weak_dependence_and_summaries():
 
 def test_lam_table_and_summary():
     import pandas as pd
+
+    from sgdrank import report
 
     x, y = _data(N=16, n=3)
     xt, yt = _data(N=8, n=3, seed=2)
@@ -459,10 +492,22 @@ def test_lam_table_and_summary():
     runs = pd.DataFrame(tl.lam_table(res, x, y, xt, yt, n_random=20, lin=lin))
     for key in ("c", "D", "srank_dW", "rank_dW", "Dstar", "test_loss_r1", "underfit"):
         assert key in runs
+    assert "train_over_lin" in runs
     S = tl.lam_summary(runs)
     assert S["lo"] == 0.0 and S["best"] in S["ok"] and S["hi"] in S["ok"]
-    assert S["rank"].n == 3
+    assert S["rank"].n == 3 and S["small_gap"] in S["fit"]
+    assert S["rank_v"] in report.SUB_VERDICTS and S["free_v"] in report.SUB_VERDICTS
+    # gaps are decided at equal fit: mark lambda = 0.1 underfitting, then hi falls to 0
+    r2 = runs.copy()
+    r2.loc[r2.lam == 0.1, "underfit"] = True
+    r2.loc[r2.lam == 0.1, "train_over_lin"] = 1.05
+    S2 = tl.lam_summary(r2)
+    assert S2["hi"] == 0.0 and S2["small_gap"] == 0.0 and S2["gap"].mean == 0
+    assert S2["nxt"] == 0.1 and S2["nxt_ratio"] == pytest.approx(1.05)
+    assert S2["close"] == (S2["rank_nxt_v"] != S2["rank_v"])
+    assert not tl.lam_summary(r2, fit_margin=0.01)["close"]
     rows = tl.split_sweep(
         "diabetes", [1], [0.0], [0], width=4, lr=0.01, batch_size=32, epochs=1, quiet=True
     )
     assert len(rows) == 1 and rows[0]["split"] == 1 and "lin_test_loss" in rows[0]
+    assert "stable_rank" in rows[0]

@@ -570,14 +570,15 @@ def n_params(n: int, m: int, k: int = 1, rank: int | None = None) -> int:
 
 def pdim_order(W: int, L: int) -> float:
     """``L W log2(W)``: the order of Bartlett et al. (2019)'s pseudo-dimension bound for a
-    piecewise-linear network with ``W`` parameters in ``L`` layers, constant set to 1."""
+    piecewise-linear network with ``W`` parameters in ``L`` layers, constant set to 1 (base-2
+    logarithm, as in their theorem; :func:`gen_bound_order` uses the natural ``ln N``)."""
     return float(L * W * math.log2(W))
 
 
 def gen_bound_order(pdim: float, N: int) -> float:
-    """``sqrt(Pdim log(N) / N)``: the order of the uniform bound (Anthony-Bartlett Thm 17.1 +
-    18.4) on ``|test loss - train loss|`` for losses scaled to ``[0, 1]``, constant set to 1.
-    At or above 1 it is vacuous."""
+    """``sqrt(Pdim ln(N) / N)`` (natural logarithm): the order of the uniform bound
+    (Anthony-Bartlett Thm 17.1 + 18.4) on ``|test loss - train loss|`` for losses scaled to
+    ``[0, 1]``, constant set to 1. At or above 1 it is vacuous."""
     return math.sqrt(pdim * math.log(N) / N)
 
 
@@ -690,7 +691,7 @@ def exact_bounds(
     """Theorems 2.4 / 2.6 on a problem small enough to enumerate every batch (float64).
 
     Run ``i`` of ``p``, per-sample weight decays ``lam_i`` (WD2L's
-    ``lambda_i = lambda g(x_i, y_i)``; all equal for ordinary weight decay),
+    ``lambda_i = lambda phi(x_i, y_i)``; all equal for ordinary weight decay),
     ``g_j = M_j + 2 lam_j V`` and ``G_S = (1/B) sum_{j in S} g_j``.
     Returns ``eps`` (max over all ``(N choose B)`` batches of ``||G_S||_F``), the per-sample norms
     ``g`` and the distances ``d1``, ``d2`` of ``V`` to rank 1 / 2, with the bounds
@@ -910,17 +911,24 @@ def near_stationary_point(
     lam: float = 0.05,
     rho: float = -0.5,
     seed: int = 0,
+    profile: Sequence[float] | None = None,
 ):
     """A network and data where the hypothesis of Theorem 2.6 holds with a small ``eps`` and
     ``V != 0`` (so that its bound is informative), for the exact check of Chapter 5.
 
-    At ``delta = 0``: collinear inputs ``x_i = t_i w`` (``t_i = 1 + i/4``), ``V = v w^T`` with
-    ``v = -(rho/lam) D u`` on the units ``D`` where ``rho u_j < 0`` (the others get ``v_j = 0``
-    and bias ``-1``, so they stay off), and targets chosen so that the residuals are
-    ``r_i = rho / t_i``: then every ``g_i = 2 r_i t_i D u w^T + 2 lam V = 0``. ``delta > 0``
-    perturbs the inputs and ``V`` by ``delta`` times Gaussian noise (targets kept), so every
-    ``g_i`` is ``O(delta)`` while ``||V||_F`` stays ``O(1)``. Returns ``(params, x, y, lam)``
-    in float64 (one run)."""
+    Per-sample weight decays ``lam_i = lam * phi_i`` with the profile ``phi`` (``profile``; all
+    ones by default: ordinary weight decay). At ``delta = 0``: collinear inputs ``x_i = t_i w``
+    (``t_i = 1 + i/4``), ``V = v w^T`` with ``v = -(rho/lam) D u`` on the units ``D`` where
+    ``rho u_j < 0`` (the others get ``v_j = 0`` and bias ``-1``, so they stay off), and targets
+    chosen so that the residuals are ``r_i = rho phi_i / t_i``, i.e. ``a_i = -2 lam_i v / t_i``:
+    then every ``g_i = 2 r_i t_i D u w^T + 2 lam_i V = 0``. ``delta > 0`` perturbs the inputs and
+    ``V`` by ``delta`` times Gaussian noise (targets kept), so every ``g_i`` is ``O(delta)``
+    while ``||V||_F`` stays ``O(1)``. Returns ``(params, x, y, lam)`` in float64 (one run);
+    the per-sample decays are ``lam * phi_i``."""
+    phi = torch.ones(N, dtype=torch.float64) if profile is None else torch.as_tensor(
+        [float(v) for v in profile], dtype=torch.float64)
+    if phi.shape != (N,) or (phi <= 0).any():
+        raise ValueError(f"profile needs {N} positive values, got {profile}")
     g = torch.Generator().manual_seed(int(seed))
     dt = torch.float64
     w = torch.randn(n, generator=g, dtype=dt)
@@ -933,7 +941,7 @@ def near_stationary_point(
     t = 1 + torch.arange(N, dtype=dt) / 4
     x = t.unsqueeze(1) * w
     p = Params(u.unsqueeze(0), V.unsqueeze(0), b.unsqueeze(0))
-    y = forward(p, x)[0] - (rho / t).unsqueeze(1)
+    y = forward(p, x)[0] - (rho * phi / t).unsqueeze(1)
     x = x + delta * torch.randn(N, n, generator=g, dtype=dt)
     V = V + delta * torch.randn(m, n, generator=g, dtype=dt)
     return Params(u.unsqueeze(0), V.unsqueeze(0), b.unsqueeze(0)), x, y, lam
@@ -975,7 +983,8 @@ def lam_table(
     test loss (and accuracy) after truncating ``V`` to rank 1 and 2 (``test_loss_r1``, ...,
     ``f_change_r1``: RMS change of ``f`` on the test inputs) and, given the linear baseline
     ``lin`` (:func:`linear_baseline`), ``underfit``: train loss above the linear model's (a
-    rank-one ``V`` can represent the linear fit, so such a run underfits its own class)."""
+    rank-one ``V`` can represent the linear fit, so such a run underfits its own class) and
+    ``train_over_lin``, the ratio of the two train losses."""
     rows = analyze(res, x, y, n_random=n_random, keep_norms=True)
     for i, (row, dec) in enumerate(zip(rows, decompose(res))):
         row.update(dec)
@@ -990,55 +999,91 @@ def lam_table(
                     row[f"test_acc_r{r}"] = t["acc"]
         if lin is not None:
             row["underfit"] = bool(not row["train_loss"] <= lin["train_loss"])
+            row["train_over_lin"] = row["train_loss"] / lin["train_loss"]
     return rows
 
 
-def _arm(runs, lam, key):
+def arm(runs, lam, key):
     """Values of ``key`` at ``lam``, in seed order (so that arms pair by seed)."""
     return runs[runs.lam == lam].sort_values("seed")[key].to_numpy(float)
 
 
-def lam_summary(runs, gap_key: str = "gap") -> dict:
+_arm = arm  # the earlier private name
+
+
+def low_rank(pr, a, b, factor: float = 0.5) -> str:
+    """Verdict for "``a`` is low rank against ``b``", i.e. ``mean(a) <= factor * mean(b)``, from
+    the paired comparison ``pr = report.paired(a, b)``: ``reproduced`` when resolved lower and
+    the mean is that low; ``not reproduced`` when the 95% interval excludes a drop that large;
+    ``refuted`` when resolved higher; else ``not resolved``."""
+    need = -(1 - factor) * float(np.mean(b))
+    if pr.verdict == "refuted":
+        return "refuted"
+    if pr.verdict == "reproduced" and np.mean(a) <= factor * np.mean(b):
+        return "reproduced"
+    if pr.n >= 2 and math.isfinite(pr.lo) and pr.lo > need:
+        return "not reproduced"
+    return "not resolved"
+
+
+def lam_summary(runs, gap_key: str = "gap", fit_margin: float = 0.1) -> dict:
     """The numbers and paired comparisons behind Chapter 5's verdicts on one lambda sweep
     (``runs``: the :func:`lam_table` rows as a DataFrame; arms pair by seed).
 
     Lambdas: ``lo`` (the smallest, 0), ``ok`` (no run collapsed), ``fit`` (no run underfits the
     linear baseline), ``hi`` (the largest fitting lambda; ``lo`` if none larger), ``top`` (the
     largest non-collapsed), ``best`` (lowest mean test loss among ``ok``), ``small_gap``
-    (smallest mean ``gap_key`` among ``ok``). Paired comparisons (``a - b``): ``rank`` stable
-    rank at ``hi`` vs ``lo``; ``rank_best`` at ``best`` vs its initialisation; ``dW_free``
-    stable rank of DeltaV at ``lo`` vs that of ``V_0``; ``dW_fit`` stable rank of DeltaV at
-    ``hi`` vs ``lo``; ``gap`` ``gap_key`` at ``top`` vs ``lo``; ``test_gap`` test loss at
-    ``small_gap`` vs ``best``."""
+    (smallest mean ``gap_key`` among ``fit``: gaps are compared at equal fit), ``nxt`` (the
+    smallest underfitting lambda above ``hi``, or None). Paired comparisons (``a - b``):
+    ``rank`` stable rank at ``hi`` vs ``lo``; ``rank_nxt`` at ``nxt`` vs ``lo``; ``rank_best``
+    at ``best`` vs its initialisation; ``free`` stable rank of ``V`` at ``lo`` vs ``V_0``;
+    ``dW_free`` stable rank of DeltaV at ``lo`` vs that of ``V_0``; ``dW_fit`` stable rank of
+    DeltaV at ``hi`` vs ``lo``; ``gap`` ``gap_key`` at ``hi`` vs ``lo``; ``gap_top`` at ``top``
+    vs ``lo`` (underfitting when ``top`` is not in ``fit``); ``test_gap`` test loss at
+    ``small_gap`` vs ``best``. Verdicts: ``rank_v`` (:func:`low_rank` of ``rank``), ``free_v``
+    (the claim "without decay V is not low rank", from ``free``), and ``close``: the central
+    verdict flips if the fit rule is loosened by ``fit_margin`` (``nxt`` trains within that
+    fraction of the linear model's train loss and its rank verdict differs); ``nxt_ratio`` is
+    that train-loss ratio (needs the ``train_over_lin`` column of :func:`lam_table`)."""
     from . import report
 
     lams = sorted(runs.lam.unique())
     ok = [v for v in lams if not runs[runs.lam == v].collapsed.any()] or lams
     fit = [v for v in ok if not runs[runs.lam == v].underfit.any()] or ok[:1]
     lo, hi, top = lams[0], fit[-1], ok[-1]
-    mean = {v: _arm(runs, v, "test_loss").mean() for v in ok}
-    gmean = {v: _arm(runs, v, gap_key).mean() for v in ok}
+    mean = {v: arm(runs, v, "test_loss").mean() for v in ok}
+    gmean = {v: arm(runs, v, gap_key).mean() for v in fit}
     best, small_gap = min(mean, key=mean.get), min(gmean, key=gmean.get)
+    above = [v for v in ok if v > hi and v not in fit]
+    nxt = above[0] if above else None
     P = report.paired
-    return dict(
-        lams=lams,
-        ok=ok,
-        fit=fit,
-        lo=lo,
-        hi=hi,
-        top=top,
-        best=best,
-        small_gap=small_gap,
-        coll=[v for v in lams if v not in ok],
-        under=[v for v in ok if v not in fit],
-        rank=P(_arm(runs, hi, "sr"), _arm(runs, lo, "sr")),
-        rank_best=P(_arm(runs, best, "sr"), _arm(runs, best, "sr0")),
-        dW_free=P(_arm(runs, lo, "srank_dW"), _arm(runs, lo, "srank_W0")),
-        dW_fit=P(_arm(runs, hi, "srank_dW"), _arm(runs, lo, "srank_dW")),
-        gap=P(_arm(runs, top, gap_key), _arm(runs, lo, gap_key)),
-        test_gap=P(_arm(runs, small_gap, "test_loss"), _arm(runs, best, "test_loss")),
-        rho=report.spearman(runs[runs.lam.isin(ok)].lam, runs[runs.lam.isin(ok)].sr),
-    )
+    rank = P(arm(runs, hi, "sr"), arm(runs, lo, "sr"))
+    rank_v = low_rank(rank, arm(runs, hi, "sr"), arm(runs, lo, "sr")) if hi != lo else (
+        "not resolved")
+    free = P(arm(runs, lo, "sr"), arm(runs, lo, "sr0"))
+    fv = low_rank(free, arm(runs, lo, "sr"), arm(runs, lo, "sr0"))
+    free_v = {"reproduced": "refuted", "not reproduced": "reproduced",
+              "refuted": "reproduced"}.get(fv, "not resolved")
+    out = dict(lams=lams, ok=ok, fit=fit, lo=lo, hi=hi, top=top, best=best,
+               small_gap=small_gap, nxt=nxt, coll=[v for v in lams if v not in ok],
+               under=[v for v in ok if v not in fit], rank=rank, rank_v=rank_v, free=free,
+               free_v=free_v,
+               rank_best=P(arm(runs, best, "sr"), arm(runs, best, "sr0")),
+               dW_free=P(arm(runs, lo, "srank_dW"), arm(runs, lo, "srank_W0")),
+               dW_fit=P(arm(runs, hi, "srank_dW"), arm(runs, lo, "srank_dW")),
+               gap=P(arm(runs, hi, gap_key), arm(runs, lo, gap_key)),
+               gap_top=P(arm(runs, top, gap_key), arm(runs, lo, gap_key)),
+               test_gap=P(arm(runs, small_gap, "test_loss"), arm(runs, best, "test_loss")),
+               rho=report.spearman(runs[runs.lam.isin(ok)].lam, runs[runs.lam.isin(ok)].sr),
+               rank_nxt=None, rank_nxt_v=None, nxt_ratio=math.nan, close=False)
+    if nxt is not None:
+        a, b = arm(runs, nxt, "sr"), arm(runs, lo, "sr")
+        out.update(rank_nxt=P(a, b), rank_nxt_v=low_rank(P(a, b), a, b))
+        if "train_over_lin" in runs:
+            out["nxt_ratio"] = float(arm(runs, nxt, "train_over_lin").max())
+            out["close"] = bool(out["nxt_ratio"] <= 1 + fit_margin
+                                and out["rank_nxt_v"] != rank_v)
+    return out
 
 
 def batch_pairs(bs, key: str = "stable_rank") -> dict:
@@ -1070,10 +1115,12 @@ def split_sweep(
     desc: str = "splits",
     **train_kw,
 ) -> list[dict]:
-    """Final train/test loss (and accuracy) of networks trained at ``lams`` x ``seeds`` on each
+    """Final train/test loss (and accuracy) and the final ``stable_rank``, ``fro``, ``spec`` of
+    ``V`` of networks trained at ``lams`` x ``seeds`` on each
     data split ``splits`` (the seed of :func:`load_xy`'s train/test split), with the linear
     baseline of the same split: one row per (split, lambda, seed), keys ``split``, ``lam``,
-    ``seed``, ``train_loss``, ``test_loss`` (``train_acc``, ``test_acc``), ``lin_train_loss``,
+    ``seed``, ``train_loss``, ``test_loss`` (``train_acc``, ``test_acc``), ``stable_rank``,
+    ``lin_train_loss``,
     ``lin_test_loss`` (``lin_test_acc``). ``train_kw`` go to :func:`train`."""
     rows = []
     for sp in splits:
