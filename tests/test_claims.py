@@ -63,7 +63,8 @@ def test_generator_rejects_missing_wrong_and_duplicate_records(tmp_path, monkeyp
     got = claims.collect([good])
     assert set(got) == {"C1", "C2"}
     page = claims.render(got)
-    assert "{ref}`ch9-sec`" in page and "**not yet tested**" in page and "no chapter yet" in page
+    assert "{ref}`Ch. 9 <ch9-sec>`" in page and "**not yet tested**" in page
+    assert "no chapter yet" in page
     assert "  - - **central** it holds: *reproduced*. n = 3\n    - side: *not resolved*" in page
     assert "2 partly reproduced, 1 not yet tested" in page and "*vacuous*:" in page
     wrong = _chapter(tmp_path, "09_x", [rec("C1"), {**rec("C2"), "verdict": "reproduced"}])
@@ -96,11 +97,13 @@ def test_synthesis_page_is_fresh_and_reads_by_its_rule(tmp_path):
             dict(row, arm="lam=0.01", lam=0.01, D=5.0, Dstar=4.0, srank_W=2.0, srank_dW=2.0),
             dict(row, arm="lam=0.001", lam=0.001, D=1.0, Dstar=4.0, srank_W=4.0, srank_dW=3.9)]
     text = synthesis._reading(rows)
-    assert "*lam=0.01*: erases the initialisation" in text and "lower stable rank" in text
-    assert "*lam=0.001*: cannot erase" in text and "no learned part of lower" in text
+    assert "*lam=0.01*: $D \\ge D^*$: decay alone can" in text and "lower stable rank" in text
+    assert "*lam=0.001*: $D < D^*$: decay alone cannot" in text
+    assert "no learned part of lower" in text
     rec = {"experiment": "E0 toy", "where": "ch9-sec", "rows": rows}
     page = synthesis.render([("09_x", rec)])
-    assert "## E0 toy" in page and "{ref}`ch9-sec`" in page and page.count("| lam=") == 3
+    assert "## E0 toy" in page and "{ref}`this section <ch9-sec>`" in page
+    assert page.count("| lam=") == 6  # two narrow tables
 
 
 def test_redecide_reports_every_flip(tmp_path):

@@ -228,7 +228,7 @@ def render(got: dict[str, dict]) -> str:
         "",
         "```{list-table}",
         ":header-rows: 1",
-        ":widths: 6 28 11 43 12",
+        ":widths: 5 22 12 53 8",
         "",
         "* - id",
         "  - claim (paper)",
@@ -243,7 +243,7 @@ def render(got: dict[str, dict]) -> str:
             lines += [f"  - **{rec['verdict']}**", "  - "]
             lines[-1] = "  - " + _subs_cell(rec)[0].lstrip()
             lines += _subs_cell(rec)[1:]
-            lines += [f"  - {{ref}}`{rec['where']}`"]
+            lines += [f"  - {{ref}}`Ch. {int(rec['chapter'][:2])} <{rec['where']}>`"]
         else:
             why = ("no chapter yet" if c.chapter is None
                    else f"chapter `{c.chapter}` not written yet")
