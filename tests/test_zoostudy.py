@@ -172,3 +172,42 @@ def test_run_parallel_matches_in_process(tmp_path):
     a = zoostudy.layer_ranks(par)["stable_rank_end"].to_numpy()
     b = zoostudy.layer_ranks(seq)["stable_rank_end"].to_numpy()
     assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_zero_rows_counts_dead_channels():
+    m = zoo.build(VGG, (1, 28, 28), seed=0)
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    dead = zoostudy.zero_rows(m, x)
+    chk = zoostudy.gradient_check(m, x).set_index("layer")
+    assert set(dead) == set(chk.index) and all(v >= 0 for v in dead.values())
+    # a dead channel's row is zero, so the rank cannot exceed the number of live channels
+    for name, mod in m.rank_layers():
+        assert chk.loc[name, "measured"] <= mod.weight.shape[0] - dead[name]
+    # negative control: killing one more output channel of the first conv (zero its BN scale
+    # and shift) adds a dead row there
+    first, mod = m.rank_layers()[0]
+    assert dead[first] == 0
+    bn = next(b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.weight[0] = 0.0
+        bn.bias[0] = -1.0
+    assert zoostudy.zero_rows(m, x)[first] == 1
+
+
+def test_smallest_parts(tiny_sweep):
+    cfgs, res = tiny_sweep
+    run = next(i for i, c in enumerate(cfgs) if c.lam > 0)
+    t = zoostudy.smallest(res, run)
+    n_layers = len(zoo.build(VIT, (1, 28, 28)).rank_layers())
+    assert len(t) == n_layers and (t.s_W > 0).all()
+    # Weyl: s_min(W_T) >= c s_min(W_0) - ||dW||_2 (the bound may be negative)
+    assert (t.s_W >= t.weyl - 1e-9).all()
+    # and the upper Weyl bound s_min(W_T) <= c s_min(W_0) + ||dW||_2 (= 2 s_cW0 - weyl)
+    assert (t.s_W <= 2 * t.s_cW0 - t.weyl + 1e-9).all()
+    assert (t.s_W <= 1).all() and (t.s_cW0 > 0).all()
+
+
+def test_linear_baseline():
+    t = zoostudy.linear_baseline("fashion-mnist", 64, 32, Cs=(0.1, 1.0))
+    assert list(t.C) == [0.1, 1.0]
+    assert t.test_acc.between(0.2, 1).all() and (t.train_acc >= t.test_acc - 0.5).all()

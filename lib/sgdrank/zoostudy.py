@@ -360,3 +360,74 @@ def run_parallel(cfgs: Sequence[sweep.Config], cache: str, jobs: int = 2,
             for f in (bar(done, desc="sweep groups", total=len(futs)) if progress else done):
                 f.result()
     return sweep.run(list(cfgs), cache=cache, progress=progress)
+
+
+def zero_rows(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict[str, int]:
+    """Per rank-tracked matrix, the number of rows (output channels) of the per-sample gradient
+    (eval mode, float64, as :func:`gradient_check`) that are exactly zero for *every* sample of
+    ``x``: dead channels, whose output gradients a ReLU or max-pool zeroes at every position."""
+    was, dtype = model.training, next(model.parameters()).dtype
+    m = model.double().eval()
+    try:
+        x = x.to(torch.float64)
+        k = m(x[:1]).shape[1]
+        c = torch.randn(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        grads = G.per_sample_gradients(m, x, direction=c / c.norm())
+        out = {}
+        for name, _ in m.rank_layers():
+            rows = torch.stack([as_matrix(g[name]).abs().sum(1) for g in grads]).sum(0)
+            out[name] = int((rows == 0).sum())
+    finally:
+        model.to(dtype).train(was)
+    return out
+
+
+def smallest(res: sweep.Result, run: int) -> pd.DataFrame:
+    """For every rank-tracked matrix of run ``run``: the smallest singular value of ``W_T``, of
+    the decayed initialisation ``c_T W_0`` and of the learned part ``DeltaW_T`` (the split of
+    :mod:`sgdrank.decomposition`), each over ``||W_T||_F`` (so comparable with a threshold
+    ``eps``), and ``weyl`` = ``(c_T s_min(W_0) - ||DeltaW_T||_2) / ||W_T||_F``, Weyl's lower
+    bound on ``s_min(W_T)`` (informative only where positive)."""
+    from . import decomposition as dec
+
+    rows = {r["layer"]: r for r in dec.run_parts(res, run)}
+    i = res._index(run)
+    cfg = res.configs[i]
+    from .batched import Arch
+    rec = res.records[i]
+    arch = Arch(cfg.model, tuple(rec["arch"]["in_shape"]), rec["arch"]["out_dim"], cfg.bias,
+                cfg.detach_var, cfg.activation)
+    init, final = arch.build(seed=cfg.seed).float(), res.model(i)
+    out = []
+    for (label, m0), (_, m1) in zip(init.rank_layers(), final.rank_layers()):
+        c = rows[label]["c"]
+        cw0, dw = dec.split(m1.weight, m0.weight, c)
+        w = cw0 + dw
+        fro = float(torch.linalg.matrix_norm(w))
+        s_w, s_c, s_d = (torch.linalg.svdvals(a) for a in (w, cw0, dw))
+        out.append(dict(run_id=i, layer=label, s_W=float(s_w[-1]) / fro,
+                        s_cW0=float(s_c[-1]) / fro, s_dW=float(s_d[-1]) / fro,
+                        weyl=(float(s_c[-1]) - float(s_d[0])) / fro))
+    return pd.DataFrame(out)
+
+
+def linear_baseline(dataset: str, n_train: int, n_test: int, data_seed: int = 0,
+                    Cs: Sequence[float] = (0.01, 0.1, 1.0)) -> pd.DataFrame:
+    """Multinomial logistic regression (scikit-learn, L2 penalty ``1/C``) on the flattened,
+    standardised inputs of the same train/test subsets the sweep trains on
+    (:func:`sgdrank.data.load_dataset` with ``seed = data_seed``). One row per ``C``:
+    ``train_acc``, ``test_acc``."""
+    from sklearn.linear_model import LogisticRegression
+
+    from . import data
+
+    ds = data.load_dataset(dataset, n_train=n_train, n_test=n_test, seed=data_seed)
+    xtr, xte = ds.x_train.reshape(len(ds.x_train), -1).numpy(), ds.x_test.reshape(
+        len(ds.x_test), -1).numpy()
+    ytr, yte = ds.y_train.numpy(), ds.y_test.numpy()
+    rows = []
+    for C in Cs:
+        clf = LogisticRegression(C=C, max_iter=500).fit(xtr, ytr)
+        rows.append(dict(C=C, train_acc=float(clf.score(xtr, ytr)),
+                         test_acc=float(clf.score(xte, yte))))
+    return pd.DataFrame(rows)
