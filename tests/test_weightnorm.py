@@ -271,3 +271,37 @@ def test_run_rows_carries_keys_and_one_row_per_lambda_and_layer():
     assert len(rows) == 2 and len(layers) == 2 * len(TINY.names())
     assert {"step1", "step2", "sharp", "fluct", "v_batch", "stable0"} <= set(rows[0])
     assert rows[0]["mode"] == "SGD" and layers[0]["layer"] == TINY.names()[0]
+
+
+def test_decay_eff_is_the_renormalisation_shrinkage_of_the_initialisation():
+    """V_T = exp(-D_eff) V_0 + DeltaV_T: replay full-batch steps, carrying the coefficient of V_0
+    through every renormalisation, and compare with what train records."""
+    x, y = _data(n=12, seed=4)
+    lr, lam, epochs = 0.05, 0.1, 5
+    res = wn.train(x, y, arch=TINY, lams=[lam], loss="square", batch_size=100, lr=lr,
+                   epochs=epochs, dtype=torch.float64, seed=2)
+    V0 = wn.init_weights(TINY, 1, seed=2, dtype=torch.float64)
+    f0 = wn.f_normalised(V0, TINY, x)[:, 0]
+    rho0 = 0.1 / float(f0.pow(2).mean().sqrt())
+    V, r = [v.clone() for v in V0], torch.ones(1, dtype=torch.float64)
+    coef = [1.0] * len(V)
+    lrs = wn.layer_lrs(TINY, lr)
+    for _ in range(epochs):
+        g_V, g_r, _ = wn.batch_gradients(V, r, TINY, x, y, torch.tensor([lam]).double(),
+                                         "square", rho0)
+        norms = [float((v - a * g).flatten(1).norm()) for v, g, a in zip(V, g_V, lrs)]
+        coef = [c / n for c, n in zip(coef, norms)]
+        V, r = wn.sgd_step(V, r, g_V, g_r, lr, lrs)
+    assert res.decay_eff.shape == (len(V), 1)
+    for k, c in enumerate(coef):
+        assert math.isclose(math.exp(-float(res.decay_eff[k, 0])), c, rel_tol=1e-9)
+        assert float(res.decay_eff[k, 0]) > 0  # a tangent step lengthens V: the norm is > 1
+    # negative control: without the renormalisation factor the initial part is not c V_0
+    assert any(abs(c - 1.0) > 1e-6 for c in coef)
+    rows, layers = wn.run_rows(res, x, y, init_seed=2, probe=2)
+    lay = layers[0]
+    assert {"upd", "D_eff", "Dstar", "rank_dW", "srank_dW", "decay_rank"} <= set(lay)
+    assert math.isclose(lay["upd"], lrs[0] * lay["v_batch"], rel_tol=1e-6)
+    s_min = float(torch.linalg.svdvals(V0[0][0].reshape(V0[0].shape[1], -1))[-1])
+    assert math.isclose(lay["Dstar"], math.log(s_min / 1e-3), rel_tol=1e-6)  # ||V_T||_F = 1
+    assert "top_smallest_upd" in rows[0]

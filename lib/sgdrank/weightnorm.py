@@ -248,6 +248,9 @@ class WNResult:
       L_S||_F`` (JANUS's ``||dV_k/dt||``: the SGD update of ``V_k`` per unit learning rate).
     - ``grad_full``: ``(L, K)`` the same for the whole training set at the end (the GD gradient).
     - ``V``, ``r``, ``rho0``: final parameters (``rho = rho0 * r``).
+    - ``decay_eff``: ``(L, K)`` per layer, ``D_eff = sum_t ln ||V_k + eta_k step_t||_F`` over all
+      steps: the renormalisation divides by that norm every step, so ``V_T = exp(-D_eff) V_0 +
+      DeltaV_T`` exactly (the only shrinkage of the initial weights; weight decay acts on ``r``).
     """
 
     arch: Arch
@@ -264,6 +267,7 @@ class WNResult:
     r: torch.Tensor
     rho0: float
     seconds: float = 0.0
+    decay_eff: torch.Tensor | None = None
 
     @property
     def rho(self) -> torch.Tensor:
@@ -375,6 +379,7 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
     if progress:
         bar = _progress(bar, desc=progress if isinstance(progress, str) else "train", leave=False)
     grad_batch = torch.zeros(len(V), K)
+    decay_eff = torch.zeros(len(V), K, dtype=torch.float64, device=dev)
     for ep in bar:
         perm = torch.randperm(n, generator=gen).to(dev)
         norms = torch.zeros(len(V), K, device=dev)
@@ -382,6 +387,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
             idx = perm[s * B:(s + 1) * B]
             g_V, g_r, _ = batch_gradients(V, r, arch, x[idx], yy[idx], lam, loss, rho0)
             norms += torch.stack([g.flatten(1).norm(dim=1) for g in g_V])
+            decay_eff += torch.stack([(v - a * g).flatten(1).norm(dim=1).double().log()
+                                      for v, g, a in zip(V, g_V, lr_V)])
             V, r = sgd_step(V, r, g_V, g_r, lr, lr_V)
         grad_batch = norms / steps
         if ep % eval_every == 0 or ep > epochs - record_last or ep == epochs:
@@ -396,7 +403,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
                     margins=torch.stack(margins) if margins else torch.empty(0, K, n),
                     grad_batch=grad_batch.cpu(), grad_full=grad_full.cpu(),
                     V=[v.detach().cpu() for v in V],
-                    r=r.detach().cpu(), rho0=rho0, seconds=time.time() - t0)
+                    r=r.detach().cpu(), rho0=rho0, seconds=time.time() - t0,
+                    decay_eff=decay_eff.cpu())
 
 
 def margin_fluctuation(margins: torch.Tensor, lag: int = 1) -> torch.Tensor:
@@ -524,19 +532,28 @@ def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
     ``lag`` epochs apart, the margin changes per step (``step1``) and per two steps (``step2``) over
     ``probe`` further steps (:func:`probe_steps`), ``lr * lambda_max`` (:func:`sharpness`), the
     batch and full gradient norms, and the ranks at the end and at initialisation (``init_seed``,
-    the seed of :func:`init_weights`); and per layer the update norm and ranks."""
+    the seed of :func:`init_weights`); and per layer the update norm per unit learning rate
+    (``v_batch``) and the actual update ``eta_k * v_batch`` (``upd``, :func:`layer_lrs`), the
+    ranks, and the decomposition ``V_T = exp(-D_eff) V_0 + DeltaV`` (``D_eff``, the budget
+    ``Dstar`` at ``1e-3`` and the ranks of ``DeltaV``: :func:`sgdrank.decomposition.parts`).
+    ``top_smallest`` / ``top_smallest_upd``: the top layer has the smallest ``v_batch`` /
+    ``upd``."""
+    from . import decomposition
     names = res.arch.names()
     fl = margin_fluctuation(res.margins, lag=lag)
     m = probe_steps(res, x, y, steps=probe, seed=10_000 + init_seed)
     s1, s2 = margin_fluctuation(m, 1), margin_fluctuation(m, 2)
     sharp = sharpness(res, x, y, seed=init_seed)
     rk = layer_ranks(res.V, res.arch)
-    rk0 = layer_ranks(init_weights(res.arch, 1, seed=init_seed), res.arch)
+    V0 = init_weights(res.arch, 1, seed=init_seed, dtype=torch.float64)
+    rk0 = layer_ranks(V0, res.arch)
+    lr_V = torch.tensor(layer_lrs(res.arch, res.lr))
     h = res.history
     rows, layer_rows = [], []
     for j, lam in enumerate(res.lams):
         fb = res.margins[-1, j]
         gb = res.grad_batch[:, j]
+        up = lr_V * gb
         rows.append({**keys, "lam": lam, "train_loss": float(h["loss"][-1, j]),
                      "train_acc": float(h["acc"][-1, j]), "test_acc": float(h["test_acc"][-1, j]),
                      "rho": float(h["rho"][-1, j]), "margin_mean": float(fb.mean()),
@@ -544,11 +561,20 @@ def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
                      "step1": float(s1[j]), "step2": float(s2[j]), "sharp": float(sharp[j]),
                      "v_batch": float(gb.mean()), "v_full": float(res.grad_full[:, j].mean()),
                      "top_smallest": int(gb.argmin()) == len(names) - 1,
+                     "upd": float(up.mean()),
+                     "top_smallest_upd": int(up.argmin()) == len(names) - 1,
                      "rank": int(rk["rank"][:, j].sum()), "rank0": int(rk0["rank"].sum()),
                      "stable": float(rk["stable_rank"][:, j].mean()),
                      "stable0": float(rk0["stable_rank"].mean())})
         for li, name in enumerate(names):
+            dec = {}
+            if res.decay_eff is not None:
+                d_eff = float(res.decay_eff[li, j])
+                p = decomposition.parts(res.V[li][j].double(), V0[li][0], math.exp(-d_eff))
+                dec = {"D_eff": d_eff, "Dstar": p["Dstar@0.001"], "rank_dW": p["dW_rank@0.001"],
+                       "srank_dW": p["dW_srank"], "decay_rank": p["decay_rank@0.001"]}
             layer_rows.append({**keys, "lam": lam, "layer": name, "v_batch": float(gb[li]),
+                               "upd": float(up[li]), **dec,
                                "stable": float(rk["stable_rank"][li, j]),
                                "stable0": float(rk0["stable_rank"][li, 0]),
                                "rank": int(rk["rank"][li, j]), "rank0": int(rk0["rank"][li, 0])})
