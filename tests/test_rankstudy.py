@@ -142,6 +142,11 @@ def test_decomposed_rebuilds_the_init_and_splits_exactly(result):
     assert (pr["Dstar@0.001"].to_numpy()
             == dec.groupby("run_id")["Dstar@0.001"].min().to_numpy()).all()
     assert pr.W_srank.to_numpy() == pytest.approx(dec.groupby("run_id").W_srank.mean().to_numpy())
+    # the chapter's two tolerances, and the decay-only rank: at lambda = 0 (c = 1) it counts the
+    # singular values of W_0 above eps ||W_T||_F; it never exceeds W_0's own size
+    assert {"W_rank@0.01", "decay_rank@0.001", "decay_rank@0.01"} <= set(dec.columns)
+    assert "W_rank@0.04" not in dec.columns
+    assert (dec["decay_rank@0.001"] >= dec["decay_rank@0.01"]).all()
 
 
 def test_relative_layers_divides_each_layer_by_its_own_control():
@@ -153,3 +158,36 @@ def test_relative_layers_divides_each_layer_by_its_own_control():
     t = pd.DataFrame(rows)
     rel = rs.relative_layers(t, "M", 0.1, "r")
     assert rel.shape == (2, 3) and np.allclose(rel, 0.5)
+
+
+def test_at_steps_all_applies_at_steps_to_each_config():
+    base = sweep.Config(model="MLP-2-8", n_train=64, batch_size=16, lr=0.1)
+    cfgs = [base, sweep.replace(base, batch_size=32)]
+    out = rs.at_steps_all(cfgs, 40, (0.5,), 0.1)
+    assert out == [rs.at_steps(c, 40, (0.5,), 0.1) for c in cfgs]
+    assert [c.epochs for c in out] == [10, 20]
+
+
+def test_seed_rhos_is_spearman_within_each_seed():
+    t = pd.DataFrame({"seed": [0] * 4 + [1] * 4 + [2] * 2,
+                      "x": [1, 2, 3, 4, 1, 2, 3, 4, 1, 2],
+                      "y": [1, 2, 3, 4, 4, 3, 2, 1, 5, 6]})
+    # seed 0: monotone up (+1), seed 1: monotone down (-1), seed 2: too few runs (skipped)
+    assert rs.seed_rhos(t, "x", "y") == pytest.approx([1.0, -1.0])
+    # a constant column has no rank correlation: skipped, not NaN
+    t2 = t.assign(y=1.0)
+    assert rs.seed_rhos(t2, "x", "y") == []
+
+
+def test_is_close_flags_intervals_that_end_near_zero():
+    from sgdrank import report
+    assert rs.is_close(report.paired([1.0, 1.1, 0.9], [0.0, 0.0, 0.0])) is False
+    near = report.paired([0.05, 1.0, 0.6], [0.0, 0.0, 0.0])
+    assert rs.is_close(near) == near.close
+    # an unpaired comparison: the same rule on its (lo, hi)
+    assert rs.is_close(SimpleNamespace(lo=-0.01, hi=1.0)) is True
+    assert rs.is_close(SimpleNamespace(lo=0.5, hi=1.0)) is False
+    assert rs.is_close(SimpleNamespace(lo=math.nan, hi=1.0)) is False
+    named = {"a": SimpleNamespace(lo=-0.01, hi=1.0), "b": SimpleNamespace(lo=0.5, hi=1.0),
+             "c": None}
+    assert rs.close_names(named) == ["a"]

@@ -43,6 +43,12 @@ def at_steps(cfg: sweep.Config, steps: int, drop_at: Sequence[float] = (),
     return sweep.replace(cfg, epochs=epochs, lr_milestones=milestones, lr_gamma=gamma)
 
 
+def at_steps_all(cfgs: Sequence[sweep.Config], steps: int, drop_at: Sequence[float] = (),
+                 gamma: float = 0.1) -> list[sweep.Config]:
+    """:func:`at_steps` of every config in ``cfgs`` (same step count and schedule)."""
+    return [at_steps(c, steps, drop_at, gamma) for c in cfgs]
+
+
 def total_decay(epochs: pd.DataFrame) -> pd.Series:
     """Total decay ``D = sum over the steps so far of 2 mu_s lam`` at every row of a
     :attr:`sweep.Result.epochs` table (0 at epoch 0), from each row's config (``lr``,
@@ -180,11 +186,13 @@ def seeded(table: pd.DataFrame, col: str, **where) -> list[float]:
     return [float(x) for x in sub[col]]
 
 
-def decomposed(res, run_ids: Sequence[int], eps: Sequence[float] = (1e-3, 0.04)) -> pd.DataFrame:
+def decomposed(res, run_ids: Sequence[int], eps: Sequence[float] = (1e-3, 1e-2)) -> pd.DataFrame:
     """:func:`sgdrank.decomposition.run_parts` of the runs ``run_ids`` (one row per run x
     rank-tracked matrix: ``W_T = c_T W_0 + DeltaW_T``, threshold and stable ranks of ``W``,
-    ``W0``, ``dW``, ``D`` and the budgets ``Dstar@eps``) with ``model``, ``lam``, ``lr``,
-    ``batch_size`` and ``seed`` of each run."""
+    ``W0``, ``dW``, ``D``, the budgets ``Dstar@eps`` and the decay-only ranks ``decay_rank@eps``,
+    the number of singular values of ``c_T W_0`` above ``eps ||W_T||_F``) with ``model``,
+    ``lam``, ``lr``, ``batch_size`` and ``seed`` of each run. ``eps``: the chapter's two
+    tolerances."""
     from . import decomposition
 
     rows = []
@@ -222,3 +230,36 @@ def relative_layers(layers: pd.DataFrame, arch: str, lam: float, col: str,
     a, b = grid(lam), grid(lam0)
     seeds = sorted(set(a.index) & set(b.index))
     return (a.loc[seeds] / b.loc[seeds]).to_numpy(float)
+
+
+def seed_rhos(table: pd.DataFrame, x: str, y: str, by: str = "seed") -> list[float]:
+    """Spearman's rho of ``x`` and ``y`` within each group of ``by`` (a seed: the runs that
+    share one initialisation and data order), for the groups with at least 3 runs and
+    non-constant values; ordered by the group key. The seeds, not the runs, are then the
+    independent units (runs of one seed share their initialisation)."""
+    out = []
+    for _, g in table.groupby(by, sort=True):
+        if len(g) < 3:
+            continue
+        r = g[x].rank().corr(g[y].rank())
+        if np.isfinite(r):
+            out.append(float(r))
+    return out
+
+
+def is_close(c) -> bool:
+    """Whether a comparison's verdict is near its threshold: :attr:`sgdrank.report.Paired.close`
+    for a paired comparison; for an unpaired one (``lo``, ``hi``) the same rule -- the interval
+    end nearest 0 lies within a quarter of the interval's half-width of 0."""
+    if hasattr(c, "close"):
+        return bool(c.close)
+    lo, hi = float(getattr(c, "lo", math.nan)), float(getattr(c, "hi", math.nan))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return False
+    return min(abs(lo), abs(hi)) < 0.25 * (hi - lo) / 2
+
+
+def close_names(named: dict) -> list[str]:
+    """The names (keys) of the comparisons in ``named`` whose verdict is close
+    (:func:`is_close`), in the order given."""
+    return [k for k, c in named.items() if c is not None and is_close(c)]
