@@ -44,6 +44,18 @@ def code_cells(nb: dict) -> list[dict]:
     ]
 
 
+def mime_records(nb: dict, mime: str) -> list[dict]:
+    """The JSON records of MIME type ``mime`` stored in a notebook's outputs, in order (the
+    claims of ``sgdrank.report.claim``, the decompositions of ``sgdrank.decomposition.show``)."""
+    out = []
+    for c in code_cells(nb):
+        for o in c.get("outputs", []):
+            raw = o.get("data", {}).get(mime)
+            if raw is not None:
+                out.append(json.loads(raw if isinstance(raw, str) else "".join(raw)))
+    return out
+
+
 def code_hash(nb: dict) -> str:
     h = hashlib.sha256()
     for c in code_cells(nb):

@@ -14,7 +14,6 @@ exist yet gets a row that says so.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -94,13 +93,7 @@ class ClaimsError(RuntimeError):
 
 def records(nb: dict) -> list[dict]:
     """The claim records stored in a notebook's outputs, in order."""
-    out = []
-    for c in booktools.code_cells(nb):
-        for o in c.get("outputs", []):
-            raw = o.get("data", {}).get(CLAIM_MIME)
-            if raw is not None:
-                out.append(json.loads(raw if isinstance(raw, str) else "".join(raw)))
-    return out
+    return booktools.mime_records(nb, CLAIM_MIME)
 
 
 def labels(nb: dict) -> set[str]:

@@ -13,7 +13,6 @@ numbers by fixed rules stated on the page.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -75,13 +74,7 @@ seed-paired tests, the per-matrix budgets and the verdicts.
 
 def records(nb: dict) -> list[dict]:
     """The decomposition records stored in a notebook's outputs, in order."""
-    out = []
-    for c in booktools.code_cells(nb):
-        for o in c.get("outputs", []):
-            raw = o.get("data", {}).get(SYNTHESIS_MIME)
-            if raw is not None:
-                out.append(json.loads(raw if isinstance(raw, str) else "".join(raw)))
-    return out
+    return booktools.mime_records(nb, SYNTHESIS_MIME)
 
 
 def collect(chapters: list[Path] | None = None) -> list[tuple[str, dict]]:
