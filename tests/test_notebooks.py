@@ -295,3 +295,24 @@ def test_no_wide_text_output(path):
     column at 1280 px): split or transpose tables, or show them with report.md (issue 21)."""
     bad = wide_text_outputs(booktools.load(path))
     assert not bad, f"{path.name}: " + "; ".join(bad)
+
+
+def control_characters(nb) -> list[str]:
+    """Cells whose source holds a control character other than newline and tab: the mark of a
+    LaTeX command eaten by a Python string escape (``"\\varepsilon"`` written as ``"\varepsilon"``
+    leaves a vertical tab; ``"\\rVert"`` a carriage return), which MathJax then fails on."""
+    out = []
+    for i, c in enumerate(nb["cells"]):
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        bad = sorted({hex(ord(ch)) for ch in src if ord(ch) < 32 and ch not in "\n\t"})
+        if bad:
+            out.append(f"cell {i} ({c['cell_type']}) holds control characters {bad}")
+    return out
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_no_control_characters_in_sources(path):
+    bad = control_characters(booktools.load(path))
+    assert not bad, f"{path.name}: " + "; ".join(bad)
+    broken = {"cells": [{"cell_type": "markdown", "source": "below $\varepsilon$"}]}
+    assert control_characters(broken), "the detector misses a vertical tab"
