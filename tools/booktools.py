@@ -56,6 +56,21 @@ def mime_records(nb: dict, mime: str) -> list[dict]:
     return out
 
 
+def write_or_check(page: Path, text: str, check: bool, regenerate: str) -> int:
+    """Write a generated page, or with ``check`` compare it with the file (exit status 1 and a
+    message naming ``regenerate``, the command that rewrites it, when it is stale)."""
+    import sys
+
+    if check:
+        if not page.exists() or page.read_text(encoding="utf-8") != text:
+            print(f"{page.name} is stale: run {regenerate}", file=sys.stderr)
+            return 1
+        return 0
+    page.write_text(text, encoding="utf-8")
+    print(f"wrote {page.relative_to(ROOT)}")
+    return 0
+
+
 def code_hash(nb: dict) -> str:
     h = hashlib.sha256()
     for c in code_cells(nb):

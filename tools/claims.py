@@ -256,14 +256,7 @@ def main() -> int:
     except ClaimsError as e:
         print(e, file=sys.stderr)
         return 1
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
-            print("claims.md is stale: run python tools/claims.py (make claims)", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(text, encoding="utf-8")
-    print(f"wrote {PAGE.relative_to(booktools.ROOT)}")
-    return 0
+    return booktools.write_or_check(PAGE, text, args.check, "python tools/claims.py (make claims)")
 
 
 if __name__ == "__main__":

@@ -172,15 +172,8 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="compare with synthesis.md")
     args = ap.parse_args()
     text = render(collect())
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text(encoding="utf-8") != text:
-            print("synthesis.md is stale: run python tools/synthesis.py (make claims)",
-                  file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(text, encoding="utf-8")
-    print(f"wrote {PAGE.relative_to(booktools.ROOT)}")
-    return 0
+    return booktools.write_or_check(PAGE, text, args.check,
+                                    "python tools/synthesis.py (make claims)")
 
 
 if __name__ == "__main__":
