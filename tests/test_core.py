@@ -1,5 +1,6 @@
 """Profiles, conventions, models and metrics: the foundation every chapter stands on."""
 import math
+import os
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_profile_resolution(monkeypatch):
 
 def test_profile_errors(monkeypatch):
     monkeypatch.setenv("SGDRANK_PROFILE", "fast")
-    with pytest.raises(ValueError, match="unknown profile 'fast'.*smoke, book, paper"):
+    with pytest.raises(ValueError, match="unknown profile 'fast'.*smoke, book, gpu, paper"):
         profiles.resolve()
     with pytest.raises(ValueError, match="differ"):
         profiles.select({**TABLE, "paper": {"epochs": 3}}, "book")
@@ -37,6 +38,18 @@ def test_profile_errors(monkeypatch):
         profiles.select(TABLE, "book").lr
     with pytest.raises(ValueError, match="unknown entries.*'fast'"):
         profiles.select({**TABLE, "fast": {}}, "book")
+
+
+def test_a_profile_may_name_another():
+    table = {**TABLE, "gpu": "paper"}
+    s = profiles.select(table, "gpu")
+    assert dict(s) == TABLE["paper"] and s.profile == "gpu" and s.same_as == "paper"
+    assert "gpu (= paper)" in repr(s) and "gpu (= paper)" in s._repr_html_()
+    assert profiles.select(table, "paper").same_as is None
+    with pytest.raises(ValueError, match="names 'fast', which is not a profile"):
+        profiles.select({**TABLE, "gpu": "fast"}, "book")
+    with pytest.raises(ValueError, match="names 'gpu', which is not a profile"):
+        profiles.select({**TABLE, "gpu": "paper", "book": "gpu"}, "book")  # no chains
 
 
 def test_dry_run_overrides_paper_only(monkeypatch):
@@ -56,7 +69,11 @@ def test_dry_run_overrides_paper_only(monkeypatch):
     assert repr(s).startswith("profile: paper (dry run)") and "overrides: epochs" in repr(s)
     html = s._repr_html_()
     assert "paper (dry run)" in html and "overridden: epochs" in html
-    assert TABLE["paper"]["epochs"] == 3  # the table itself is not modified
+    assert TABLE["paper"]["epochs"] == 4  # the table itself is not modified
+    g = profiles.select(table, "gpu")  # the gpu profile is shortened alike
+    assert g.dry and g.epochs == 1 and g.width == TABLE["gpu"]["width"]
+    full = profiles.select(table, "paper", dry=False)  # the real run's settings, for its cost
+    assert not full.dry and dict(full) == TABLE["paper"]
 
 
 def test_dry_run_errors(monkeypatch):
@@ -66,7 +83,7 @@ def test_dry_run_errors(monkeypatch):
         profiles.select({**TABLE, "dry": [("epochs", 1)]}, "paper")
     monkeypatch.setenv("SGDRANK_DRYRUN", "1")
     for name in ("smoke", "book"):
-        with pytest.raises(ValueError, match="dry run of the paper profile.*SGDRANK_PROFILE=paper"):
+        with pytest.raises(ValueError, match="dry run of the gpu or paper profile.*PROFILE=paper"):
             profiles.select({**TABLE, "dry": {"epochs": 1}}, name)
     with pytest.raises(ValueError, match="no 'dry' entry"):
         profiles.select(TABLE, "paper")
@@ -222,3 +239,29 @@ def test_seeding_and_device(monkeypatch):
             runtime.pick_device("cuda")
     monkeypatch.setenv("SGDRANK_OFFLINE", "1")
     assert runtime.offline()
+
+
+def test_profile_device_is_explicit(monkeypatch):
+    monkeypatch.delenv("SGDRANK_DEVICE", raising=False)
+    assert runtime.profile_device("book").type == "cpu"
+    assert runtime.profile_device("smoke").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'gpu' profile trains on a CUDA GPU.*T4 GPU"):
+            runtime.profile_device("gpu")
+    assert runtime.profile_device("paper", {"SGDRANK_DEVICE": "cpu"}).type == "cpu"
+    monkeypatch.setenv("SGDRANK_DEVICE", "cpu")
+    assert runtime.use_profile_device("gpu").type == "cpu"
+
+
+def test_results_go_to_drive_on_colab_only(monkeypatch, tmp_path):
+    monkeypatch.delenv("SGDRANK_RESULTS", raising=False)
+    mounted = []
+    monkeypatch.setattr(runtime, "on_colab", lambda: False)
+    assert runtime.keep_results_on_drive("gpu", mounted.append) is None and not mounted
+    monkeypatch.setattr(runtime, "on_colab", lambda: True)
+    assert runtime.keep_results_on_drive("book", mounted.append) is None and not mounted
+    monkeypatch.setattr(runtime, "DRIVE_RESULTS", str(tmp_path / "drive"))
+    assert runtime.keep_results_on_drive("gpu", mounted.append) == tmp_path / "drive"
+    assert mounted == ["/content/drive"] and (tmp_path / "drive").is_dir()
+    assert os.environ["SGDRANK_RESULTS"] == str(tmp_path / "drive")
+    assert runtime.keep_results_on_drive("paper", mounted.append) is None  # already set

@@ -2,6 +2,7 @@
 sweeps on this machine's CPU (within a factor of 2), and its refusal when memory cannot fit."""
 from __future__ import annotations
 
+import math
 import time
 from types import SimpleNamespace
 
@@ -102,3 +103,100 @@ def test_text_and_registered_shapes():
     assert cost.show(cfg, device="cpu", probe=False) is not None  # the chapter one-liner
     assert cost._duration(30, "GPU") == "30 GPU-seconds"
     assert cost._duration(600, "GPU") == "10 GPU-minutes"
+
+
+def _work(runs=6, k=3, steps=50, B=32, d=64, m=256, probe=True):
+    """A two-layer-like workload whose probe really trains (x: B x d, one hidden layer m)."""
+    def run(n):
+        g = torch.Generator().manual_seed(0)
+        w1, w2 = torch.randn(k, d, m, generator=g), torch.randn(k, m, 1, generator=g)
+        x = torch.randn(k, B, d, generator=g)
+        t = time.perf_counter()
+        for _ in range(n):
+            h = torch.bmm(x, w1).clamp_min(0)
+            r = torch.bmm(h, w2)
+            gw2 = torch.bmm(h.mT, r)
+            gw1 = torch.bmm(x.mT, torch.bmm(r, w2.mT) * (h > 0))
+            w1.sub_(1e-6 * gw1)
+            w2.sub_(1e-6 * gw2)
+        return (time.perf_counter() - t) / n
+    return cost.Work("toy", runs=runs, k=k, steps=steps, step_flops=6.0 * k * B * d * m,
+                     batch_size=B, svds={(m, d, "float64"): 2 * k}, device_bytes=4.0 * k * d * m,
+                     host_bytes=1e3, probe=run if probe else None)
+
+
+def test_work_estimate_counts_calls_and_times_by_its_probe():
+    torch.set_num_threads(1)
+    w = _work()
+    assert w.calls == 2
+    est = cost.estimate([w], device="cpu")
+    assert est.runs == 6 and est.steps == 2 * 50 and est.svds == 2 * 2 * 3
+    assert est.flops == pytest.approx(2 * 50 * w.step_flops)
+    t = time.perf_counter()
+    w.probe(2 * 50)  # what the two calls' training takes, measured
+    measured = time.perf_counter() - t + 12 * cost._svd_seconds(256, 64, "float64", "cpu")
+    assert measured / 2 < est.seconds < 2 * measured
+    assert math.isnan(cost.estimate([_work(probe=False)], device="cpu").seconds)
+
+
+def test_combine_adds_work_and_keeps_the_largest_peak():
+    a = cost.estimate([_work(runs=3)], device="cpu", probe=False)
+    b = cost.estimate([_work(runs=9, m=512)], device="cpu", probe=False)
+    both = cost.combine([a, b])
+    assert both.runs == 12 and both.steps == a.steps + b.steps and both.flops == a.flops + b.flops
+    assert both.peak_device_bytes == max(a.peak_device_bytes, b.peak_device_bytes)
+    with pytest.raises(ValueError, match="at least one"):
+        cost.combine([])
+    mixed = cost.estimate([_work(runs=3), sweep.Config(model="MLP-BN-3-32", dataset="toy",
+                                                        batch_size=32, epochs=1)],
+                          data=DATA, device="cpu", probe=False)
+    assert mixed.runs == 4 and len(mixed.groups) == 2
+
+
+def test_reference_model_scales_with_flops_and_has_a_launch_floor():
+    est = cost.estimate([_work(steps=1000)], device="cpu", probe=False)
+    ref = cost.COLAB_T4
+    rc = est.on(ref)
+    g = est.groups[0]
+    step = max(est.flops / (g.runs // g.k) / 1000 / (ref.efficiency * ref.fp32_flops),
+               g.kernels * ref.launch_seconds)
+    svd = 12 * max(cost._svd_flops(256, 64) / (ref.svd_efficiency * ref.fp64_flops),
+                   ref.svd_floor)
+    assert rc.train_seconds == pytest.approx(2 * 1000 * step)
+    assert rc.svd_seconds == pytest.approx(svd)
+    # a small step is launch-bound: a 10x smaller model takes the same time per step
+    tiny = cost.estimate([_work(steps=1000, m=8, d=8)], device="cpu", probe=False).on(ref)
+    assert tiny.train_seconds == pytest.approx(2 * 1000 * g.kernels * ref.launch_seconds)
+    # float32 SVDs model 32x faster than float64 on a T4 (above the floor)
+    big = cost.Work("svd", 1, 1, 0, 0.0, svds={(4000, 4000, "float64"): 1})
+    big32 = cost.Work("svd", 1, 1, 0, 0.0, svds={(4000, 4000, "float32"): 1})
+    r64 = cost.estimate([big], device="cpu", probe=False).on(ref).svd_seconds
+    r32 = cost.estimate([big32], device="cpu", probe=False).on(ref).svd_seconds
+    assert r64 / r32 == pytest.approx(ref.fp32_flops / ref.fp64_flops)
+    assert rc.fits and "GPU" in rc.text() and "Colab T4" in rc.text()
+    huge = cost.Work("huge", 1, 1, 1, 1.0, device_bytes=20e9)
+    assert not cost.estimate([huge], device="cpu", probe=False, check=False).on(ref).fits
+
+
+def test_show_profiles_tables_the_full_profiles_even_in_a_dry_run(monkeypatch):
+    import json
+
+    from sgdrank import profiles
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw=False: shown.append(obj))
+    table = {"smoke": {"runs": 3}, "book": {"runs": 3}, "gpu": {"runs": 30},
+             "paper": {"runs": 300}, "dry": {"runs": 1}}
+
+    def plan(S):
+        return [_work(runs=S.runs, k=1, probe=False)]
+
+    monkeypatch.setenv("SGDRANK_DRYRUN", "1")
+    P = profiles.select(table, "paper")
+    this = cost.show_profiles(plan, table, P, device="cpu")
+    assert this.runs == 1  # this run: the dry run's own work, not timed
+    rec = json.loads(shown[0][cost.COST_MIME])
+    assert rec["gpu"]["runs"] == 30 and rec["paper"]["runs"] == 300  # full settings
+    assert rec["paper"]["seconds"] == pytest.approx(10 * rec["gpu"]["seconds"])
+    assert "| `gpu` | 30 |" in shown[0]["text/markdown"]
+    assert max(len(line) for line in shown[0]["text/plain"].splitlines()) <= 77

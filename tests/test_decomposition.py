@@ -149,6 +149,14 @@ def test_sweep_tables_rebuild_the_engines_initialisation(engine):
         assert np.allclose(sub.c, decomposition.decay_factor(lrs, lam))
         assert np.allclose(sub.D, -math.log(decomposition.decay_factor(lrs, lam)))
     assert np.allclose(tab[tab.lam == 0].c, 1.0)
+    # the two runs share a seed: W_0 is decomposed once per layer, and the rows are the same as
+    # when every run decomposes it afresh
+    shared: dict = {}
+    rows = [r for i in range(len(res)) for r in decomposition.run_parts(res, i,
+                                                                         init_spectra=shared)]
+    assert len(shared) == 3
+    fresh = [r for i in range(len(res)) for r in decomposition.run_parts(res, i)]
+    assert rows == fresh
 
 
 def test_show_validates_and_stores_a_record(monkeypatch):

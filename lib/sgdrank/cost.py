@@ -40,7 +40,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -82,6 +82,8 @@ class GroupCost:
     eval_seconds: float = float("nan")     # one evaluation (train + test sets) of the k runs
     svd_seconds: float = float("nan")      # one epoch's SVDs of the k runs
     setup_seconds: float = 0.0             # building the k networks (per chunk / per loop run)
+    eval_flops: float = 0.0                # the evaluation part of ``flops``
+    kernels: int = 0                       # kernels launched per step (reference model)
 
 
 @dataclass
@@ -132,6 +134,10 @@ class Estimate:
 
     def _repr_markdown_(self) -> str:
         return f"*Estimated cost:* {self.text()}."
+
+    def on(self, ref: "Reference | None" = None) -> "RefCost":
+        """This work on a reference GPU by the spec-sheet model (:func:`on_reference`)."""
+        return on_reference(self, ref or COLAB_T4)
 
     def table(self):
         """One row per probed or scaled group (pandas DataFrame)."""
@@ -268,7 +274,8 @@ def _group_cost(cfgs, arch, sizes, use_loop) -> GroupCost:
     n_eval = (n_tr if c0.eval_train else 0) + n_te
     n_spec = _spectra_epochs(c0)
     R = len(cfgs)
-    flops = R * (steps * c0.batch_size * prof["train_flops"] + n_rec * n_eval * prof["fwd_flops"])
+    eval_flops = R * n_rec * n_eval * prof["fwd_flops"]
+    flops = R * steps * c0.batch_size * prof["train_flops"] + eval_flops
     svds: dict = {}
     for m, n in prof["matrices"]:
         k = (m, n, c0.svd_dtype)
@@ -286,8 +293,10 @@ def _group_cost(cfgs, arch, sizes, use_loop) -> GroupCost:
     else:  # BatchedNet.evaluate: chunks of ~2^23 floats per layer output, a few alive at once
         eval_b = 4.0 * 2**23 * 4
     svd_b = max((8.0 * K * m * n * 3 for m, n in prof["matrices"]), default=0.0)
+    kernels = KERNELS_LOOP_PER_MATRIX * len(prof["matrices"]) if use_loop else KERNELS_BATCHED
     return GroupCost(c0.model, c0.batch_size, K, R, "loop" if use_loop else "batched", steps,
-                     flops, svds, data_b + params_b + max(acts_b, eval_b, svd_b))
+                     flops, svds, data_b + params_b + max(acts_b, eval_b, svd_b),
+                     eval_flops=eval_flops, kernels=kernels)
 
 
 # --------------------------------------------------------------------------- the probe
@@ -317,22 +326,11 @@ _SVD_T: dict = {}
 def _time_svds(gc: GroupCost, device) -> float:
     """Seconds of one epoch's SVDs of this group (K matrices per shape and dtype), measured
     once per shape on ``device`` (wide matrices as their transposes, as the recorder does)."""
-    tot = 0.0
     mult: dict = {}
     for (m, n, dt) in gc.svds:
-        mult[(max(m, n), min(m, n), dt)] = mult.get((max(m, n), min(m, n), dt), 0) + 1
-    for (m, n, dt), times in mult.items():
-        key = (str(device), gc.k, m, n, dt)
-        if key not in _SVD_T:
-            w = torch.randn(gc.k, m, n, device=device, dtype=getattr(torch, dt))
-            torch.linalg.svdvals(w)
-            _sync(device)
-            t = time.perf_counter()
-            torch.linalg.svdvals(w)
-            _sync(device)
-            _SVD_T[key] = time.perf_counter() - t
-        tot += _SVD_T[key] * times
-    return tot
+        key = (max(m, n), min(m, n), dt)
+        mult[key] = mult.get(key, 0) + 1
+    return sum(_svd_seconds(m, n, dt, device, gc.k) * times for (m, n, dt), times in mult.items())
 
 
 def _probe(cfgs, arch, sizes, use_loop, gc: GroupCost, device, steps: int) -> None:
@@ -430,16 +428,34 @@ def _rss() -> float:
 
 
 # --------------------------------------------------------------------------- the estimate
-def estimate(configs: Config | Iterable[Config], cache=None, *, device=None, data: Any = None,
-             engine: str = "auto", max_k: int | None = None, probe: bool = True,
-             probe_seconds: float = 10.0, probe_steps: int = 8, check: bool = True) -> Estimate:
+def estimate(configs: "Config | Work | Iterable[Config | Work]", cache=None, *, device=None,
+             data: Any = None, engine: str = "auto", max_k: int | None = None,
+             probe: bool = True, probe_seconds: float = 10.0, probe_steps: int = 8,
+             check: bool = True) -> Estimate:
     """Estimate the cost of ``sweep.run(configs, cache, device=device, data=data, engine=...,
     max_k=...)`` (see the module docstring). Runs already in ``cache`` are not counted.
 
+    ``configs`` may be a chapter's plan, ``{part: [Config | Work, ...]}``, and may hold
+    :class:`Work` items (training outside ``sweep.run``, e.g. Chapter
+    5's two-layer networks): they are estimated by :func:`estimate_work` and added.
     ``probe=False`` skips the timed probe (``seconds`` is then NaN: FLOPs and memory only).
     ``check``: raise :class:`CostError` when the peak memory exceeds
     :data:`MEMORY_SHARE` of the device's or of the machine's memory."""
-    cfgs = [configs] if isinstance(configs, Config) else list(configs)
+    if isinstance(configs, Mapping):  # a chapter's plan: {part: [Config | Work, ...]}
+        configs = [c for part in configs.values() for c in part]
+    items = [configs] if isinstance(configs, (Config, Work)) else list(configs)
+    works = [w for w in items if isinstance(w, Work)]
+    cfgs = [c for c in items if not isinstance(c, Work)]
+    if works:
+        parts = [estimate_work(works, device=device, probe=probe, check=False)]
+        if cfgs:
+            parts.insert(0, estimate(cfgs, cache, device=device, data=data, engine=engine,
+                                     max_k=max_k, probe=probe, probe_seconds=probe_seconds,
+                                     probe_steps=probe_steps, check=False))
+        est = combine(parts)
+        if check and not est.fits:
+            raise CostError(_refusal(est))
+        return est
     device = resolve_device(device)
     folder = _cache.folder(cache)
     todo, cached, seen = [], 0, set()
@@ -503,6 +519,188 @@ def estimate(configs: Config | Iterable[Config], cache=None, *, device=None, dat
     return est
 
 
+# --------------------------------------------------------------------------- other engines
+@dataclass
+class Work:
+    """Training that does not go through ``sweep.run`` (Chapter 4's weight-normalised network,
+    Chapter 5's two-layer networks), described by its owner module for :func:`estimate`.
+
+    ``runs`` runs in all, trained ``k`` at a time (one *call*: ``ceil(runs / k)`` calls), each
+    call ``steps`` SGD steps of ``step_flops`` FLOPs (forward + backward of the ``k`` runs),
+    ``eval_flops`` FLOPs of evaluation and ``svds`` (``{(m, n, dtype): count}``) per call.
+    ``device_bytes``: peak device memory of one call; ``host_bytes``: what a call leaves on the
+    host (results). ``probe(n)``: runs ``n`` steps of one call on the device it is given and
+    returns the seconds per step (None: no probe, time unknown). ``kernels``: kernels launched
+    per step (the reference model's launch floor)."""
+    label: str
+    runs: int
+    k: int
+    steps: int
+    step_flops: float
+    batch_size: int = 0
+    eval_flops: float = 0.0
+    svds: dict = field(default_factory=dict)
+    device_bytes: float = 0.0
+    host_bytes: float = 0.0
+    probe: Any = None
+    kernels: int = 30
+
+    @property
+    def calls(self) -> int:
+        return -(-int(self.runs) // max(1, int(self.k)))
+
+
+def _svd_seconds(m: int, n: int, dt: str, device, batch: int = 1) -> float:
+    """Measured seconds of ``batch`` singular-value decompositions of ``m x n`` (cached)."""
+    m, n = max(m, n), min(m, n)
+    key = (str(device), batch, m, n, dt)
+    if key not in _SVD_T:
+        w = torch.randn(batch, m, n, device=device, dtype=getattr(torch, dt))
+        torch.linalg.svdvals(w)
+        _sync(device)
+        t = time.perf_counter()
+        torch.linalg.svdvals(w)
+        _sync(device)
+        _SVD_T[key] = time.perf_counter() - t
+    return _SVD_T[key]
+
+
+def estimate_work(works: "Work | Iterable[Work]", *, device=None, probe: bool = True,
+                  probe_steps: int = 4, check: bool = True) -> Estimate:
+    """The :class:`Estimate` of ``works``: FLOPs and memory from the descriptions, time from
+    each work's own probe (``probe_steps`` steps on ``device``) scaled to all its steps;
+    evaluation time at the probed FLOP rate; SVDs timed by shape on ``device``."""
+    ws = [works] if isinstance(works, Work) else list(works)
+    device = resolve_device(device)
+    name, dev_total = device_memory(device)
+    t0 = time.perf_counter()
+    gcs = []
+    for w in ws:
+        calls = w.calls
+        svds = {key: calls * int(v) for key, v in w.svds.items()}
+        gc = GroupCost(w.label, w.batch_size, w.k, w.runs, "custom", w.steps,
+                       calls * (w.steps * w.step_flops + w.eval_flops), svds, w.device_bytes,
+                       eval_flops=calls * w.eval_flops, kernels=w.kernels)
+        if probe and w.probe is not None and w.steps > 0:
+            step_s = float(w.probe(probe_steps))
+            rate = w.step_flops / max(step_s, 1e-12)
+            gc.step_seconds, gc.eval_seconds = step_s, w.eval_flops / rate
+            gc.svd_seconds = sum(c * _svd_seconds(m, n, dt, device)
+                                 for (m, n, dt), c in w.svds.items())
+            gc.seconds = calls * (w.steps * step_s + gc.eval_seconds + gc.svd_seconds)
+            gc.probed = True
+        elif probe and w.steps == 0:
+            gc.seconds = 0.0
+        gcs.append(gc)
+    states = sum(w.calls * w.host_bytes for w in ws)
+    peak_dev = max((g.device_bytes for g in gcs), default=0.0)
+    peak_host = _rss() + states + (peak_dev if device.type == "cpu" else 0.0)
+    if device.type == "cpu":
+        peak_dev = peak_host
+    seconds = sum(g.seconds for g in gcs) if probe else float("nan")
+    est = Estimate(str(device), name, sum(w.runs for w in ws), 0,
+                   sum(w.steps * w.calls for w in ws), sum(g.flops for g in gcs),
+                   sum(sum(g.svds.values()) for g in gcs), seconds, peak_dev, dev_total,
+                   peak_host, host_memory(), time.perf_counter() - t0, gcs)
+    if check and not est.fits:
+        raise CostError(_refusal(est))
+    return est
+
+
+def combine(parts: "Iterable[Estimate]") -> Estimate:
+    """Several estimates on one device, run one after another: counts, FLOPs and times add;
+    the peaks are the largest (each part frees its device memory; hosts keep results, counted
+    in each part's own host peak)."""
+    ps = list(parts)
+    if not ps:
+        raise ValueError("combine() needs at least one estimate")
+    if len({p.device for p in ps}) > 1:
+        raise ValueError(f"estimates on different devices: {sorted({p.device for p in ps})}")
+    a = ps[0]
+    return Estimate(a.device, a.device_name, sum(p.runs for p in ps), sum(p.cached for p in ps),
+                    sum(p.steps for p in ps), sum(p.flops for p in ps),
+                    sum(p.svds for p in ps), sum(p.seconds for p in ps),
+                    max(p.peak_device_bytes for p in ps), a.device_total_bytes,
+                    max(p.peak_host_bytes for p in ps), a.host_total_bytes,
+                    sum(p.probe_seconds for p in ps), [g for p in ps for g in p.groups])
+
+
+# --------------------------------------------------------------------------- a reference GPU
+#: kernels launched per SGD step by the batched engine whatever K is (eager PyTorch; counted in
+#: issue 20's audit) and by the loop engine per rank-tracked matrix (forward, backward, optimiser)
+KERNELS_BATCHED = 180
+KERNELS_LOOP_PER_MATRIX = 25
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A GPU described by its spec sheet, for the time a profile would take on it *by a model*,
+    never a measurement: training and evaluation FLOPs at ``efficiency`` of the float32 peak,
+    but no step faster than its kernel launches (``kernels x launch_seconds``); each SVD at
+    ``svd_efficiency`` of the peak of its dtype, and no faster than ``svd_floor`` seconds.
+    The constants are assumptions (stated in the chapter under the estimate): no GPU was
+    available to calibrate them (``benchmarks/gpu_check.sh`` measures the real numbers)."""
+    name: str
+    fp32_flops: float
+    fp64_flops: float
+    memory: float           # device memory (bytes)
+    host_memory: float      # the host's RAM (bytes)
+    efficiency: float = 0.35
+    svd_efficiency: float = 0.01
+    svd_floor: float = 2e-3
+    launch_seconds: float = 8e-6
+
+
+#: Google Colab's free GPU: NVIDIA Tesla T4 (8.1 TFLOPS float32, 0.25 float64, 15 GB) on a host
+#: with 12.7 GB of RAM
+COLAB_T4 = Reference("Colab T4", 8.1e12, 0.25e12, 15.0 * GB, 12.7 * GB)
+
+
+@dataclass
+class RefCost:
+    """:func:`on_reference`'s answer: modelled seconds and memory on ``ref``."""
+    ref: Reference
+    seconds: float
+    train_seconds: float
+    svd_seconds: float
+    peak_device_bytes: float
+    peak_host_bytes: float
+
+    @property
+    def fits(self) -> bool:
+        return (self.peak_device_bytes <= MEMORY_SHARE * self.ref.memory
+                and self.peak_host_bytes <= MEMORY_SHARE * self.ref.host_memory)
+
+    def text(self) -> str:
+        """``about 52 GPU-minutes on a Colab T4 (spec-sheet model); peak 3.1 GB of 15 GB``"""
+        fit = "" if self.fits else " -- does not fit"
+        return (f"about {_duration(self.seconds, 'GPU')} on a {self.ref.name} (spec-sheet "
+                f"model); peak {_gb(self.peak_device_bytes)} of {_gb(self.ref.memory)}{fit}")
+
+
+def on_reference(est: Estimate, ref: Reference = COLAB_T4) -> RefCost:
+    """The modelled time and memory of ``est``'s work on ``ref`` (see :class:`Reference`).
+
+    Per group: ``calls x steps x max(step FLOPs / (efficiency x peak), kernels x launch)``
+    for training (a call: one chunk of ``k`` batched runs, or one loop run), evaluation FLOPs at
+    the same rate, and every SVD at ``max(svd_flops / (svd_efficiency x dtype peak), floor)``.
+    Memory: the largest group's device bytes; the host peak of ``est`` less the device work it
+    counted on a CPU."""
+    train = svd = 0.0
+    for g in est.groups:
+        calls = g.runs if g.engine == "loop" else -(-g.runs // max(1, g.k))
+        step_flops = (g.flops - g.eval_flops) / max(1, calls * g.steps)
+        rate = ref.efficiency * ref.fp32_flops
+        per_step = max(step_flops / rate, g.kernels * ref.launch_seconds)
+        train += calls * g.steps * per_step + g.eval_flops / rate
+        for (m, n, dt), count in g.svds.items():
+            peak = ref.fp64_flops if dt == "float64" else ref.fp32_flops
+            svd += count * max(_svd_flops(m, n) / (ref.svd_efficiency * peak), ref.svd_floor)
+    dev = max((g.device_bytes for g in est.groups), default=0.0)
+    host = est.peak_host_bytes - (dev if est.device == "cpu" else 0.0)
+    return RefCost(ref, train + svd, train, svd, dev, max(host, 0.0))
+
+
 def _step_flops(g: GroupCost) -> float:
     return max(1.0, g.flops / max(1, g.steps * g.runs)) * (g.k if g.engine == "batched" else 1)
 
@@ -527,3 +725,79 @@ def show(configs, cache=None, **kw) -> Estimate:
     except ImportError:  # pragma: no cover
         print(est.text())
     return est
+
+
+# --------------------------------------------------------------------------- under the settings
+#: MIME type of the record :func:`show_profiles` stores in a chapter's outputs (tests read it)
+COST_MIME = "application/vnd.sgdrank.cost+json"
+#: the profiles whose cost on the reference GPU is shown under every training chapter's settings
+SHOWN = ("gpu", "paper")
+
+
+def profile_costs(plan, table, names=SHOWN, ref: Reference = COLAB_T4) -> dict:
+    """``{profile: (Estimate, RefCost)}``: each profile's full settings (never the dry-run
+    overrides, :func:`sgdrank.profiles.select` with ``dry=False``) turned into work by the
+    chapter's ``plan(settings) -> [Config | Work, ...]``, counted without a probe (shapes from
+    the registered datasets), and timed on ``ref`` by the spec-sheet model."""
+    from . import profiles
+
+    out = {}
+    for name in names:
+        est = estimate(plan(profiles.select(table, name, dry=False)), None, device="cpu",
+                       probe=False, check=False)
+        out[name] = (est, on_reference(est, ref))
+    return out
+
+
+def show_profiles(plan, table, P, cache=None, *, data: Any = None, device=None,
+                  names=SHOWN, ref: Reference = COLAB_T4) -> Estimate:
+    """The cost block under a training chapter's settings table, before its first step.
+
+    1. *This run*: :func:`estimate` of ``plan(P)`` on ``device`` with its timed probe (runs in
+       ``cache`` cost nothing), refused with :class:`CostError` when it cannot fit. In a dry
+       run (``P.dry``) the probe is skipped: the dry run's own work is seconds.
+    2. A table of the ``names`` profiles (default ``gpu`` and ``paper``) at their full
+       settings: runs, SGD steps, FLOPs, SVDs, and time and peak memory on ``ref`` (a Colab
+       T4) by the spec-sheet model of :class:`Reference` -- a model, not a measurement.
+
+    Stores a :data:`COST_MIME` record (per profile: seconds, peak bytes, fits) for the tests.
+    Returns this run's estimate."""
+    import json
+
+    this = estimate(plan(P), cache, device=device, data=data, probe=not P.dry,
+                    check=not P.dry)
+    rows, rec = [], {"this": {"profile": P.label, "device": this.device,
+                              "seconds": this.seconds, "fits": this.fits}}
+    for name, (est, rc) in profile_costs(plan, table, names, ref).items():
+        rows.append(f"| `{name}` | {est.runs:,} | {est.steps:,} | {est.flops:.1e} | "
+                    f"{est.svds:,} | {_duration(rc.seconds, 'GPU')} | "
+                    f"{_gb(rc.peak_device_bytes)} of {_gb(ref.memory)}"
+                    f"{'' if rc.fits else ' (does not fit)'} |")
+        rec[name] = {"runs": est.runs, "steps": est.steps, "flops": est.flops,
+                     "svds": est.svds, "seconds": rc.seconds, "train_seconds": rc.train_seconds,
+                     "svd_seconds": rc.svd_seconds, "peak_device_bytes": rc.peak_device_bytes,
+                     "peak_host_bytes": rc.peak_host_bytes, "fits": rc.fits}
+    head = ("*This run* (" + P.label + "): " + (this.text() if not P.dry else
+            f"{this.steps:,} SGD steps, {this.flops:.1e} FLOPs, {this.svds:,} SVDs (dry run: "
+            f"not timed)") + ".")
+    md = "\n".join([
+        head, "",
+        f"| profile | runs | SGD steps | FLOPs | SVDs | {ref.name}, by model | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+        f"*{ref.name} by a spec-sheet model, not a measurement*: FLOPs at "
+        f"{ref.efficiency:.0%} of its {ref.fp32_flops / 1e12:.1f} TFLOPS, no step faster than "
+        f"its kernel launches, SVDs at {ref.svd_efficiency:.0%} of peak "
+        f"(`sgdrank.cost.Reference`). Measured GPU timings: `benchmarks/README.md`."])
+    try:
+        from IPython.display import display
+
+        import textwrap
+
+        plain = "\n".join(textwrap.wrap(head + " " + "; ".join(
+            f"{n}: {_duration(r['seconds'], 'GPU')} on a {ref.name} by model"
+            for n, r in rec.items() if n != "this"), 77))
+        display({"text/markdown": md, "text/plain": plain, COST_MIME: json.dumps(rec)},
+                raw=True)
+    except ImportError:  # pragma: no cover
+        print(md)
+    return this

@@ -131,7 +131,7 @@ def _ranks(s: torch.Tensor, eps: Sequence[float]) -> dict:
 
 
 def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
-          eps: Sequence[float] = EPS) -> dict:
+          eps: Sequence[float] = EPS, s0: torch.Tensor | None = None) -> dict:
     """Ranks of the three matrices of the decomposition of one trained matrix.
 
     Keys: ``{part}_rank@{eps}`` (threshold rank of the part over its *own* Frobenius norm, for
@@ -143,14 +143,18 @@ def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
     would leave at the trained matrix's scale if no gradient had touched ``W_0``'s directions
     (0 means the whole threshold rank of ``W_T`` is carried by the learned part; compare it with
     ``W_rank@{eps}``, rather than comparing ``D`` with the smallest ``D*``, which says only
-    whether *one* direction could fall); ``d_out``, ``d_in``."""
+    whether *one* direction could fall); ``d_out``, ``d_in``. ``s0``: the singular values of
+    ``W_0`` if already known (runs that share an initialisation share them: three SVDs per
+    matrix become two)."""
     cw0, dw = split(W_T, W_0, c)
     w = _mat(W_T)
     out = {"d_out": int(w.shape[0]), "d_in": int(w.shape[1]), "c": float(c)}
-    for name, m in (("W", w), ("W0", _mat(W_0)), ("dW", dw)):
-        for k, v in _ranks(metrics.batch_singular_values(m), eps).items():
+    if s0 is None:
+        s0 = metrics.batch_singular_values(_mat(W_0))
+    for name, s in (("W", metrics.batch_singular_values(w)), ("W0", s0),
+                    ("dW", metrics.batch_singular_values(dw))):
+        for k, v in _ranks(s, eps).items():
             out[f"{name}_{k}"] = v
-    s0 = metrics.batch_singular_values(_mat(W_0))
     s0_min = float(s0[-1])
     for e in eps:
         out[f"Dstar@{e:g}"] = (math.log(s0_min / (e * out["W_fro"])) if s0_min > 0
@@ -168,12 +172,16 @@ def _steps_per_epoch(rec: dict) -> int:
     raise ValueError("the run recorded no epoch after the first: cannot tell its steps per epoch")
 
 
-def run_parts(res, run, eps: Sequence[float] = EPS) -> list[dict]:
+def run_parts(res, run, eps: Sequence[float] = EPS, init_spectra: dict | None = None
+              ) -> list[dict]:
     """:func:`parts` of every rank-tracked matrix of run ``run`` of a sweep ``res``
     (:class:`sgdrank.results.Result`): ``W_T`` from the stored final weights, ``W_0`` rebuilt
     from the run's seed (``Arch.build(seed)``, as both engines build it), ``c_T`` from the run's
     schedule (:func:`step_lrs`, :func:`init_factor`, momentum included), ``D = -ln c_T``. Each
-    dict also has ``run_id``, ``layer``, ``index`` and ``D``. A diverged run gives ``[]``."""
+    dict also has ``run_id``, ``layer``, ``index`` and ``D``. A diverged run gives ``[]``.
+    ``init_spectra``: a dict shared between calls that keeps the singular values of each
+    rebuilt ``W_0`` (by architecture, seed and layer), so that runs of one initialisation
+    decompose it once."""
     from .batched import Arch
 
     i = res._index(run)
@@ -186,10 +194,14 @@ def run_parts(res, run, eps: Sequence[float] = EPS) -> list[dict]:
     lrs = step_lrs(cfg, _steps_per_epoch(rec))
     c = init_factor(lrs, cfg.lam, cfg.momentum)
     D = -math.log(c) if c > 0 else math.inf
+    known = {} if init_spectra is None else init_spectra
     rows = []
     for idx, ((label, m0), (_, m1)) in enumerate(zip(init.rank_layers(), final.rank_layers())):
+        key = (arch, cfg.seed, idx)
+        if key not in known:
+            known[key] = metrics.singular_values(m0.weight)
         rows.append({"run_id": i, "layer": label, "index": idx, "D": D,
-                     **parts(m1.weight, m0.weight, c, eps)})
+                     **parts(m1.weight, m0.weight, c, eps, s0=known[key])})
     return rows
 
 
@@ -198,7 +210,8 @@ def table(res, eps: Sequence[float] = EPS):
     config columns (``lam``, ``batch_size``, ``lr``, ``seed``, ...) joined on ``run_id``."""
     import pandas as pd
 
-    rows = [r for i in range(len(res)) for r in run_parts(res, i, eps)]
+    init_spectra: dict = {}
+    rows = [r for i in range(len(res)) for r in run_parts(res, i, eps, init_spectra)]
     df = pd.DataFrame(rows)
     if df.empty:
         return df
