@@ -50,7 +50,7 @@ smoke:  ## execute every chapter in the smoke profile and check marked outputs (
 redecide:  ## re-execute the chapters under a second numeric configuration; exit 1 if a verdict flips
 	$(PY) tools/redecide.py
 
-dryrun:  ## every chapter's paper profile in miniature (SGDRANK_DRYRUN=1, local submitit jobs)
+dryrun:  ## every chapter's paper and gpu profiles in miniature (SGDRANK_DRYRUN=1, local jobs)
 	$(PY) tools/dryrun.py
 
 .PHONY: release

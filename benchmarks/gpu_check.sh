@@ -10,7 +10,8 @@
 #   1. the sweep benchmark (benchmarks/bench_sweep.py) against the one-at-a-time loop, K = 6, 24
 #      (needs Fashion-MNIST: $SGDRANK_DATA or Debian's dataset-fashion-mnist; skipped otherwise)
 #   2. the cost estimate (sgdrank.cost, with its timed probe) of a representative configuration
-#      of every chapter that trains sweeps (3, 4, 6), at the papers' scale on a GPU
+#      of chapters 3, 4, 6 at the papers' scale; then every training chapter's own cost block
+#      (tools/chapter_cost.py) in the gpu profile: the chapter's groups probed on this GPU
 #   3. a few hundred steps of a Chapter 3-like sweep, timed, next to the estimate made for it
 #   4. the float32-vs-float64 singular-value error (sgdrank.record.svd_error) on trained
 #      matrices and on random matrices of the papers' shapes, against the rank tolerances
@@ -58,8 +59,8 @@ def row(*cells):
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 
-# ------------------------------------------------------------------ 2. cost probes per chapter
-print("\n## 2. cost estimates (one run each, timed probe on this device)\n")
+# ------------------------------------------------------------------ 2. representative configs
+print("\n## 2a. cost estimates of representative configs (timed probe on this device)\n")
 zoo = ["VGG16-BN", "RESNET18", "VIT"] if gpu else ["VGG16-BN:width=4", "RESNET18:width=4",
                                                     "VIT:dim=32,depth=2,heads=4,mlp=64,patch=4"]
 reps = {
@@ -85,7 +86,6 @@ row("---", "---", "---:", "---:")
 for name, cfg in reps.items():
     est = cost.estimate(cfg, device=device, probe_steps=3 if gpu else 1, check=False)
     row(name, est.text(), f"{est.probe_seconds:.1f}", f"{est.peak_device_bytes / 1e9:.2f}")
-print("\nChapter 5 trains with sgdrank.twolayer, not sweeps: not covered by sgdrank.cost.")
 
 # ------------------------------------------------------------------ 3. a Chapter 3-like sweep
 print("\n## 3. a Chapter 3-like sweep: estimate vs measured\n")
@@ -141,4 +141,10 @@ for m, k in shapes:
         row(name, f"2 x ({m}, {k})", f"{e['max_err']:.1e}", e["rank_changes"],
             f"{e['margin']:.1e}")
 EOF
+echo -e "\n## 2b. every training chapter's cost block in the gpu profile (tools/chapter_cost.py)\n" \
+    | tee -a "$OUT"
+# on a GPU: the probe times each chapter's own groups there; on the CPU: the book profile
+CP=$([ "$DEVICE" = cpu ] && echo book || echo gpu)
+$PY tools/chapter_cost.py chapters/0[3-6]_*.ipynb --profile "$CP" 2>&1 | tee -a "$OUT"
+
 echo -e "\ntotal wall time $(( $(date +%s) - T0 )) s; report: $OUT" | tee -a "$OUT"

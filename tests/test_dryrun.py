@@ -32,6 +32,7 @@ def test_environment_names_paper_dry_run_and_temporary_folders(prepared):
     base, env = prepared
     assert env["SGDRANK_PROFILE"] == "paper" and env["SGDRANK_DRYRUN"] == "1"
     assert env["SGDRANK_OFFLINE"] == "1" and env["SGDRANK_EXECUTOR"] == "local"
+    assert env["SGDRANK_DEVICE"] == "cpu"  # gpu and paper profiles default to CUDA
     for key in ("SGDRANK_DATA", "SGDRANK_RESULTS"):
         assert Path(env[key]).is_relative_to(base)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(base / "site")
@@ -91,19 +92,21 @@ def _notebook(path: Path, cells: list[str]) -> Path:
 def test_a_failing_chapter_is_named_with_its_cell(tmp_path, capsys):
     ok = _notebook(tmp_path / "98_fine.ipynb", [
         "profile = None",
-        "import os\nassert profile == 'paper' and os.environ['SGDRANK_DRYRUN'] == '1'\n"
+        "import os\nassert profile in ('paper', 'gpu') and os.environ['SGDRANK_DRYRUN'] == '1'\n"
         "assert os.environ['SGDRANK_EXECUTOR'] == 'local'"])
     bad = _notebook(tmp_path / "99_broken.ipynb", [
-        "profile = None", "x = 1", "values = []\nprint(max(values))  # an empty selection"])
+        "profile = None", "x = 1",
+        "values = [] if profile == 'gpu' else [1]\nprint(max(values))  # an empty selection"])
     before = bad.read_text()
     code = dryrun.main([str(ok), str(bad), "--keep", str(tmp_path / "work")])
     out = capsys.readouterr().out
     assert code == 1
-    assert "98_fine.ipynb: ok" in out
-    assert "FAILED 99_broken.ipynb" in out and "id c2" in out and "ValueError" in out
-    assert "1 of 2 chapters ran" in out
+    assert "98_fine.ipynb [paper]: ok" in out and "98_fine.ipynb [gpu]: ok" in out
+    assert "99_broken.ipynb [paper]: ok" in out  # only the gpu profile's run breaks
+    assert "FAILED 99_broken.ipynb [gpu]" in out and "id c2" in out and "ValueError" in out
+    assert "3 of 4 chapter runs ran" in out
     assert bad.read_text() == before  # the chapter itself is never written
-    assert (tmp_path / "work" / "executed" / "99_broken.ipynb").is_file()
+    assert (tmp_path / "work" / "executed" / "gpu" / "99_broken.ipynb").is_file()
     assert os.environ.get("SGDRANK_DRYRUN") != "1"  # the caller's environment is restored
 
 
@@ -122,7 +125,8 @@ def _dry(tmp_path, capsys, paths):
     failed = [line for line in out.splitlines() if line.startswith("FAILED")]
     assert code == 0 and not failed, "\n".join(failed)
     ran = json.loads((tmp_path / "work" / "dryrun.json").read_text())
-    assert [r["chapter"] for r in ran] == [p.name for p in paths]
+    assert [(r["chapter"], r["profile"]) for r in ran] == [
+        (p.name, prof) for p in paths for prof in ("paper", "gpu")]
 
 
 @pytest.mark.slow
@@ -134,3 +138,37 @@ def test_every_chapter_runs_its_paper_profile_in_miniature(tmp_path, capsys):
 @pytest.mark.skip(reason=DRY_SKIP["04_sgd_noise.ipynb"])
 def test_chapter_4_paper_profile_in_miniature(tmp_path, capsys):
     _dry(tmp_path, capsys, [p for p in booktools.chapter_paths() if p.name in DRY_SKIP])
+
+
+SETTINGS = '''
+from sgdrank import cost, profiles
+TABLE = {"smoke": {"runs": 2}, "book": {"runs": 2}, "gpu": {"runs": 20}, "paper": {"runs": 200},
+         "dry": {"runs": 1}}
+P = profiles.select(TABLE, profile)
+'''
+COST = '''
+def plan(S):
+    return {"main": [cost.Work("w", runs=S.runs, k=1, steps=10, step_flops=1e6,
+                               probe=lambda n: 1e-4)]}
+cost.show_profiles(plan, TABLE, P)
+'''
+
+
+def test_chapter_cost_runs_the_settings_and_cost_cells_only(tmp_path, capsys, monkeypatch):
+    import chapter_cost
+
+    monkeypatch.delenv("SGDRANK_DRYRUN", raising=False)
+    nb = _notebook(tmp_path / "97_cost.ipynb", [
+        "profile = None", SETTINGS, COST, "raise RuntimeError('training: never reached')"])
+    nb_json = json.loads(nb.read_text())
+    nb_json["cells"].insert(0, {"cell_type": "code", "id": "inst", "metadata": {}, "outputs": [],
+                                "execution_count": None,
+                                "source": f"raise SystemExit('{booktools.REPO_URL}')"})
+    nb.write_text(json.dumps(nb_json))
+    rec = chapter_cost.run(nb, "book")
+    out = capsys.readouterr().out
+    assert rec["this"]["profile"] == "book" and rec["gpu"]["runs"] == 20
+    assert rec["paper"]["runs"] == 200 and "| `paper` | 200 |" in out
+    no_block = _notebook(tmp_path / "96_none.ipynb", ["profile = None", SETTINGS])
+    with pytest.raises(ValueError, match="no cost block"):
+        chapter_cost.run(no_block, "book")

@@ -316,3 +316,43 @@ def test_no_control_characters_in_sources(path):
     assert not bad, f"{path.name}: " + "; ".join(bad)
     broken = {"cells": [{"cell_type": "markdown", "source": "below $\varepsilon$"}]}
     assert control_characters(broken), "the detector misses a vertical tab"
+
+
+#: chapters that train more than minutes' worth at the paper scale: they show the cost block
+TRAINING = ("03_", "04_", "05_", "06_")
+COST_MIME = "application/vnd.sgdrank.cost+json"
+T4_BUDGET_S = 3600  # issue 20: the gpu profile takes about an hour or less on a Colab T4
+
+
+def cost_record(nb: dict) -> dict | None:
+    recs = booktools.mime_records(nb, COST_MIME)
+    return recs[0] if recs else None
+
+
+@pytest.mark.parametrize("path", [p for p in CHAPTERS if p.name.startswith(TRAINING)],
+                         ids=lambda p: p.name)
+def test_training_chapter_shows_its_cost_and_a_gpu_profile_that_fits_a_t4(path):
+    nb = booktools.load(path)
+    code = booktools.code_cells(nb)
+    where = next((i for i, c in enumerate(code)
+                  if "cost.show_profiles(" in "".join(c["source"])), None)
+    assert where is not None and where <= 4, \
+        "the cost block (cost.show_profiles) must come right after the settings cell"
+    rec = cost_record(nb)
+    assert rec is not None, "the cost block stored no record: re-execute the chapter"
+    gpu, paper = rec["gpu"], rec["paper"]
+    assert gpu["fits"], f"the gpu profile does not fit a Colab T4: {gpu}"
+    assert 0 < gpu["seconds"] <= T4_BUDGET_S, \
+        f"the gpu profile takes {gpu['seconds'] / 60:.0f} T4-minutes by model (budget 60)"
+    # the gpu profile is a reduction of the paper scale, not another experiment
+    assert gpu["flops"] <= paper["flops"] and gpu["runs"] <= paper["runs"]
+    assert rec["this"]["profile"] == "book" and rec["this"]["fits"]
+
+
+def test_cost_record_detector():
+    fake = {"cells": [{"cell_type": "code", "metadata": {}, "source": "",
+                       "outputs": [{"output_type": "display_data",
+                                    "data": {COST_MIME: json.dumps({"gpu": {"seconds": 1}})}}]}]}
+    assert cost_record(fake) == {"gpu": {"seconds": 1}}
+    fake["cells"][0]["outputs"] = []
+    assert cost_record(fake) is None

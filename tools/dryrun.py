@@ -1,7 +1,9 @@
-"""Dry run of the paper profile: every chapter executed top to bottom with its paper settings,
-in miniature, through the paper profile's own code path.
+"""Dry run of the paper and gpu profiles: every chapter executed top to bottom with its paper
+settings, and again with its gpu settings, in miniature, through those profiles' own code paths;
+and each chapter's cost estimate of the full profiles printed at the end.
 
     python tools/dryrun.py [chapters/NN_name.ipynb ...] [--keep DIR] [--cell-timeout S]
+                           [--profiles paper gpu]
     make dryrun
 
 What it does, in a fresh temporary folder (deleted afterwards unless ``--keep``):
@@ -11,17 +13,21 @@ What it does, in a fresh temporary folder (deleted afterwards unless ``--keep``)
    (``cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta``), MNIST's idx files
    (``MNIST/raw``) and California housing's ``scikit_learn_data/cal_housing_py3.pkz``;
    Fashion-MNIST comes from Debian's package as always;
-2. sets ``SGDRANK_PROFILE=paper SGDRANK_DRYRUN=1 SGDRANK_OFFLINE=1``, a temporary
+2. sets ``SGDRANK_PROFILE=paper SGDRANK_DRYRUN=1 SGDRANK_OFFLINE=1 SGDRANK_DEVICE=cpu``, a
+   temporary
    ``SGDRANK_RESULTS`` and ``SGDRANK_EXECUTOR=local`` (with a 30-minute job time limit in
    ``SGDRANK_EXECUTOR_CONFIG``; submitit's local default is 2 minutes), so that the sweeps that go
    through ``sgdrank.dispatch.run`` run as real submitit local jobs (separate processes, real
    pickling); ``OMP_NUM_THREADS=1``, since those jobs run side by side;
-3. executes every chapter with papermill (``profile="paper"``) into the temporary folder -- the
-   committed notebooks are never written -- and fails, naming the chapter and the failing cell,
-   when a cell raises.
+3. executes every chapter with papermill (``profile="paper"``, then ``"gpu"``) into the
+   temporary folder -- the committed notebooks are never written -- and fails, naming the
+   chapter, the profile and the failing cell, when a cell raises;
+4. prints, per chapter, the cost record its settings block stored (``sgdrank.cost.show_profiles``:
+   runs, steps, FLOPs, SVDs, and time and memory on a Colab T4 by the spec-sheet model of the
+   *full* gpu and paper profiles).
 
 With ``SGDRANK_DRYRUN=1`` each chapter's ``profiles.select`` applies the table's ``"dry"``
-overrides on top of the paper settings: the same models (full widths), datasets, schedules,
+overrides on top of the paper (or gpu) settings: the same models (full widths), datasets, schedules,
 losses, engines and lambda / batch-size grids, with one or two SGD steps per run and small data
 (see ``sgdrank.profiles``).
 
@@ -114,6 +120,31 @@ class Outcome:
     chapter: str
     seconds: float
     error: str | None = None  # None: ran top to bottom
+    profile: str = "paper"
+    cost: dict | None = None  # the chapter's cost record (sgdrank.cost.show_profiles), if any
+
+
+def estimates(nb_path: Path) -> dict | None:
+    """The cost record an executed chapter stored under its settings (full gpu and paper
+    profiles on the reference GPU, by model), or None."""
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    recs = booktools.mime_records(nb, "application/vnd.sgdrank.cost+json")
+    return recs[0] if recs else None
+
+
+def cost_lines(o: Outcome) -> list[str]:
+    """``  gpu: 52 GPU-minutes on a Colab T4 by model, peak 3.1 GB (fits)`` per profile."""
+    if not o.cost:
+        return []
+    out = []
+    for name, r in o.cost.items():
+        if name == "this":
+            continue
+        out.append(f"  {name}: {r['seconds'] / 60:,.0f} T4-minutes by model "
+                   f"({r['runs']:,} runs, {r['steps']:,} steps, {r['flops']:.1e} FLOPs, "
+                   f"{r['svds']:,} SVDs), peak {r['peak_device_bytes'] / 1e9:.2g} GB"
+                   f"{'' if r['fits'] else ' -- DOES NOT FIT'}")
+    return out
 
 
 def prepare(base: Path) -> dict[str, str]:
@@ -135,6 +166,9 @@ def prepare(base: Path) -> dict[str, str]:
         "SGDRANK_PROGRESS": "summary", "PYTHONHASHSEED": "0", "PYTHONPATH": pythonpath,
         # the local jobs of a sweep run side by side: one thread each on a small CI machine
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        # the gpu and paper profiles train on CUDA by default (runtime.profile_device): here the
+        # CPU, explicitly
+        "SGDRANK_DEVICE": "cpu",
     }
 
 
@@ -151,22 +185,25 @@ def failing_cell(nb_path: Path) -> str:
     return "no cell has an error output"
 
 
-def execute(chapter: Path, out_dir: Path, cwd: Path, cell_timeout: int | None = None) -> Outcome:
-    """Execute ``chapter`` in the paper profile into ``out_dir`` (environment already set)."""
+def execute(chapter: Path, out_dir: Path, cwd: Path, cell_timeout: int | None = None,
+            profile: str = "paper") -> Outcome:
+    """Execute ``chapter`` in ``profile`` (paper or gpu, shortened by the table's ``"dry"``
+    entry) into ``out_dir`` (environment already set)."""
     import papermill as pm
 
     out = out_dir / chapter.name
     t0 = time.time()
     try:
-        pm.execute_notebook(str(chapter), str(out), parameters={"profile": "paper"},
+        pm.execute_notebook(str(chapter), str(out), parameters={"profile": profile},
                             kernel_name="python3", cwd=str(cwd), progress_bar=False,
                             log_output=False, execution_timeout=cell_timeout)
     except pm.PapermillExecutionError as err:
         where = failing_cell(out) if out.exists() else f"cell {err.exec_count}"
-        return Outcome(chapter.name, time.time() - t0, where)
+        return Outcome(chapter.name, time.time() - t0, where, profile)
     except Exception as err:  # kernel died, timeout, bad notebook
-        return Outcome(chapter.name, time.time() - t0, f"{type(err).__name__}: {err}"[:800])
-    return Outcome(chapter.name, time.time() - t0)
+        return Outcome(chapter.name, time.time() - t0, f"{type(err).__name__}: {err}"[:800],
+                       profile)
+    return Outcome(chapter.name, time.time() - t0, None, profile, estimates(out))
 
 
 def book_seconds(chapter: Path) -> float:
@@ -180,30 +217,35 @@ def book_seconds(chapter: Path) -> float:
 
 
 def dry_run(chapters: list[Path], base: Path, cell_timeout: int | None = None,
-            log=print, jobs: int = 2) -> list[Outcome]:
-    """Prepare ``base`` and execute ``chapters`` there, ``jobs`` at a time (each in its own
-    kernel); returns one :class:`Outcome` each, in the order of ``chapters``."""
+            log=print, jobs: int = 2, profiles=("paper",)) -> list[Outcome]:
+    """Prepare ``base`` and execute ``chapters`` there in each of ``profiles``, ``jobs`` at a
+    time (each in its own kernel); returns one :class:`Outcome` per chapter and profile, in the
+    order of ``chapters`` (then ``profiles``). A chapter whose gpu profile names the paper
+    profile (``"gpu": "paper"``) runs the same code twice: that is cheap, and says so."""
     env = prepare(base)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     out_dir, cwd = base / "executed", base / "cwd"
-    out_dir.mkdir(exist_ok=True)
-    cwd.mkdir(exist_ok=True)
-    def one(ch: Path) -> Outcome:
-        log(f"{ch.name}: dry run of the paper profile ...")
-        o = execute(ch, out_dir, cwd / ch.stem, cell_timeout)
-        log(f"{ch.name}: {'ok' if o.error is None else 'FAILED'} in {o.seconds:.0f} s"
+
+    def one(task) -> Outcome:
+        ch, prof = task
+        log(f"{ch.name} [{prof}]: dry run ...")
+        d = out_dir / prof
+        d.mkdir(parents=True, exist_ok=True)
+        o = execute(ch, d, cwd / f"{ch.stem}-{prof}", cell_timeout, prof)
+        log(f"{ch.name} [{prof}]: {'ok' if o.error is None else 'FAILED'} in {o.seconds:.0f} s"
             + (f"\n  {o.error}" if o.error else ""))
         return o
 
-    for ch in chapters:
-        (cwd / ch.stem).mkdir(exist_ok=True)
+    tasks = [(ch, prof) for ch in chapters for prof in profiles]
+    for ch, prof in tasks:
+        (cwd / f"{ch.stem}-{prof}").mkdir(parents=True, exist_ok=True)
     try:
-        # longest first (by the committed book run's duration), `jobs` chapters at a time
-        order = sorted(chapters, key=book_seconds, reverse=True)
+        # longest first (by the committed book run's duration), `jobs` at a time
+        order = sorted(tasks, key=lambda t: book_seconds(t[0]), reverse=True)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             done = dict(zip(order, pool.map(one, order)))
-        outcomes = [done[ch] for ch in chapters]
+        outcomes = [done[t] for t in tasks]
     finally:
         for k, v in saved.items():
             if v is None:
@@ -224,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell")
     ap.add_argument("--jobs", type=int, default=2, help="chapters executed at a time (default 2:"
                     " the chapters run one thread each, CI has 2 cores)")
+    ap.add_argument("--profiles", nargs="+", default=["paper", "gpu"], choices=["paper", "gpu"],
+                    help="the profiles to dry-run (default: both)")
     args = ap.parse_args(argv)
     chapters = [p.resolve() for p in args.paths] or booktools.chapter_paths()
     for p in chapters:
@@ -235,16 +279,23 @@ def main(argv: list[str] | None = None) -> int:
         if base.exists():
             shutil.rmtree(base)
         base.mkdir(parents=True)
-        outcomes = dry_run(chapters, base, args.cell_timeout, jobs=args.jobs)
+        outcomes = dry_run(chapters, base, args.cell_timeout, jobs=args.jobs,
+                           profiles=args.profiles)
     else:
         with tempfile.TemporaryDirectory(prefix="sgdrank-dryrun-") as tmp:
-            outcomes = dry_run(chapters, Path(tmp), args.cell_timeout, jobs=args.jobs)
+            outcomes = dry_run(chapters, Path(tmp), args.cell_timeout, jobs=args.jobs,
+                               profiles=args.profiles)
     failed = [o for o in outcomes if o.error]
-    times = ", ".join(f"{o.chapter[:2]} {o.seconds:.0f} s" for o in outcomes)
-    print(f"dry run: {len(outcomes) - len(failed)} of {len(outcomes)} chapters ran "
+    print("estimated cost of the full profiles (each chapter's settings block):")
+    for o in outcomes:
+        if o.cost and o.profile == args.profiles[0]:
+            print(f"{o.chapter}:")
+            print("\n".join(cost_lines(o)))
+    times = ", ".join(f"{o.chapter[:2]} {o.profile} {o.seconds:.0f} s" for o in outcomes)
+    print(f"dry run: {len(outcomes) - len(failed)} of {len(outcomes)} chapter runs ran "
           f"({times}; {time.time() - t0:.0f} s in all)")
     for o in failed:
-        print(f"FAILED {o.chapter}: {o.error}")
+        print(f"FAILED {o.chapter} [{o.profile}]: {o.error}")
     return 1 if failed else 0
 
 
