@@ -497,3 +497,29 @@ def test_set_hyper_updates_its_tensors_in_place():
     for k, v in before.items():
         assert net._coef[k] is v, k  # the same tensor (a captured CUDA graph sees the new values)
     assert net._coef["lr"].view(-1).tolist() == pytest.approx([0.05, 0.02])
+
+
+def test_memo_keeps_a_call_and_recomputes_when_an_argument_changes(tmp_path):
+    from sgdrank import cache
+
+    calls = []
+
+    def train(x, *, lr):
+        calls.append(lr)
+        return {"w": x * lr, "lr": lr}
+
+    x = torch.arange(6.0)
+    a = cache.memo(tmp_path, train, x, lr=0.1)
+    b = cache.memo(tmp_path, train, x.clone(), lr=0.1)  # the same values: loaded
+    assert calls == [0.1] and torch.equal(a["w"], b["w"])
+    cache.memo(tmp_path, train, x, lr=0.2)  # another argument: computed
+    x2 = x.clone()
+    x2[0] = 1e-9
+    cache.memo(tmp_path, train, x2, lr=0.1)  # another tensor value: computed
+    cache.memo(tmp_path, train, x.double(), lr=0.1)  # another dtype: computed
+    assert calls == [0.1, 0.2, 0.1, 0.1]
+    assert cache.memo(None, train, x, lr=0.1)["lr"] == 0.1 and len(calls) == 5  # no cache
+    for f in tmp_path.glob("memo_train_*.pt"):
+        f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="recomputing"):
+        cache.memo(tmp_path, train, x, lr=0.1)

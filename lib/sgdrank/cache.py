@@ -91,3 +91,61 @@ def load_record(path: Path) -> dict | None:
         warnings.warn(f"cannot read cached run {path} ({type(err).__name__}); recomputing it")
         return None
     return rec if isinstance(rec, dict) and rec.get("format") == FORMAT else None
+
+
+def _digest(obj, h) -> None:
+    """Feed a canonical form of ``obj`` (tensors by dtype, shape and bytes; arrays alike;
+    mappings sorted; sequences in order; other values by ``repr``) into the hash ``h``."""
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(f"A{obj.dtype}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            _digest(k, h)
+            _digest(obj[k], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[" if isinstance(obj, list) else b"(")
+        for v in obj:
+            _digest(v, h)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def memo(cache, fn, *args, files: Sequence[str] = (), **kwargs):
+    """``fn(*args, **kwargs)``, kept in the cache folder ``cache`` (:func:`folder`) and loaded
+    from there when the same call was made before: training outside ``sweep.run`` (Chapter 4's
+    weight-normalised network, Chapter 5's two-layer networks) survives a lost Colab runtime.
+
+    The key hashes ``fn``'s qualified name, the arguments (tensors by value), the sources of
+    :data:`ENGINE_FILES` and of the library ``files`` named (e.g. ``("twolayer.py",)``, the
+    module that holds ``fn``). ``cache=None`` just calls ``fn``. The result is stored with
+    ``torch.save`` (it must pickle) and loaded with ``weights_only=False``: the cache is a
+    folder of this book's own results, not a file from elsewhere."""
+    where = folder(cache)
+    if where is None:
+        return fn(*args, **kwargs)
+    h = hashlib.sha256()
+    h.update(f"{fn.__module__}.{fn.__qualname__}|{code_hash()}".encode())
+    here = Path(__file__).resolve().parent
+    for name in files:
+        h.update((here / name).read_bytes())
+    _digest([list(args), kwargs], h)
+    path = where / f"memo_{fn.__name__}_{h.hexdigest()[:20]}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as err:  # a truncated or foreign file: recompute
+            warnings.warn(f"cannot read cached result {path} ({type(err).__name__}); "
+                          f"recomputing it")
+    out = fn(*args, **kwargs)
+    atomic_save(out, path)
+    return out
