@@ -126,7 +126,8 @@ def _dry(tmp_path, capsys, paths):
     assert code == 0 and not failed, "\n".join(failed)
     ran = json.loads((tmp_path / "work" / "dryrun.json").read_text())
     assert [(r["chapter"], r["profile"]) for r in ran] == [
-        (p.name, prof) for p in paths for prof in ("paper", "gpu")]
+        (p.name, prof) for p in paths for prof in ("paper", "gpu")
+        if prof == "paper" or not dryrun.gpu_is_paper(p)]
 
 
 @pytest.mark.slow
@@ -152,6 +153,23 @@ def plan(S):
                                probe=lambda n: 1e-4)]}
 cost.show_profiles(plan, TABLE, P)
 '''
+
+
+def test_a_gpu_profile_that_is_the_paper_profile_runs_once(tmp_path):
+    alias = _notebook(tmp_path / "95_alias.ipynb", [
+        "profile = None", "from sgdrank import profiles\nP = profiles.select({'smoke': {}, "
+        "'book': {}, 'paper': {}, 'gpu': 'paper', 'dry': {}}, profile)"])
+    own = _notebook(tmp_path / "94_own.ipynb", [
+        "profile = None", "from sgdrank import profiles\nP = profiles.select({'smoke': {}, "
+        "'book': {}, 'paper': {}, 'gpu': {}, 'dry': {}}, profile)"])
+    assert dryrun.gpu_is_paper(alias) and not dryrun.gpu_is_paper(own)
+    assert dryrun.gpu_is_paper(booktools.ROOT / "chapters" / "01_rank_one_gradients.ipynb")
+    dryrun.dry_run([alias, own], tmp_path / "work", log=lambda *a: None,
+                   profiles=("paper", "gpu"))
+    ran = json.loads((tmp_path / "work" / "dryrun.json").read_text())
+    assert [(r["chapter"], r["profile"], r["error"]) for r in ran] == [
+        ("95_alias.ipynb", "paper", None), ("94_own.ipynb", "paper", None),
+        ("94_own.ipynb", "gpu", None)]
 
 
 def test_chapter_cost_runs_the_settings_and_cost_cells_only(tmp_path, capsys, monkeypatch):
