@@ -1,7 +1,10 @@
 """Chapter 3's analysis helpers (sgdrank.rankstudy) against direct computations."""
 from __future__ import annotations
 
+import ast
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sgdrank import rankstudy as rs, sweep
+from sgdrank import cost, profiles, rankstudy as rs, sweep
 
 
 def make_data(seed=0, n_train=64, n_test=32, classes=3, dim=12):
@@ -191,3 +194,105 @@ def test_is_close_flags_intervals_that_end_near_zero():
     named = {"a": SimpleNamespace(lo=-0.01, hi=1.0), "b": SimpleNamespace(lo=0.5, hi=1.0),
              "c": None}
     assert rs.close_names(named) == ["a"]
+
+
+# --------------------------------------------------------------------------- the chapter's plan
+CHAPTER = Path(__file__).resolve().parents[1] / "chapters" / "03_rank_sweeps.ipynb"
+
+
+def chapter_table() -> dict:
+    """The chapter's own settings table: the assignments of ``PAPER`` and ``TABLE`` in its
+    settings cell, executed alone (no imports, no plotting)."""
+    nb = json.loads(CHAPTER.read_text())
+    src = next("".join(c["source"]) for c in nb["cells"]
+               if c["cell_type"] == "code" and "TABLE = {" in "".join(c["source"]))
+    keep = [n for n in ast.parse(src).body if isinstance(n, ast.Assign)
+            and {getattr(t, "id", None) for t in n.targets} & {"PAPER", "TABLE"}]
+    ns: dict = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(CHAPTER), "exec"), ns)
+    return ns["TABLE"]
+
+
+def settings(name, dry=False):
+    return profiles.select(chapter_table(), name, dry=dry)
+
+
+def test_plan_of_the_book_profile_is_what_the_chapter_ran():
+    P = settings("book")
+    parts, plan = rs.sweeps(P), rs.plan(P)
+    assert tuple(parts) == tuple(plan) == rs.PARTS
+    assert {k: len(v) for k, v in parts.items()} == dict(head=9, B=12, mu=24, res=6, gd=3, e8=6)
+    assert {k: len(v) for k, v in plan.items()} == dict(head=9, B=12, mu=15, res=6, gd=3, e8=6)
+    flat = [c for v in plan.values() for c in v]
+    assert flat == list(dict.fromkeys(c for v in parts.values() for c in v))  # each run once
+    nb = json.loads(CHAPTER.read_text())
+    text = "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                   for o in c.get("outputs", []))
+    assert f"<sweep.Result: {len(flat)} runs" in text     # the committed book outputs
+    # the book keeps its recording: every epoch, float64 (the committed numbers)
+    assert all(c.svd_dtype == "float64" and c.spectra == "all" for c in flat)
+    assert {c.batch_size for c in plan["gd"]} == {P.n_train}   # full batch
+    assert all(c.lam == 0 and c.lr_milestones == () for c in plan["gd"])
+
+
+def test_every_part_of_the_plan_follows_the_settings():
+    P = settings("smoke")
+    parts = rs.sweeps(P)
+    spe = lambda c: sweep.steps_per_epoch(c.n_train, c.batch_size)  # noqa: E731
+    for part in ("head", "B", "mu", "res", "e8"):
+        for c in parts[part]:
+            assert c.epochs * spe(c) >= P.steps > (c.epochs - 1) * spe(c)
+            assert c.lr_gamma == P.gamma and len(c.lr_milestones) == len(P.drop_at)
+    assert {(c.lr, c.lam) for c in parts["mu"]} == {
+        (lr, lam) for lr in P.pair_lrs for lam in (round(P.mulam / lr, 12), 0.0)}
+    assert {c.model for c in parts["res"]} == {P.res}
+    assert {c.seed for c in parts["e8"]} == set(P.e8_seeds)
+    assert {c.batch_size for c in parts["B"]} == set(P.batch_sizes) - {P.b_main}
+
+
+def test_gpu_profile_is_the_paper_with_its_first_phase_and_shorter_later_phases():
+    gpu, paper = rs.sweeps(settings("gpu")), rs.sweeps(settings("paper"))
+    assert {k: len(v) for k, v in gpu.items()} == {k: len(v) for k, v in paper.items()}
+    for part in rs.PARTS:
+        for g, p in zip(gpu[part], paper[part]):
+            # only the length and the milestones differ ...
+            assert sweep.replace(g, epochs=p.epochs, lr_milestones=p.lr_milestones) == p
+            assert g.dataset == "cifar10" and g.n_train == 50000 and g.svd_dtype == "float32"
+            if part == "gd":
+                assert g == p
+                continue
+            # ... the first phase at the initial learning rate is the paper's, then 2 drops
+            assert g.lr_milestones[0] == p.lr_milestones[0] and len(g.lr_milestones) == 2
+            assert g.epochs < p.epochs / 4
+    # the total decay at the end: most of the paper's
+    top = gpu["head"][-1], paper["head"][-1]
+    assert top[0].lam == top[1].lam == 5e-4
+    assert 0.8 * rs.final_decay(top[1]) < rs.final_decay(top[0]) < rs.final_decay(top[1])
+
+
+def test_gpu_profile_fits_an_hour_on_a_colab_t4_by_the_model():
+    est = cost.estimate(rs.plan(settings("gpu")), None, device="cpu", probe=False, check=False)
+    t4 = est.on()
+    assert t4.seconds <= 3600 and t4.fits
+    assert est.runs == sum(len(v) for v in rs.plan(settings("paper")).values())
+
+
+def test_dry_run_settings_keep_the_models_and_grids():
+    full = settings("gpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SGDRANK_DRYRUN", "1")
+        dry = profiles.select(chapter_table(), "gpu")
+    assert dry.dry and set(dry.dry_overrides) <= {"n_train", "n_test", "steps", "gd_steps",
+                                                  "seeds", "e8_seeds"}
+    for k in ("mlp_bn", "res", "lams", "batch_sizes", "pair_lrs", "mu_Bs", "drop_at"):
+        assert dry[k] == full[k]
+    cfgs = [c for v in rs.plan(dry).values() for c in v]
+    assert max(c.epochs for c in cfgs) <= 2
+
+
+def test_final_decay_sums_the_step_factors():
+    c = rs.at_steps(base(lam=0.01), 40, drop_at=(0.5,), gamma=0.1)   # 8 steps per epoch
+    e1 = c.lr_milestones[0]
+    want = 2 * 0.01 * 8 * (0.1 * e1 + 0.01 * (c.epochs - e1))
+    assert rs.final_decay(c) == pytest.approx(want, rel=1e-12)
+    assert rs.final_decay(base(lam=0.0, epochs=3)) == 0.0

@@ -195,10 +195,10 @@ def decomposed(res, run_ids: Sequence[int], eps: Sequence[float] = (1e-3, 1e-2))
     tolerances."""
     from . import decomposition
 
-    rows = []
+    rows, init_spectra = [], {}   # runs of one initialisation share W_0's spectrum
     for rid in run_ids:
         cfg = res.configs[rid]
-        for r in decomposition.run_parts(res, rid, eps):
+        for r in decomposition.run_parts(res, rid, eps, init_spectra):
             rows.append({"model": cfg.model, "lam": cfg.lam, "lr": cfg.lr,
                          "batch_size": cfg.batch_size, "seed": cfg.seed, **r})
     return pd.DataFrame(rows)
@@ -263,3 +263,63 @@ def close_names(named: dict) -> list[str]:
     """The names (keys) of the comparisons in ``named`` whose verdict is close
     (:func:`is_close`), in the order given."""
     return [k for k, c in named.items() if c is not None and is_close(c)]
+
+
+#: the parts of Chapter 3's plan, in the order the chapter trains them
+PARTS = ("head", "B", "mu", "res", "gd", "e8")
+
+
+def sweeps(P) -> dict[str, list[sweep.Config]]:
+    """Every sweep of Chapter 3, built from its settings ``P`` (the chapter's profile table):
+    ``head`` (the headline: ``lams`` x ``seeds`` at ``b_main``), ``B`` (the other batch sizes at
+    ``lam`` 0 and ``lam_B``), ``mu`` (``pair_lrs`` x ``mu_Bs`` at fixed ``mulam``, each with its
+    ``lam = 0`` twin), ``res`` (the residual net at 0 and ``res_lam``), ``gd`` (large / full
+    batch at ``lam = 0``, ``gd_steps`` steps at constant ``lr_main``, recorded every ``gd_every``
+    epochs) and ``e8`` (more seeds of the headline at 0 and ``max(lams)``). Every run takes
+    ``steps`` SGD steps (:func:`at_steps`, drops ``gamma`` after the fractions ``drop_at``)
+    except ``gd``. Parts may share runs (the chapter selects each part's runs from one sweep);
+    :func:`plan` trains each once. ``P.spectra`` and ``P.svd_dtype`` (when set) choose the
+    recording (:class:`sgdrank.runconfig.Config`)."""
+    rec = {k: P[k] for k in ("spectra", "svd_dtype") if k in P}
+    base = sweep.Config(model=P["mlp_bn"], dataset=P["dataset"], n_train=P["n_train"],
+                        n_test=P["n_test"], batch_size=P["b_main"], lr=P["lr_main"], lam=0.0,
+                        **rec)
+
+    def steps(cfgs, n=P["steps"], drops=P["drop_at"]):
+        return at_steps_all(cfgs, n, drops, P["gamma"])
+
+    seeds = P["seeds"]
+    mu = [c for lr in P["pair_lrs"] for b in P["mu_Bs"]
+          for lam in (round(P["mulam"] / lr, 12), 0.0)
+          for c in sweep.grid(sweep.replace(base, lr=lr, batch_size=b, lam=lam), seed=seeds)]
+    big = sweep.replace(base, batch_size=min(P["big_B"], P["n_train"]))
+    return {
+        "head": steps(sweep.grid(base, lam=P["lams"], seed=seeds)),
+        "B": steps(sweep.grid(base, batch_size=[b for b in P["batch_sizes"] if b != P["b_main"]],
+                              lam=[0.0, P["lam_B"]], seed=seeds)),
+        "mu": steps(mu),
+        "res": steps(sweep.grid(sweep.replace(base, model=P["res"], lr=P["res_lr"]),
+                                lam=[0.0, P["res_lam"]], seed=seeds)),
+        "gd": [sweep.replace(c, record_every=P["gd_every"])
+               for c in steps(sweep.grid(big, seed=seeds), P["gd_steps"], ())],
+        "e8": steps(sweep.grid(base, lam=[0.0, max(P["lams"])], seed=P["e8_seeds"])),
+    }
+
+
+def plan(P) -> dict[str, list[sweep.Config]]:
+    """What Chapter 3 trains in profile ``P``: :func:`sweeps` with each run in the first part
+    that names it only (so the parts add up to the runs trained, in the chapter's order). The
+    input of :func:`sgdrank.cost.show_profiles` and of the chapter's one ``dispatch.run``."""
+    seen: set = set()
+    out = {}
+    for part, cfgs in sweeps(P).items():
+        out[part] = [c for c in dict.fromkeys(cfgs) if not (c in seen or seen.add(c))]
+    return out
+
+
+def final_decay(cfg: sweep.Config) -> float:
+    """The total decay ``D = sum_t 2 mu_t lam`` a run of ``cfg`` has applied at its end (its
+    schedule, ``n_train // B`` steps per epoch): ``exp(-D)`` is what is left of a weight
+    component that no gradient touches."""
+    spe = sweep.steps_per_epoch(cfg.n_train, cfg.batch_size, cfg.drop_last)
+    return sum(2.0 * cfg.lr_at(e) * cfg.lam * spe for e in range(1, cfg.epochs + 1))
