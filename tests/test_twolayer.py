@@ -3,6 +3,7 @@ the written-out backward against autograd, the Gram formula for batch gradients,
 inequalities of Chapter 5 on a problem small enough to enumerate every batch."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -511,3 +512,233 @@ def test_lam_table_and_summary():
     )
     assert len(rows) == 1 and rows[0]["split"] == 1 and "lin_test_loss" in rows[0]
     assert "stable_rank" in rows[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked evaluation and SVDs (issue 20: E12 at width 32768 built an 18 x 9000 x 32768 tensor)
+# --------------------------------------------------------------------------------------------
+def _small_run(chunk=None, K_lams=(0.0, 0.05, 0.3), **kw):
+    x, y = _data(N=40, n=5, k=3, seed=4)
+    lams, seeds = tl.grid(K_lams, [0, 1])
+    return tl.train(x, y, width=24, lams=lams, seeds=seeds, lr=0.02, batch_size=8, epochs=3,
+                    x_test=x[:11], y_test=y[:11], classification=True, record_every=1,
+                    dtype=torch.float64, chunk=chunk, quiet=True, **kw)
+
+
+def test_chunk_sizes_respect_the_budget():
+    for K, N, m, budget in [(18, 9000, 32768, 2**27), (6, 40, 24, 500), (3, 7, 10, 25)]:
+        kc, nc = tl.chunk_sizes(K, N, m, budget)
+        assert 1 <= kc <= K and 1 <= nc <= N and kc * nc * m <= max(budget, m)
+    assert tl.chunk_sizes(18, 9000, 32768) == (1, 4096)  # paper E12: a run, 4096 samples
+    assert tl.chunk_sizes(24, 354, 1024) == (24, 354)  # the book's E11: one chunk
+
+
+def test_chunked_training_equals_unchunked():
+    a, b = _small_run(), _small_run(chunk=100)  # 100 elements: one run, four samples a chunk
+    for key in a.history:
+        np.testing.assert_allclose(a.history[key], b.history[key], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(a.sv, b.sv, rtol=1e-12, atol=0)
+    assert torch.equal(a.params.V, b.params.V)  # training itself is not chunked
+    # the final spectra (the last record's) are those of the final weights
+    assert np.array_equal(a.sv, tl.spectra(a.params.V).numpy())
+    c = _small_run(svd_dtype="float32")
+    assert np.array_equal(c.sv, tl.spectra(c.params.V, "float32").numpy())
+    assert np.abs(c.sv - a.sv).max() < 1e-5 * np.abs(a.sv).max()
+
+
+def _recorder(monkeypatch, module, name, size):
+    """Wrap ``module.name`` so that every call records ``size(args, out)``."""
+    seen, orig = [], getattr(module, name)
+
+    def wrapped(*args, **kw):
+        out = orig(*args, **kw)
+        seen.append(size(args, out))
+        return out
+
+    monkeypatch.setattr(module, name, wrapped)
+    return seen
+
+
+def test_a_small_budget_bounds_the_largest_evaluation_tensor(monkeypatch):
+    p = tl.init_params([0, 1, 2, 3], 5, 24, 3, torch.float64)
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = tl.forward(p, x)
+    budget = 200
+    # forward's largest intermediate is the (K_c, N_c, m) pre-activation
+    seen = _recorder(monkeypatch, tl, "forward", lambda a, out: a[0].K * a[1].shape[0] * 24)
+    chunked = tl.predict(p, x, chunk=budget)
+    assert max(seen) <= budget < 4 * 40 * 24 and len(seen) > 1  # the budget binds
+    np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=0)
+    seen.clear()
+    tl.predict(p, x)  # the default budget: one chunk, the full (K, N, m) tensor
+    assert seen == [4 * 40 * 24]
+    # and inside train: every evaluation at the records stays within the budget
+    seen.clear()
+    _small_run(chunk=budget)
+    assert seen and max(seen) <= budget
+
+
+def test_a_small_budget_bounds_the_svd_chunks(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(7, 30, 6, generator=g, dtype=torch.float32)
+    V[2, 0, 0] = math.nan
+    whole = tl.spectra(V)
+    seen = _recorder(monkeypatch, metrics, "batch_singular_values",
+                     lambda a, out: 2 * a[0].numel())  # float64 copies: two floats each
+    budget = 2 * 30 * 6 * 2  # two runs a chunk
+    s = tl.spectra(V, chunk=budget)
+    assert len(seen) == 4 and max(seen) <= budget < 2 * V.numel()
+    assert torch.equal(torch.isnan(s), torch.isnan(whole)) and torch.isnan(s[2]).all()
+    ok = ~torch.isnan(whole)
+    assert torch.equal(s[ok], whole[ok])  # the same LAPACK calls, matrix by matrix
+    s32 = tl.spectra(V, "float32", chunk=budget)
+    assert s32.dtype == torch.float64 and torch.isnan(s32[2]).all()
+
+
+def test_float32_spectra_are_far_below_the_rank_tolerance():
+    """Issue 20: record spectra in float32 only where its error against float64 is far below
+    the rank tolerances (1e-3 of ||V||_F): measured on a trained-like spectrum spanning 1e-6."""
+    g = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(512, 64, generator=g, dtype=torch.float64))
+    W, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -6, 64, dtype=torch.float64)
+    V = ((U * s) @ W.T).float().unsqueeze(0)
+    s64, s32 = tl.spectra(V), tl.spectra(V, "float32")
+    err = float((s64 - s32).abs().max() / s64.norm())
+    assert err < 1e-5  # two orders of magnitude below the 1e-3 tolerance
+    assert int(metrics.threshold_rank(s64)[0]) == int(metrics.threshold_rank(s32)[0])
+    assert float(metrics.stable_rank(s32)[0]) == pytest.approx(
+        float(metrics.stable_rank(s64)[0]), rel=1e-5)
+
+
+def test_grad_stats_chunked_over_units_equals_unchunked(monkeypatch):
+    x, y = _data(N=30, n=5, k=2, seed=5)
+    res = tl.train(x, y, width=40, lams=[0.1], seeds=[0], lr=0.02, batch_size=6, epochs=3,
+                   dtype=torch.float64, quiet=True)
+    whole = tl.grad_stats(res.params, 0, 0.1, x, y)
+    budget = 2 * 30 * 7  # float64 factors of 7 hidden units a chunk
+    seen = _recorder(monkeypatch, tl, "_factors", lambda a, out: 2 * out.numel())
+    part = tl.grad_stats(res.params, 0, 0.1, x, y, chunk=budget)
+    assert len(seen) == 6 and max(seen) <= budget < 2 * 30 * 40
+    for key in ("gram", "c"):
+        np.testing.assert_allclose(getattr(part, key), getattr(whole, key), rtol=1e-12,
+                                   atol=1e-15)
+    np.testing.assert_allclose(part.per_sample, whole.per_sample, rtol=1e-12, atol=0)
+    assert part.full == pytest.approx(whole.full, rel=1e-12)
+
+
+def test_init_params_draws_one_run_at_a_time_as_before():
+    seeds, n, m, k = [3, 1, 3], 6, 9, 2
+    p = tl.init_params(seeds, n, m, k, torch.float32)
+    Vs = []
+    for s in seeds:  # the former construction: every run in float64, stacked, then converted
+        g = torch.Generator().manual_seed(s)
+        Vs.append(torch.randn(m, n, generator=g, dtype=torch.float64) * math.sqrt(2.0 / n))
+    ref = torch.stack(Vs).to(torch.float32)
+    assert torch.equal(p.V, ref) and p.V.mT.is_contiguous() and p.V.shape == (3, m, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost: work() against a measured train(), and Chapter 5's plan
+# --------------------------------------------------------------------------------------------
+def test_work_estimate_within_factor_two_of_a_measured_train():
+    from sgdrank import cost
+
+    torch.set_num_threads(1)
+    N, n, k, m, B, ep = 1024, 64, 10, 512, 32, 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, n, generator=g, dtype=torch.float32)
+    y = tl.one_hot(torch.randint(0, k, (N,), generator=g), k)
+    lams, seeds = tl.grid([0.0, 0.01, 0.1], [0, 1])
+    w = tl.work("test", N=N, n=n, k=k, width=m, runs=6, batch_size=B, epochs=ep,
+                n_test=256, record_every=2, device="cpu")
+    assert w.steps == ep * (N // B) and w.k == 6 and w.calls == 1
+    assert w.svds == {(m, n, "float64"): 6 * 4}  # records at epochs 0, 2, 4, 6 (final: the last)
+    t = time.perf_counter()
+    tl.train(x, y, width=m, lams=lams, seeds=seeds, lr=1e-3, batch_size=B, epochs=ep,
+             x_test=x[:256], y_test=y[:256], classification=True, record_every=2,
+             dtype=torch.float32, quiet=True, device="cpu")
+    measured = time.perf_counter() - t
+    est = cost.estimate(w, device="cpu", check=False)
+    assert 0.5 <= est.seconds / measured <= 2.0, (est.seconds, measured)
+
+
+BOOKLIKE = dict(
+    seeds=[0, 1, 2], n_random=100, splits=[0, 1, 2],
+    e11_data="diabetes", e11_n_train=None, e11_n_test=None, e11_width=64, e11_lr=2e-3,
+    e11_epochs=10, e11_lr_every=2, e11_lams=[0, 0.1, 1.0], e11_B=32, e11_record=5,
+    e11_Bs=[8, 32, 128], e11_B_lam=0.1, e11_B_epochs=4, e11_B_steps=100,
+    e12_data="digits", e12_n_train=300, e12_n_test=100, e12_width=32, e12_lr=2e-3,
+    e12_epochs=3, e12_lr_every=1, e12_lams=[0, 0.1], e12_B=32, e12_record=1,
+    e12_Bs=[8, 32], e12_B_lam=0.1, e12_B_epochs=2, e12_B_steps=20, e12_svd="float32")
+
+
+def test_plan_counts_every_training_of_chapter_5():
+    from sgdrank import cost, profiles
+
+    P = profiles.Settings("book", BOOKLIKE)
+    plan = tl.plan(P)
+    assert sorted(plan) == sorted(f"{e} {w}" for e in ("E11", "E12")
+                                  for w in ("lambda sweep", "batch sweep", "splits"))
+    (lam11,) = plan["E11 lambda sweep"]
+    assert lam11.runs == 9 and lam11.steps == 10 * (354 // 32) and lam11.fp64_flops > 0
+    assert [w.steps for w in plan["E11 batch sweep"]] == [
+        max(4, -(-100 // (354 // B))) * (354 // B) for B in (8, 32, 128)]
+    assert [w.runs for w in plan["E11 splits"]] == [6, 6]  # splits 1, 2: lambda 0 and best
+    (lam12,) = plan["E12 lambda sweep"]
+    assert lam12.runs == 6 and lam12.steps == 3 * (300 // 32)
+    assert (32, 64, "float32") in lam12.svds  # the records' precision follows the settings
+    assert all(w.svds.get((32, 64, "float64")) is None for w in plan["E12 batch sweep"])
+    # the plan's settings are those the chapter trains with (one source: sweep_kw)
+    kw = tl.sweep_kw(P, "e12")
+    assert (kw["width"], kw["batch_size"], kw["svd_dtype"]) == (32, 32, "float32")
+    est = cost.estimate(plan, device="cpu", probe=False, check=False)
+    assert est.runs == (9 + 9 + 2 * 6) + (6 + 6 + 2 * 6)  # lambda sweep, batch sweep, splits
+    assert est.steps == sum(w.steps * w.calls for ws in plan.values() for w in ws)
+
+
+def test_work_counts_scale_with_epochs_and_records():
+    a = tl.work("a", N=100, n=4, k=1, width=8, runs=3, batch_size=10, epochs=10, record_every=5)
+    b = tl.work("b", N=100, n=4, k=1, width=8, runs=3, batch_size=10, epochs=20, record_every=5)
+    assert b.steps == 2 * a.steps == 200 and b.step_flops == a.step_flops
+    assert a.svds[(8, 4, "float64")] == 3 * 3 and b.svds[(8, 4, "float64")] == 3 * 5
+    c = tl.work("c", N=100, n=4, k=1, width=8, runs=3, batch_size=10, epochs=10, record_every=5,
+                record_steps=[55])  # one extra record inside epoch 6
+    assert c.eval_flops == pytest.approx(a.eval_flops * 4 / 3)
+
+
+def test_truncation_from_the_top_right_singular_vectors_equals_the_svd_one():
+    x, y = _data(N=30, n=6, k=2, seed=6)
+    res = tl.train(x, y, width=50, lams=[0.0, 0.1], seeds=[0, 1], lr=0.02, batch_size=6,
+                   epochs=4, dtype=torch.float64, quiet=True)
+    for i in range(2):
+        V = res.params.V[i]
+        full = torch.linalg.svd(V, full_matrices=False)
+        right = tl.top_right(V, 2)
+        for r in (1, 2):
+            a, b = tl.truncate(res.params, i, r, full), tl.truncate(res.params, i, r, right)
+            torch.testing.assert_close(b.V, a.V, rtol=0, atol=1e-12 * float(V.norm()))
+            ta = tl.truncated_errors(res.params, i, r, x, y, svd=full)
+            tb = tl.truncated_errors(res.params, i, r, x, y, svd=right)
+            assert tb["loss"] == pytest.approx(ta["loss"], rel=1e-12)
+        # a wrong choice (the bottom singular vectors) is far off: the check can fail
+        wrong = tl.truncate(res.params, i, 2, full[2][-2:].flip(0))
+        assert float((wrong.V - tl.truncate(res.params, i, 2, full).V).norm()) > 1e-3
+
+
+def test_float64_analysis_flops_are_timed_at_the_float64_peak():
+    from sgdrank import cost
+
+    kw = dict(N=2000, n=784, k=10, width=4096, runs=3, batch_size=64, epochs=1, record_every=1)
+    a, b = tl.work("a", **kw), tl.work("b", analysis=True, seeds=3, n_random=10, **kw)
+    assert a.fp64_flops == 0 and b.fp64_flops >= 3 * 2.0 * 2000**2 * 4096
+    ra, rb = (cost.on_reference(cost.estimate(w, device="cpu", probe=False, check=False))
+              for w in (a, b))
+    ref = cost.COLAB_T4
+    gram = b.fp64_flops / (ref.efficiency * ref.fp64_flops)
+    extra_svds = b.svds[(4096, 784, "float64")] - a.svds[(4096, 784, "float64")]
+    svd_s = extra_svds * max(cost._svd_flops(4096, 784) / (ref.svd_efficiency * ref.fp64_flops),
+                             ref.svd_floor)
+    other = (b.eval_flops - a.eval_flops) / (ref.efficiency * ref.fp32_flops)
+    assert rb.seconds - ra.seconds == pytest.approx(gram + svd_s + other, rel=1e-9)
+    assert gram > 10 * other  # float64 on a T4: 1/32 of the float32 rate

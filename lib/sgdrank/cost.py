@@ -84,6 +84,7 @@ class GroupCost:
     setup_seconds: float = 0.0             # building the k networks (per chunk / per loop run)
     eval_flops: float = 0.0                # the evaluation part of ``flops``
     kernels: int = 0                       # kernels launched per step (reference model)
+    fp64_flops: float = 0.0                # float64 matrix products (analysis), not in ``flops``
 
 
 @dataclass
@@ -531,7 +532,9 @@ class Work:
     ``device_bytes``: peak device memory of one call; ``host_bytes``: what a call leaves on the
     host (results). ``probe(n)``: runs ``n`` steps of one call on the device it is given and
     returns the seconds per step (None: no probe, time unknown). ``kernels``: kernels launched
-    per step (the reference model's launch floor)."""
+    per step (the reference model's launch floor). ``fp64_flops``: float64 matrix-product FLOPs
+    per call (an analysis in double precision), timed at the float64 rate (on a reference GPU
+    its float64 peak; on this device half the probed float32 rate)."""
     label: str
     runs: int
     k: int
@@ -544,6 +547,7 @@ class Work:
     host_bytes: float = 0.0
     probe: Any = None
     kernels: int = 30
+    fp64_flops: float = 0.0
 
     @property
     def calls(self) -> int:
@@ -580,14 +584,16 @@ def estimate_work(works: "Work | Iterable[Work]", *, device=None, probe: bool = 
         svds = {key: calls * int(v) for key, v in w.svds.items()}
         gc = GroupCost(w.label, w.batch_size, w.k, w.runs, "custom", w.steps,
                        calls * (w.steps * w.step_flops + w.eval_flops), svds, w.device_bytes,
-                       eval_flops=calls * w.eval_flops, kernels=w.kernels)
+                       eval_flops=calls * w.eval_flops, kernels=w.kernels,
+                       fp64_flops=calls * w.fp64_flops)
         if probe and w.probe is not None and w.steps > 0:
             step_s = float(w.probe(probe_steps))
             rate = w.step_flops / max(step_s, 1e-12)
             gc.step_seconds, gc.eval_seconds = step_s, w.eval_flops / rate
             gc.svd_seconds = sum(c * _svd_seconds(m, n, dt, device)
                                  for (m, n, dt), c in w.svds.items())
-            gc.seconds = calls * (w.steps * step_s + gc.eval_seconds + gc.svd_seconds)
+            gc.seconds = calls * (w.steps * step_s + gc.eval_seconds + gc.svd_seconds
+                                  + 2 * w.fp64_flops / rate)
             gc.probed = True
         elif probe and w.steps == 0:
             gc.seconds = 0.0
@@ -696,6 +702,7 @@ def on_reference(est: Estimate, ref: Reference = COLAB_T4) -> RefCost:
         for (m, n, dt), count in g.svds.items():
             peak = ref.fp64_flops if dt == "float64" else ref.fp32_flops
             svd += count * max(_svd_flops(m, n) / (ref.svd_efficiency * peak), ref.svd_floor)
+        train += g.fp64_flops / (ref.efficiency * ref.fp64_flops)
     dev = max((g.device_bytes for g in est.groups), default=0.0)
     host = est.peak_host_bytes - (dev if est.device == "cpu" else 0.0)
     return RefCost(ref, train + svd, train, svd, dev, max(host, 0.0))

@@ -59,6 +59,25 @@ from .progress import progress
 ORDER_OFFSET = (
     1_000_003  # batch-order generator of seed s: torch.Generator().manual_seed(s + ORDER_OFFSET)
 )
+#: Memory budget of one chunk, in tensor elements (2^27: 0.5 GB of float32, 1 GB of float64).
+#: Every full-set forward pass is cut into (runs x samples) chunks whose largest intermediate,
+#: the ``(K_c, N_c, m)`` pre-activations, holds at most this many elements; every batch of SVDs
+#: into chunks of runs whose float64 copies hold at most this many floats (two per float64
+#: element); the per-sample factors of :func:`grad_stats` into chunks of hidden units. At the
+#: paper's E12 scale (MNIST, width 32768, K = 18) the unchunked forward would build an
+#: 18 x 9000 x 32768 float32 tensor (21 GB). A problem that fits one chunk (the book profile)
+#: runs the unchunked arithmetic exactly. Override per call (``chunk=``) or here.
+CHUNK = 2**27
+
+
+def chunk_sizes(K: int, N: int, per: int, budget: int | None = None) -> tuple[int, int]:
+    """``(K_c, N_c)``: runs and samples per chunk such that ``K_c * N_c * per <= budget`` (or
+    ``K_c = N_c = 1``): all ``N`` samples of as many runs as fit, else fewer samples per run."""
+    budget = CHUNK if budget is None else int(budget)
+    per = max(1, int(per))
+    kc = min(K, max(1, budget // (per * max(1, N))))
+    nc = min(N, max(1, budget // (per * kc)))
+    return kc, nc
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +111,18 @@ def init_params(seeds: Sequence[int], n: int, m: int, k: int = 1, dtype=torch.fl
     (V drawn first, then u), so runs with the same seed start identically."""
     if n < 1 or m < 1 or k < 1:
         raise ValueError(f"n, m, k must be positive, got n={n}, m={m}, k={k}")
-    us, Vs = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        Vs.append(torch.randn(m, n, generator=g, dtype=torch.float64) * math.sqrt(2.0 / n))
-        us.append(torch.randn(k, m, generator=g, dtype=torch.float64) * math.sqrt(2.0 / m))
-    K = len(us)
+    K = len(seeds)
     if K == 0:
         raise ValueError("no runs: seeds is empty")
-    V = torch.stack(Vs).to(dtype).mT.contiguous().mT  # (K, m, n) stored as (K, n, m)
+    # one run's float64 draw at a time, straight into the (K, n, m) block: the host never holds
+    # K float64 copies (at width 32768 and K = 18 they were 3.7 GB, twice)
+    Vt = torch.empty(K, n, m, dtype=dtype)
+    us = []
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(s))
+        Vt[i] = (torch.randn(m, n, generator=g, dtype=torch.float64) * math.sqrt(2.0 / n)).T
+        us.append(torch.randn(k, m, generator=g, dtype=torch.float64) * math.sqrt(2.0 / m))
+    V = Vt.mT  # (K, m, n) stored as (K, n, m)
     return Params(torch.stack(us).to(dtype), V, torch.zeros(K, m, dtype=dtype))
 
 
@@ -109,6 +131,23 @@ def forward(p: Params, x: torch.Tensor) -> torch.Tensor:
     ``(K, N, n)`` (one batch per run)."""
     pre = _pre(p, x)
     return torch.bmm(pre.clamp_min_(0), p.u.mT)
+
+
+def predict(p: Params, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """:func:`forward` for inputs ``(N, n)`` shared by all runs, in chunks of runs and samples
+    whose pre-activations hold at most ``chunk`` (default :data:`CHUNK`) elements: the same
+    ``(K, N, k)`` outputs (bit for bit when one chunk holds everything) without the
+    ``(K, N, m)`` tensor."""
+    K, N, m = p.K, x.shape[0], p.V.shape[1]
+    kc, nc = chunk_sizes(K, N, m, chunk)
+    if kc == K and nc == N:
+        return forward(p, x)
+    out = torch.empty(K, N, p.u.shape[1], dtype=p.V.dtype, device=p.V.device)
+    for a in range(0, K, kc):
+        q = Params(p.u[a : a + kc], p.V[a : a + kc], p.b[a : a + kc])
+        for s in range(0, N, nc):
+            out[a : a + kc, s : s + nc] = forward(q, x[s : s + nc])
+    return out
 
 
 def _pre(p: Params, x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +186,13 @@ def loss_grads(p: Params, xb: torch.Tensor, yb: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
+def _update(p: Params, dU, dV, db, shrink, mu3, mu2) -> None:
+    """One SGD step with weight decay on ``u`` and ``V`` (in place)."""
+    p.V.mul_(shrink).sub_(dV.mul_(mu3))
+    p.u.mul_(shrink).sub_(dU.mul_(mu3))
+    p.b.sub_(db.mul_(mu2))
+
+
 def order_generator(seed: int) -> torch.Generator:
     """The generator of run ``seed``'s batch order: each epoch is ``torch.randperm(N, generator=g)``
     cut into ``N // B`` batches of ``B`` (the last ``N mod B`` samples of the permutation are
@@ -236,11 +282,37 @@ def grid(lams: Sequence[float], seeds: Sequence[int]) -> tuple[list[float], list
     return [float(a) for a, _ in pairs], [int(s) for _, s in pairs]
 
 
-def _evaluate(p: Params, x, y, classification: bool):
-    out = forward(p, x)  # (K, N, k)
+def _evaluate(p: Params, x, y, classification: bool, chunk: int | None = None):
+    out = predict(p, x, chunk)  # (K, N, k), computed in chunks of at most `chunk` elements
     loss = (out - y).square().sum(-1).mean(-1)
     acc = (out.argmax(-1) == y.argmax(-1)).double().mean(-1) if classification else None
     return loss, acc
+
+
+def spectra(V: torch.Tensor, dtype: str = "float64", chunk: int | None = None) -> torch.Tensor:
+    """Singular values of every run's ``V`` (``(K, m, n)`` -> ``(K, min(m, n))``, float64,
+    descending), computed in ``dtype`` (``"float64"``: :func:`sgdrank.metrics.
+    batch_singular_values`; ``"float32"``: single precision, whose error against float64 is far
+    below the rank tolerances, tested) a chunk of runs at a time, so that the copies hold at
+    most ``chunk`` (default :data:`CHUNK`) floats (a float64 element counts two). A run with a
+    non-finite entry gets NaN (a diverged run records NaN, not an exception)."""
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"svd dtype must be 'float64' or 'float32', got {dtype!r}")
+    K, m, n = V.shape
+    per = m * n * (2 if dtype == "float64" else 1)
+    kc = max(1, (CHUNK if chunk is None else int(chunk)) // per)
+    out = []
+    for a in range(0, K, kc):
+        v = V[a : a + kc]
+        ok = torch.isfinite(v).all((1, 2))
+        w = torch.where(ok.view(-1, 1, 1), v, 0)
+        if dtype == "float64":
+            s = metrics.batch_singular_values(w)
+        else:
+            s = torch.linalg.svdvals((w.mT if m < n else w).float()).double()
+        s[~ok] = math.nan
+        out.append(s)
+    return torch.cat(out)
 
 
 def train(
@@ -265,6 +337,8 @@ def train(
     init: Params | None = None,
     device: str | torch.device | None = None,
     quiet: bool = False,
+    svd_dtype: str = "float64",
+    chunk: int | None = None,
 ) -> Result:
     """Train ``K = len(lams)`` two-layer ReLU networks of width ``width`` with mini-batch SGD
     (reshuffled every epoch, per-run batch orders from :func:`order_generator`) and weight
@@ -277,7 +351,9 @@ def train(
     ``classification``: also record accuracies (argmax of ``f`` against argmax of ``y``).
     ``device``: where to train (default: ``x``'s device); the batch orders are drawn on the CPU,
     so a run's batches do not depend on the device. ``quiet``: no progress bar or summary line
-    (for checked notebook cells, whose output must not contain a timing).
+    (for checked notebook cells, whose output must not contain a timing). ``svd_dtype``: the
+    precision of the recorded and final spectra (:func:`spectra`). ``chunk``: memory budget of
+    the evaluations and SVDs in elements (default :data:`CHUNK`; :func:`chunk_sizes`).
     """
     lams = [float(v) for v in lams]
     seeds = [int(s) for s in seeds]
@@ -328,14 +404,18 @@ def train(
         if has_test:
             hist["test_acc"] = []
 
+    last_s: list = [None, None]  # (step, spectra) of the latest record
+
     def record(epoch: float, step: int):
         with torch.no_grad():
-            ok = torch.isfinite(p.V).all((1, 2)) & torch.isfinite(p.u).all((1, 2))
-            s = metrics.batch_singular_values(torch.where(ok.view(-1, 1, 1), p.V, 0))
+            ok = torch.isfinite(p.u).all((1, 2))
+            s = spectra(p.V, svd_dtype, chunk)  # NaN where V is not finite
+            last_s[:] = step, s.clone()  # the final spectra, if nothing moves after it
             s[~ok] = math.nan  # a diverged run records nan, not an exception
+            ok = ok & torch.isfinite(s).all(1)
             hist["epoch"].append(epoch)
             hist["step"].append(step)
-            loss, acc = _evaluate(p, x, y, classification)
+            loss, acc = _evaluate(p, x, y, classification, chunk)
             hist["train_loss"].append(loss.double().cpu().numpy())
             sr = metrics.stable_rank(s)
             sr[~ok] = math.nan
@@ -345,7 +425,7 @@ def train(
             if classification:
                 hist["train_acc"].append(acc.cpu().numpy())
             if has_test:
-                tl, ta = _evaluate(p, x_test, y_test, classification)
+                tl, ta = _evaluate(p, x_test, y_test, classification, chunk)
                 hist["test_loss"].append(tl.double().cpu().numpy())
                 if classification:
                     hist["test_acc"].append(ta.cpu().numpy())
@@ -372,9 +452,7 @@ def train(
                 last_grad[:, j] = torch.linalg.matrix_norm(
                     dV + 2 * lam_t.view(K, 1, 1) * p.V
                 ).double()
-            p.V.mul_(shrink).sub_(dV.mul_(mu3))
-            p.u.mul_(shrink).sub_(dU.mul_(mu3))
-            p.b.sub_(db.mul_(mu.view(K, 1)))
+            _update(p, dU, dV, db, shrink, mu3, mu.view(K, 1))
             step += 1
             if step in rec_steps:
                 record(epoch + (j + 1) / S, step)
@@ -387,9 +465,9 @@ def train(
     history = {key: np.asarray(v) for key, v in hist.items()}
     order = np.argsort(history["step"], kind="stable")
     history = {key: v[order] for key, v in history.items()}
-    ok = torch.isfinite(p.V).all((1, 2)).view(-1, 1, 1)
-    sv = metrics.batch_singular_values(torch.where(ok, p.V, 0)).cpu().numpy()
-    sv[~ok.view(-1).cpu().numpy()] = np.nan
+    # the final spectra: those of the last record when it was taken after the last step (it
+    # always is, unless epochs = 0 and record_steps asked for more), else computed here
+    sv = (last_s[1] if last_s[0] == step else spectra(p.V, svd_dtype, chunk)).cpu().numpy()
     return Result(
         p,
         np.asarray(lams),
@@ -412,6 +490,7 @@ def train(
             N=N,
             lrs=lr_runs.cpu().tolist(),
             custom_init=init is not None,
+            svd_dtype=svd_dtype,
         ),
     )
 
@@ -424,8 +503,25 @@ def per_sample_factors(p: Params, i: int, x: torch.Tensor, y: torch.Tensor) -> t
     float64), so that ``M_j = a_j x_j^T`` is the gradient of ``||f(x_j) - y_j||^2`` w.r.t. ``V``."""
     u, V, b = (t[i].double() for t in (p.u, p.V, p.b))
     x, y = x.double().to(V.device), y.double().to(V.device)
+    return _factors(u, V, b, x, _residuals(u, V, b, x, y))
+
+
+def _residuals(u, V, b, x, y, chunk: int | None = None) -> torch.Tensor:
+    """``f(x_j) - y_j`` of one run (float64 ``u, V, b``), ``(N, k)``, in chunks of samples whose
+    ``(N_c, m)`` pre-activations hold at most ``chunk`` float64 elements."""
+    N, m = x.shape[0], V.shape[0]
+    _, nc = chunk_sizes(1, N, 2 * m, chunk)
+    if nc >= N:
+        pre = x @ V.T + b
+        return pre.clamp_min(0) @ u.T - y  # (N, k)
+    out = [(x[s : s + nc] @ V.T + b).clamp_min(0) @ u.T - y[s : s + nc] for s in range(0, N, nc)]
+    return torch.cat(out)
+
+
+def _factors(u, V, b, x, r) -> torch.Tensor:
+    """``a_j`` restricted to the hidden units of ``u (k, m_c)``, ``V (m_c, n)``, ``b (m_c,)``,
+    from the residuals ``r`` ``(N, k)``: ``(N, m_c)``."""
     pre = x @ V.T + b
-    r = pre.clamp_min(0) @ u.T - y  # (N, k)
     return 2 * (r @ u) * (pre > 0)
 
 
@@ -457,20 +553,39 @@ class GradStats:
         return float(top.mean())
 
 
-def grad_stats(p: Params, i: int, lam: float, x: torch.Tensor, y: torch.Tensor) -> GradStats:
-    """:class:`GradStats` of run ``i`` (weight decay ``lam``) on the data ``(x, y)``."""
-    V = p.V[i].double()
-    xd = x.double().to(V.device)
-    a = per_sample_factors(p, i, x, y)
-    gram = (a @ a.T) * (xd @ xd.T)  # <M_i, M_j>
-    c = ((a @ V) * xd).sum(1)  # <V, M_j> = a_j^T V x_j
+def grad_stats(
+    p: Params, i: int, lam: float, x: torch.Tensor, y: torch.Tensor, chunk: int | None = None,
+    sv: np.ndarray | None = None,
+) -> GradStats:
+    """:class:`GradStats` of run ``i`` (weight decay ``lam``) on the data ``(x, y)``; the
+    per-sample factors are formed a chunk of hidden units at a time (``chunk``: elements,
+    default :data:`CHUNK`), so memory is ``O(N^2 + chunk)``, not ``O(N m)``. ``sv``: the
+    float64 singular values of run ``i``'s ``V`` if already known (:func:`train`'s final
+    spectra in float64 are the same computation)."""
+    u, V, b = (t[i].double() for t in (p.u, p.V, p.b))
+    xd, yd = x.double().to(V.device), y.double().to(V.device)
+    N, m = xd.shape[0], V.shape[0]
+    r = _residuals(u, V, b, xd, yd, chunk)
+    # hidden units in chunks: a_j restricted to a chunk is (N, m_c), at most `chunk` floats
+    # (float64: two each); <a_i, a_j> and a_j^T V add over the chunks (one chunk: exactly the
+    # unchunked products)
+    mc = max(1, (CHUNK if chunk is None else int(chunk)) // (2 * max(1, N)))
+    aa = aV = None
+    for s in range(0, m, mc):
+        a = _factors(u[:, s : s + mc], V[s : s + mc], b[s : s + mc], xd, r)
+        if aa is None:
+            aa, aV = a @ a.T, a @ V[s : s + mc]
+        else:
+            aa += a @ a.T
+            aV += a @ V[s : s + mc]
+    gram = aa * (xd @ xd.T)  # <M_i, M_j>
+    c = (aV * xd).sum(1)  # <V, M_j> = a_j^T V x_j
     fro2 = float(V.square().sum())
     ps = (gram.diagonal() + 4 * lam * c + 4 * lam**2 * fro2).clamp_min(0).sqrt()
-    N = xd.shape[0]
     full = math.sqrt(
         max(float(gram.sum()) / N**2 + 4 * lam * float(c.sum()) / N + 4 * lam**2 * fro2, 0.0)
     )
-    sv = metrics.batch_singular_values(V).cpu().numpy()
+    sv = metrics.batch_singular_values(V).cpu().numpy() if sv is None else np.asarray(sv)
     return GradStats(
         ps.cpu().numpy(), full, 2 * lam * math.sqrt(fro2), math.sqrt(fro2), sv, gram, c, float(lam)
     )
@@ -528,11 +643,28 @@ def uniform_bound(eps: float, lam: float, B: int) -> float:
 
 def truncate(p: Params, i: int, r: int, svd=None) -> Params:
     """Run ``i`` with ``V`` replaced by its best rank-``r`` approximation (a batch of one);
-    ``svd``: ``torch.linalg.svd(p.V[i].double(), full_matrices=False)`` if already computed."""
+    ``svd``: ``torch.linalg.svd(p.V[i].double(), full_matrices=False)`` if already computed, or
+    the top right singular vectors alone (a tensor ``(>= r, n)``, :func:`top_right`): then
+    ``V_r = V Vh_r^T Vh_r``, the same matrix without the ``m x n`` factor ``U``."""
     V = p.V[i].double()
-    U, s, Vh = svd if svd is not None else torch.linalg.svd(V, full_matrices=False)
-    Vr = (U[:, :r] * s[:r]) @ Vh[:r]
+    if isinstance(svd, torch.Tensor):
+        Vh = svd[:r].to(V.device)
+        Vr = (V @ Vh.T) @ Vh
+    else:
+        U, s, Vh = svd if svd is not None else torch.linalg.svd(V, full_matrices=False)
+        Vr = (U[:, :r] * s[:r]) @ Vh[:r]
     return Params(p.u[i : i + 1].double(), Vr.unsqueeze(0), p.b[i : i + 1].double())
+
+
+def top_right(V: torch.Tensor, r: int) -> torch.Tensor:
+    """The top ``r`` right singular vectors of ``V`` (``(r, n)``, float64), as the leading
+    eigenvectors of ``V^T V``: an ``n x n`` problem, where the SVD of a tall ``m x n`` matrix
+    with its ``U`` (for the truncation of :func:`truncate`) is 3.5 times the time of its
+    singular values at ``32768 x 784``. They agree with the SVD's to ~1e-13 wherever the rank-r
+    truncation is well defined (a gap after ``s_r``; tested)."""
+    V = V.double()
+    _, vec = torch.linalg.eigh(V.T @ V)
+    return vec[:, -r:].flip(-1).T
 
 
 def lipschitz_gap(p: Params, i: int, r: int, x: torch.Tensor) -> tuple[float, float]:
@@ -542,7 +674,7 @@ def lipschitz_gap(p: Params, i: int, r: int, x: torch.Tensor) -> tuple[float, fl
     one = Params(p.u[i : i + 1].double(), p.V[i : i + 1].double(), p.b[i : i + 1].double())
     tr = truncate(p, i, r)
     xd = x.double().to(one.V.device)
-    diff = (forward(one, xd) - forward(tr, xd))[0]
+    diff = (predict(one, xd) - predict(tr, xd))[0]
     meas = float(torch.linalg.vector_norm(diff, dim=-1).max())
     s = metrics.batch_singular_values(one.V[0])
     tail = float(s[r]) if r < s.numel() else 0.0
@@ -632,9 +764,7 @@ def analyze(
     base = constant_loss(y)
     s0 = res.history["stable_rank"][0]
     f0 = res.history["fro"][0]
-    cfg = res.config
-    init = init_params(res.seeds.tolist(), cfg["n"], cfg["width"], cfg["k"], torch.float64)
-    rank0 = metrics.threshold_rank(metrics.batch_singular_values(init.V)).cpu().numpy()
+    rank0 = np.asarray([init_spectrum(res, int(sd))[1] for sd in res.seeds])
     rows = []
     for i, (lam, sd) in enumerate(zip(res.lams, res.seeds)):
         row = dict(
@@ -658,7 +788,8 @@ def analyze(
         if not np.all(np.isfinite(res.sv[i])):
             rows.append(row)
             continue
-        st = grad_stats(res.params, i, float(lam), x, y)
+        known = res.sv[i] if res.config.get("svd_dtype", "float64") == "float64" else None
+        st = grad_stats(res.params, i, float(lam), x, y, sv=known)
         nr = st.batch_norms(rb)
         nl = st.batch_norms(res.last_epoch_batches[i])
         row.update(
@@ -760,6 +891,7 @@ def batch_sweep(
     classification: bool = False,
     desc: str = "B sweep",
     device: str | torch.device | None = None,
+    svd_dtype: str = "float64",
 ) -> list[dict]:
     """Stable rank, ``||V||_F``, errors (and accuracies) against the batch size at a fixed
     number of epochs and at a fixed number of SGD steps, with a constant learning rate (so that
@@ -788,6 +920,7 @@ def batch_sweep(
             record_steps=[steps],
             desc=f"{desc}, B = {B}",
             device=device,
+            svd_dtype=svd_dtype,
         )
         h = res.history
         at_ep = int(np.nonzero(np.isclose(h["epoch"], epochs))[0][0])
@@ -819,6 +952,24 @@ def step_lrs(res: Result, i: int = 0) -> np.ndarray:
     return np.repeat(per_epoch, res.steps_per_epoch)
 
 
+_INIT_SV: dict = {}
+
+
+def init_spectrum(res: Result, seed: int) -> tuple[torch.Tensor, int]:
+    """``(s, rank)``: singular values (float64) and threshold rank of ``V_0`` of a run of
+    ``res`` with seed ``seed``, redrawn by :func:`init_params` (one run at a time, never a
+    float64 copy of every run) and decomposed once per initialisation (cached)."""
+    cfg = res.config
+    key = (int(seed), cfg["n"], cfg["width"], cfg["k"])
+    if key not in _INIT_SV:
+        V0 = init_params([int(seed)], cfg["n"], cfg["width"], cfg["k"], torch.float64).V
+        s = metrics.batch_singular_values(V0)
+        if any(k[1:] != key[1:] for k in _INIT_SV):
+            _INIT_SV.clear()  # keep the entries of one shape only (one per seed)
+        _INIT_SV[key] = (s[0], int(metrics.threshold_rank(s)[0]))
+    return _INIT_SV[key]
+
+
 def decompose(res: Result) -> list[dict]:
     """For every run of ``res``: ``c`` (from its learning-rate schedule), ``D = -ln c``, ``lr_sum``
     and the parts of ``V_T = c V_0 + DeltaV`` by :func:`sgdrank.decomposition.parts`, as flat keys
@@ -830,7 +981,6 @@ def decompose(res: Result) -> list[dict]:
     cfg = res.config
     if cfg.get("custom_init"):
         raise ValueError("decompose needs runs started from init_params(seeds) (init=None)")
-    init = init_params(res.seeds.tolist(), cfg["n"], cfg["width"], cfg["k"], torch.float64)
     rows = []
     for i, lam in enumerate(res.lams):
         lrs = step_lrs(res, i)
@@ -838,7 +988,9 @@ def decompose(res: Result) -> list[dict]:
         row = dict(c=c, D=decomposition.total_decay(lrs, float(lam)), lr_sum=float(lrs.sum()))
         VT = res.params.V[i].double().cpu()
         if torch.isfinite(VT).all() and c > 0:
-            q = decomposition.parts(VT, init.V[i], c, eps=(1e-3,))
+            sd = int(res.seeds[i])
+            V0 = init_params([sd], cfg["n"], cfg["width"], cfg["k"], torch.float64).V[0]
+            q = decomposition.parts(VT, V0, c, eps=(1e-3,), s0=init_spectrum(res, sd)[0])
             for x in ("W", "W0", "dW"):
                 row.update(
                     {
@@ -879,7 +1031,7 @@ def truncated_errors(
     one = Params(p.u[i : i + 1].double(), p.V[i : i + 1].double(), p.b[i : i + 1].double())
     xd = x.double().to(tr.V.device)
     yd = y.double().to(tr.V.device)
-    ft, f = forward(tr, xd)[0], forward(one, xd)[0]
+    ft, f = predict(tr, xd)[0], predict(one, xd)[0]
     out = dict(
         loss=float((ft - yd).square().sum(1).mean()),
         f_change=float((ft - f).square().sum(1).mean().sqrt()),
@@ -991,7 +1143,7 @@ def lam_table(
         if "train_acc" in row and "test_acc" in row:
             row["acc_gap"] = row["train_acc"] - row["test_acc"]
         if np.all(np.isfinite(res.sv[i])):
-            svd = torch.linalg.svd(res.params.V[i].double(), full_matrices=False)
+            svd = top_right(res.params.V[i], 2)  # V_r = V Vh_r^T Vh_r: no m x n factor U
             for r in (1, 2):
                 t = truncated_errors(res.params, i, r, x_test, y_test, classification, svd)
                 row.update({f"test_loss_r{r}": t["loss"], f"f_change_r{r}": t["f_change"]})
@@ -1143,3 +1295,171 @@ def split_sweep(
             row.update(split=int(sp), **{f"lin_{k}": v for k, v in lin.items()})
             rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Cost of a training before its first step (sgdrank.cost.Work), and Chapter 5's plan
+# --------------------------------------------------------------------------------------------
+#: train / test sizes when ``n_train`` (``n_test``) is None: the datasets' seeded 80/20 splits
+#: (``sgdrank.data``), or their own train / test sets
+SIZES = {"diabetes": (354, 88), "digits": (1438, 359), "california": (16512, 4128),
+         "mnist": (60000, 10000), "fashion-mnist": (60000, 10000),
+         "synthetic-regression": (1000, 1000)}
+#: kernels one SGD step of :func:`train` launches (gathers, 5 products, the ReLU pattern, the
+#: loss and 8 in-place updates), whatever ``K`` is: the reference model's launch floor
+KERNELS = 25
+
+
+def shapes(name: str, n_train: int | None = None, n_test: int | None = None):
+    """``(N, N_test, n, k)`` of dataset ``name`` as :func:`load_xy` would give it, without
+    loading it (``k``: outputs, the number of classes or 1)."""
+    from . import data
+
+    info = data.DATASETS[name]
+    full = SIZES.get(name, (n_train or 0, n_test or 0))
+    N = full[0] if n_train is None else int(n_train)
+    Nt = full[1] if n_test is None else int(n_test)
+    return N, Nt, math.prod(info.input_shape), int(info.n_classes or 1)
+
+
+def work(label: str, *, N: int, n: int, k: int, width: int, runs: int, batch_size: int,
+         epochs: int, n_test: int = 0, record_every: int = 10, record_steps: Sequence[int] = (),
+         svd_dtype: str = "float64", analysis: bool = False, seeds: int = 1,
+         n_random: int = 1000, chunk: int | None = None, device=None, **_ignored):
+    """A :class:`sgdrank.cost.Work` describing ``train(x (N, n), y (N, k), width=width,
+    lams=[...] * runs, batch_size=..., epochs=..., record_every=..., record_steps=...)`` (all
+    ``runs`` trained together, one call), and, with ``analysis``, the :func:`lam_table` of its
+    result (``seeds`` distinct initialisations, ``n_random`` random batches).
+
+    - step FLOPs: the five batched products of :func:`loss_grads` per run (``4 B n m + 6 B m
+      k``) and the update (``4 m n``), times ``runs``;
+    - evaluation FLOPs: a forward pass over the ``N + n_test`` samples (``2 m (n + k)`` each)
+      at every record (epoch 0, every ``record_every``, the last, ``record_steps``);
+    - SVDs: one ``m x n`` per run and record in ``svd_dtype`` (the final spectra are the last
+      record's); the analysis adds float64 SVDs: per run two in :func:`decompose`, one in
+      :func:`grad_stats` unless the records are float64; one per initialisation;
+    - ``fp64_flops`` (analysis): the Gram matrix of :func:`grad_stats` (``2 N^2 m`` and
+      ``6 N n m`` per run) and the truncation's ``V^T V`` and eigenvectors, in float64;
+    - device bytes: data, weights, their gradients and the last epoch's gradient norms
+      (three ``(K, m, n)`` blocks), plus the largest chunk: a batch's activations, an
+      evaluation chunk (:func:`chunk_sizes`), an SVD chunk (:func:`spectra`) or the analysis
+      (one run in float64, the ``N x N`` Gram and a chunk of factors);
+    - host bytes: what the :class:`Result` keeps (spectra, history, last epoch's norms);
+    - probe: ``n`` timed SGD steps of ``runs`` networks of this size on ``device`` (default:
+      ``$SGDRANK_DEVICE``, else the CPU)."""
+    from . import cost
+
+    budget = CHUNK if chunk is None else int(chunk)
+    m, K, B = int(width), int(runs), int(batch_size)
+    S = N // B
+    recs = {0, epochs} | {e for e in range(record_every, epochs + 1, record_every)}
+    rec_steps = {e * S for e in recs} | {int(s) for s in record_steps if s <= epochs * S}
+    n_rec = len(rec_steps)
+    step_flops = K * (4.0 * B * n * m + 6.0 * B * m * k + 4.0 * m * n)
+    eval_flops = n_rec * K * (N + n_test) * 2.0 * m * (n + k)
+    svds = {(m, n, svd_dtype): K * n_rec}  # the final spectra are the last record's
+    fp64 = 0.0
+    if analysis:  # grad_stats (unless the final spectra are float64), decompose's W and
+        # DeltaV, V_0 once per seed; the truncation's V^T V and its eigenvectors (top_right)
+        per_run = 2 + (svd_dtype != "float64")
+        svds[(m, n, "float64")] = svds.get((m, n, "float64"), 0) + per_run * K + int(seeds)
+        fp64 = K * (2.0 * N * N * m + 6.0 * N * n * m + 2.0 * N * N * n + 2.0 * m * n * n
+                    + 10.0 * n**3)
+        eval_flops += K * n_random * B * B  # batch norms from the Gram matrix
+    el = 4
+    mn = m * n + m * k + m
+    data_b = el * (N + n_test) * (n + k)
+    params_b = el * K * mn * 3
+    batch_b = el * K * B * (n + 3 * m)
+    kc, nc = chunk_sizes(K, max(N, n_test), m, budget)
+    eval_b = el * kc * nc * m * 2
+    per = m * n * (2 if svd_dtype == "float64" else 1)
+    svd_b = min(K, max(1, budget // per)) * m * n * (el + 2 * 8)  # where-copy, float64, LAPACK
+    ana_b = (3 * 8 * m * n + 3 * 8 * N * N + 3 * 8 * min(budget // 2, N * m)) if analysis else 0
+    dev_b = data_b + params_b + max(batch_b, eval_b, svd_b, ana_b)
+    host_b = 8.0 * K * (min(m, n) + n_rec * 8 + S * (1 + B))
+
+    def probe(steps: int) -> float:
+        return _probe_steps(K, N, n, k, m, B, steps, device)
+
+    return cost.Work(label, K, K, epochs * S, step_flops, B, eval_flops, svds, float(dev_b),
+                     float(host_b), probe, KERNELS, fp64_flops=fp64)
+
+
+def _probe_steps(K, N, n, k, m, B, steps, device=None) -> float:
+    """Seconds per SGD step of ``K`` networks ``n -> m -> k`` at batch size ``B`` on ``device``
+    (random data and weights of the right shapes; the faster of two repetitions after a
+    warm-up step)."""
+    dev = torch.device(device) if device is not None else torch.device(
+        __import__("os").environ.get("SGDRANK_DEVICE") or "cpu")
+    g = torch.Generator().manual_seed(0)
+    Np = min(N, B * (steps + 1))
+    x = torch.randn(Np, n, generator=g).to(dev)
+    y = torch.randn(Np, k, generator=g).to(dev)
+    p = Params(torch.randn(K, k, m, generator=g).to(dev) / math.sqrt(m),
+               (torch.randn(K, n, m, generator=g) / math.sqrt(n)).to(dev).mT,
+               torch.zeros(K, m, device=dev))
+    mu = torch.full((K,), 1e-6, device=dev)
+    shrink, mu3 = (1 - 2 * mu * 0.1).view(K, 1, 1), mu.view(K, 1, 1)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run(n_steps):
+        for _ in range(n_steps):
+            idx = torch.randint(0, Np, (K, B), generator=g).to(dev)
+            _, (dU, dV, db) = loss_grads(p, x[idx], y[idx])
+            _update(p, dU, dV, db, shrink, mu3, mu.view(K, 1))
+
+    run(1)
+    best = math.inf
+    for _ in range(2):
+        sync()
+        t = time.perf_counter()
+        run(steps)
+        sync()
+        best = min(best, (time.perf_counter() - t) / max(1, steps))
+    return best
+
+
+def sweep_kw(P, tag: str) -> dict:
+    """The :func:`train` settings of sweep ``tag`` (``"e11"``, ``"e12"``) from Chapter 5's
+    settings ``P``: the one source of the chapter's training cells and of :func:`plan`."""
+    return dict(width=P[f"{tag}_width"], lr=P[f"{tag}_lr"], batch_size=P[f"{tag}_B"],
+                epochs=P[f"{tag}_epochs"], lr_every=P[f"{tag}_lr_every"],
+                record_every=P[f"{tag}_record"], svd_dtype=P.get(f"{tag}_svd", "float64"))
+
+
+def batch_epochs(N: int, B: int, epochs: int, steps: int) -> int:
+    """Epochs of batch size ``B`` in :func:`batch_sweep`: ``max(epochs, ceil(steps / (N//B)))``."""
+    return max(epochs, -(-steps // (N // B)))
+
+
+def plan(P) -> dict:
+    """Every training of Chapter 5 at settings ``P``, as :class:`sgdrank.cost.Work`: per
+    sweep ``tag`` in E11, E12 the lambda x seed sweep with its analysis (one call), the batch
+    sweep (one call per batch size, the seeds together) and the extra data splits (one call per
+    split: lambda = 0 and the best lambda, the seeds together)."""
+    out = {}
+    seeds = len(P.seeds)
+    for tag in ("e11", "e12"):
+        N, Nt, n, k = shapes(P[f"{tag}_data"], P[f"{tag}_n_train"], P[f"{tag}_n_test"])
+        kw = sweep_kw(P, tag)
+        base = dict(N=N, n=n, k=k, n_test=Nt, width=kw["width"], svd_dtype=kw["svd_dtype"])
+        T = tag.upper()
+        out[f"{T} lambda sweep"] = [work(
+            f"{T} lambda sweep", runs=len(P[f"{tag}_lams"]) * seeds, batch_size=kw["batch_size"],
+            epochs=kw["epochs"], record_every=kw["record_every"], analysis=True, seeds=seeds,
+            n_random=P.n_random, **base)]
+        bs = []
+        for B in P[f"{tag}_Bs"]:
+            ep, st = P[f"{tag}_B_epochs"], P[f"{tag}_B_steps"]
+            bs.append(work(f"{T} batch sweep, B = {B}", runs=seeds, batch_size=B,
+                           epochs=batch_epochs(N, B, ep, st), record_every=ep,
+                           record_steps=[st], **base))
+        out[f"{T} batch sweep"] = bs
+        out[f"{T} splits"] = [work(
+            f"{T} split {sp}", runs=2 * seeds, batch_size=kw["batch_size"], epochs=kw["epochs"],
+            record_every=kw["record_every"], **base) for sp in P.splits[1:]]
+    return out
