@@ -742,3 +742,25 @@ def test_float64_analysis_flops_are_timed_at_the_float64_peak():
     other = (b.eval_flops - a.eval_flops) / (ref.efficiency * ref.fp32_flops)
     assert rb.seconds - ra.seconds == pytest.approx(gram + svd_s + other, rel=1e-9)
     assert gram > 10 * other  # float64 on a T4: 1/32 of the float32 rate
+
+
+def test_train_with_a_cache_is_kept_and_reloaded(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=g), torch.randn(32, 1, generator=g)
+    kw = dict(width=6, lams=[0.0, 0.1], seeds=[0, 1], lr=0.05, batch_size=8, epochs=3,
+              quiet=True)
+    fresh = tl.train(x, y, **kw)
+    first = tl.train(x, y, cache=tmp_path, **kw)
+    assert torch.equal(first.params.V, fresh.params.V)
+    calls = []
+    real = tl.train
+
+    def counting(*a, **k):
+        calls.append(k.get("cache"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tl, "train", counting)
+    again = tl.train(x, y, cache=tmp_path, **{**kw, "quiet": False, "desc": "other"})
+    assert calls == [tmp_path] and torch.equal(again.params.V, fresh.params.V)  # loaded
+    tl.train(x, y, cache=tmp_path, **{**kw, "lams": [0.0, 0.2]})  # another call: trains
+    assert calls[-1] is None and len(list(tmp_path.glob("memo_*.pt"))) == 2

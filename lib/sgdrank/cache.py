@@ -95,7 +95,10 @@ def load_record(path: Path) -> dict | None:
 
 def _digest(obj, h) -> None:
     """Feed a canonical form of ``obj`` (tensors by dtype, shape and bytes; arrays alike;
-    mappings sorted; sequences in order; other values by ``repr``) into the hash ``h``."""
+    dataclasses by their fields; mappings sorted; sequences in order; other values by ``repr``)
+    into the hash ``h``."""
+    import dataclasses
+
     import numpy as np
 
     if isinstance(obj, torch.Tensor):
@@ -105,6 +108,9 @@ def _digest(obj, h) -> None:
     elif isinstance(obj, np.ndarray):
         h.update(f"A{obj.dtype}{obj.shape}".encode())
         h.update(np.ascontiguousarray(obj).tobytes())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"D{type(obj).__qualname__}".encode())
+        _digest({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, h)
     elif isinstance(obj, dict):
         h.update(b"{")
         for k in sorted(obj, key=repr):

@@ -53,6 +53,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import cache as _cache
 from . import metrics
 from .progress import progress
 
@@ -339,6 +340,7 @@ def train(
     quiet: bool = False,
     svd_dtype: str = "float64",
     chunk: int | None = None,
+    cache=None,
 ) -> Result:
     """Train ``K = len(lams)`` two-layer ReLU networks of width ``width`` with mini-batch SGD
     (reshuffled every epoch, per-run batch orders from :func:`order_generator`) and weight
@@ -354,7 +356,16 @@ def train(
     (for checked notebook cells, whose output must not contain a timing). ``svd_dtype``: the
     precision of the recorded and final spectra (:func:`spectra`). ``chunk``: memory budget of
     the evaluations and SVDs in elements (default :data:`CHUNK`; :func:`chunk_sizes`).
+    ``cache``: a results folder (``"ch05"``, :func:`sgdrank.cache.folder`) that keeps the
+    result of this exact call (:func:`sgdrank.cache.memo`: keyed by every argument, tensors by
+    value, and this module's source), so that a run lost with its runtime is not repeated; the
+    progress text (``desc``, ``quiet``) is not part of the key.
     """
+    if cache is not None:
+        call = {k: v for k, v in locals().items() if k not in ("cache", "x", "y")}
+        desc_, quiet_ = call.pop("desc"), call.pop("quiet")
+        return _cache.memo(cache, _train_labelled, x, y, files=("twolayer.py",),
+                           label=_Label((desc_, quiet_)), **call)
     lams = [float(v) for v in lams]
     seeds = [int(s) for s in seeds]
     K = len(lams)
@@ -494,6 +505,21 @@ def train(
         ),
     )
 
+
+
+class _Label:
+    """The progress text of a cached call, left out of its cache key (equal to every label)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "_Label"
+
+
+def _train_labelled(x, y, *, label, **kw) -> Result:
+    desc, quiet = label.value if isinstance(label, _Label) else label
+    return train(x, y, desc=desc, quiet=quiet, **kw)
 
 # --------------------------------------------------------------------------------------------
 # Per-sample and batch gradients at one parameter point (Theorems 2.4 / 2.6)
@@ -892,6 +918,7 @@ def batch_sweep(
     desc: str = "B sweep",
     device: str | torch.device | None = None,
     svd_dtype: str = "float64",
+    cache=None,
 ) -> list[dict]:
     """Stable rank, ``||V||_F``, errors (and accuracies) against the batch size at a fixed
     number of epochs and at a fixed number of SGD steps, with a constant learning rate (so that
@@ -921,6 +948,7 @@ def batch_sweep(
             desc=f"{desc}, B = {B}",
             device=device,
             svd_dtype=svd_dtype,
+            cache=cache,
         )
         h = res.history
         at_ep = int(np.nonzero(np.isclose(h["epoch"], epochs))[0][0])
