@@ -1,12 +1,15 @@
 """Chapter 6's helpers (sgdrank.zoostudy): layer counts, the per-sample gradient check, the
 sweep grid and the init/end rank tables, on the reduced zoo models and a tiny real sweep."""
+import json
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from sgdrank import sweep, zoo, zoostudy
+from sgdrank import cost, profiles, sweep, zoo, zoostudy
 
 VGG = "VGG16-BN:width=4"
 VIT = "VIT:dim=16,depth=1,heads=2,mlp=32,patch=7"
@@ -211,3 +214,105 @@ def test_linear_baseline():
     t = zoostudy.linear_baseline("fashion-mnist", 64, 32, Cs=(0.1, 1.0))
     assert list(t.C) == [0.1, 1.0]
     assert t.test_acc.between(0.2, 1).all() and (t.train_acc >= t.test_acc - 0.5).all()
+
+
+# --- the chapter's plan (zoostudy.plan) from the chapter's own settings table -------------------
+CHAPTER = Path(__file__).resolve().parents[1] / "chapters" / "06_conv_transformers.ipynb"
+
+
+@pytest.fixture(scope="module")
+def chapter():
+    """The chapter's settings table (its settings cell run up to ``P = ...``) and the run count
+    its committed (book-profile) outputs printed."""
+    nb = json.loads(CHAPTER.read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    settings = next(s for s in cells if "TABLE = {" in s)
+    ns: dict = {}
+    exec(settings[:settings.index("P = profiles.select(")], ns)  # noqa: S102
+    train = next(c for c in nb["cells"] if "".join(c["source"]).startswith("PLAN = zs.plan"))
+    text = "".join("".join(o.get("text", "")) for o in train["outputs"])
+    ran = int(re.search(r"^(\d+) runs \(", text, re.M).group(1))
+    return ns["TABLE"], ran
+
+
+def test_plan_book_is_what_the_chapter_ran(chapter):
+    table, ran = chapter
+    P = profiles.select(table, "book", dry=False)
+    plan = zoostudy.plan(P)
+    assert list(plan) == ["grid", "long arm"]
+    assert len(plan["grid"]) + len(plan["long arm"]) == ran == 42
+    assert len(plan["grid"]) == 3 * 2 * 2 * 3 and len(plan["long arm"]) == 2 * 3
+    # the configs the chapter built before plan() existed: the same runs, so the same cache keys
+    base = sweep.Config(dataset="fashion-mnist", n_train=2048, n_test=500, lr=0.1)
+    old = zoostudy.grid(base, models=list(zoostudy.REDUCED.values()), lams=[0.0, 2e-2],
+                        batch_sizes=[8, 16], lrs=[0.1], seeds=[0, 1, 2], steps=1024,
+                        drop_at=(0.75,), gamma=0.1)
+    assert plan["grid"] == old
+    assert plan["long arm"] == zoostudy.grid(
+        base, models=[zoostudy.REDUCED["VIT"]], lams=[0.0, 2e-2], batch_sizes=[8], lrs=[0.1],
+        seeds=[0, 1, 2], steps=3072, drop_at=(0.75,), gamma=0.1)
+    controls = [c for c in plan["grid"] if c.lam == 0]
+    assert len(controls) == 18 and {c.batch_size for c in controls} == {8, 16}
+
+
+def test_plan_gpu_differs_from_paper_only_as_documented(chapter):
+    table, _ = chapter
+    gpu = profiles.select(table, "gpu", dry=False)
+    paper = profiles.select(table, "paper", dry=False)
+    differ = {k for k in gpu if gpu[k] != paper[k]}
+    # documented in the chapter: a subset of CIFAR-10, the grids' end points, 8 epochs with one
+    # drop, one worker, and the recording (every epoch; spectra at every epoch)
+    assert differ == {"n_train", "n_test", "lrs", "lams", "batch_sizes", "epochs",
+                      "milestones", "record_every", "spectra"}
+    assert gpu.lams == [0.0, max(paper.lams)] and gpu.lrs == [max(paper.lrs)]
+    assert gpu.batch_sizes == [min(paper.batch_sizes), max(paper.batch_sizes)]
+    g, p = zoostudy.plan(gpu), zoostudy.plan(paper)
+    assert len(g["grid"]) == 3 * 2 * 2 * 3 and len(p["grid"]) == 3 * 2 * 3 * 3 * 3
+    assert g["long arm"] == p["long arm"] == []
+    assert {c.model for c in g["grid"]} == {c.model for c in p["grid"]} == set(paper.models)
+    assert {c.seed for c in g["grid"]} == {0, 1, 2}
+    assert all(c.dataset == "cifar10" and c.svd_dtype == "float32" for c in g["grid"])
+    assert all(c.epochs == 8 and c.lr_milestones == (6,) for c in g["grid"])
+    assert all(c.record_every == 5 and c.spectra == "every25" for c in p["grid"])
+    # the lambda = 0 control at both batch sizes, three seeds per compared arm
+    for B in gpu.batch_sizes:
+        for lam in gpu.lams:
+            arm = [c for c in g["grid"] if c.batch_size == B and c.lam == lam]
+            assert len(arm) == 3 * 3  # models x seeds
+
+
+def test_plan_gpu_fits_an_hour_on_a_t4(chapter):
+    table, _ = chapter
+    costs = cost.profile_costs(zoostudy.plan, table, names=("gpu",))
+    est, t4 = costs["gpu"]
+    assert est.runs == 36 and t4.fits
+    assert t4.seconds <= 3600
+    assert t4.peak_device_bytes < 0.9 * t4.ref.memory
+
+
+def test_plan_dry_run_keeps_full_widths(chapter, monkeypatch):
+    table, _ = chapter
+    monkeypatch.setenv("SGDRANK_DRYRUN", "1")
+    for name in ("gpu", "paper"):
+        P = profiles.select(table, name)
+        g = zoostudy.plan(P)["grid"]
+        assert {c.model for c in g} == {"VGG16-BN", "RESNET18", "VIT"}
+        assert all(c.n_train == 128 and c.epochs == 1 for c in g)
+        assert {c.batch_size for c in g} == set(table[name]["batch_sizes"])
+        assert {c.lam for c in g} == set(table[name]["lams"])
+
+
+def test_matched_accuracy_with_sparse_spectra():
+    """With spectra only at the ends (``Config.spectra``), the partner is matched at an epoch
+    whose ranks were recorded, never at one without layer rows."""
+    torch.set_num_threads(1)
+    base = sweep.Config(dataset="fashion-mnist", n_train=32, n_test=16, spectra="ends",
+                        svd_dtype="float32")
+    cfgs = zoostudy.grid(base, models=[VIT], lams=[0.0, 5e-2], batch_sizes=[8], lrs=[0.1],
+                         seeds=[0], steps=12)
+    res = sweep.run(cfgs, progress=False)
+    assert cfgs[0].epochs == 3 and res.epochs.avg_rank.isna().sum() == 2 * 2  # epochs 1, 2
+    mt = zoostudy.matched_accuracy(res, 5e-2)
+    assert len(mt) == 1 and mt.epoch0.iloc[0] in (0, 3)
+    assert mt["stable_rank_0"].notna().all() and mt["rank@0.001_lam"].notna().all()
+    assert zoostudy.run_table(res)["stable_rank_end"].notna().all()

@@ -1,6 +1,8 @@
-"""Chapter 6's analysis of the zoo models (VGG16-BN, RESNET18, VIT of :mod:`sgdrank.zoo`) at
-reduced width: the per-layer counts of Chapter 1's bound, a per-sample gradient rank check, the
-sweep grid, and per-layer / per-run rank tables at initialisation and at the end of training.
+"""Chapter 6's analysis of the zoo models (VGG16-BN, RESNET18, VIT of :mod:`sgdrank.zoo`), at
+reduced width (book) or full width (gpu, paper): the per-layer counts of Chapter 1's bound, a
+per-sample gradient rank check, the sweep grid and the chapter's plan (:func:`plan`: every
+training of a profile), and per-layer / per-run rank tables at initialisation and at the end of
+training.
 
 Conventions: a conv filter ``(c_out, c_in, k, k)`` is the ``c_out x c_in k^2`` matrix
 (:func:`sgdrank.metrics.as_matrix`); ``N`` is the number of vectors a matrix multiplies in one
@@ -29,6 +31,12 @@ from .metrics import as_matrix
 
 #: the per-run columns of the configs that identify a setting of the sweep
 SETTING = ("model", "lr", "lam", "batch_size")
+#: the book's reduced widths of the zoo models (used where a profile sets ``reduced``)
+REDUCED = {"VGG16-BN": "VGG16-BN:width=4", "RESNET18": "RESNET18:width=4",
+           "VIT": "VIT:dim=32,depth=2,heads=4,mlp=64,patch=7"}
+#: the recording settings a profile may set (:class:`sgdrank.runconfig.Config` fields);
+#: a profile without them records as the defaults do (every epoch, every spectrum, float64)
+RECORDING = ("eval_train", "record_every", "spectra", "svd_dtype")
 
 
 def layer_counts(model: nn.Module, in_shape: Sequence[int], batch_size: int) -> pd.DataFrame:
@@ -276,7 +284,8 @@ def matched_accuracy(res: sweep.Result, lam: float, atols: Sequence[float] = (1e
                      ) -> pd.DataFrame:
     """The matched-accuracy comparison: for every run with weight decay ``lam`` and its
     ``lam = 0`` partner (same model, lr, batch size and seed), the first recorded epoch at which
-    the partner's train accuracy (eval mode) reaches the decayed run's final one. One row per
+    the partner's train accuracy (eval mode) reaches the decayed run's final one (among the
+    epochs with spectra, ``Config.spectra``, where its ranks are known). One row per
     pair: the setting, ``seed``, ``target`` (the decayed run's final train accuracy),
     ``epoch0`` / ``step0`` / ``acc0`` (the partner at that epoch; its last epoch and
     ``reached = False`` if it never gets there) and, for both runs, the layer-averaged
@@ -285,6 +294,7 @@ def matched_accuracy(res: sweep.Result, lam: float, atols: Sequence[float] = (1e
     lay = rankstudy.layer_ranks(res.layers, atols)
     cols = [rankstudy.rank_col(a) for a in atols] + ["stable_rank"]
     avg = lay.groupby(["run_id", "epoch"])[cols].mean()
+    spectra_epochs = lay.groupby("run_id").epoch.agg(set).to_dict()
     ep = res.epochs
     cf = res.runs.reset_index(drop=True)
     rows = []
@@ -299,6 +309,7 @@ def matched_accuracy(res: sweep.Result, lam: float, atols: Sequence[float] = (1e
         pid = int(np.flatnonzero(same.to_numpy())[0])
         mine = ep[ep.run_id == rid].sort_values("epoch")
         part = ep[ep.run_id == pid].sort_values("epoch")
+        part = part[part.epoch.isin(spectra_epochs.get(pid, ()))]  # epochs with ranks
         target = float(mine.train_acc.iloc[-1])
         hit = part[part.train_acc >= target]
         reached = not hit.empty
@@ -431,3 +442,43 @@ def linear_baseline(dataset: str, n_train: int, n_test: int, data_seed: int = 0,
         rows.append(dict(C=C, train_acc=float(clf.score(xtr, ytr)),
                          test_acc=float(clf.score(xte, yte))))
     return pd.DataFrame(rows)
+
+
+# --- the chapter's plan: every training of Chapter 6 from its settings ------------------------
+
+def model_specs(P: Mapping) -> list[str]:
+    """The model specs of profile ``P``: ``P["models"]`` at the book's reduced widths
+    (:data:`REDUCED`) where ``P["reduced"]``, else at full width."""
+    return [REDUCED[m] if P["reduced"] else m for m in P["models"]]
+
+
+def plan(P: Mapping) -> dict[str, list[sweep.Config]]:
+    """Every training of Chapter 6 in profile ``P`` (the chapter's settings), in the order the
+    chapter trains them:
+
+    - ``"grid"``: :func:`grid` over ``models`` x ``lrs`` x ``batch_sizes`` x ``lams`` x
+      ``seeds``, with the ``lam = 0`` controls at the batch sizes ``control_batch_sizes`` (None:
+      all); ``steps`` SGD steps with drops ``drop_at`` (equal steps for every B), or, when
+      ``steps`` is None, ``epochs[model]`` epochs with ``milestones`` (the papers' protocol);
+    - ``"long arm"``: the model ``long_model`` at the smallest B and the largest lr, ``lam`` in
+      ``{0, max(lams)}``, ``long_steps`` steps (empty when ``long_model`` is None).
+
+    Data: ``dataset``, ``n_train``, ``n_test``. Recording: the keys of :data:`RECORDING` that
+    ``P`` sets (absent keys: the :class:`sgdrank.runconfig.Config` defaults, so the book's runs
+    and cache keys are those it always had). The input of :func:`sgdrank.cost.show_profiles`
+    and of the chapter's training cell."""
+    rec = {k: P[k] for k in RECORDING if k in P}
+    base = sweep.Config(dataset=P["dataset"], n_train=P["n_train"], n_test=P["n_test"],
+                        lr=P["lrs"][0], **rec)
+    cfgs = grid(base, models=model_specs(P), lams=P["lams"], batch_sizes=P["batch_sizes"],
+                lrs=P["lrs"], seeds=P["seeds"], steps=P["steps"], drop_at=P["drop_at"],
+                gamma=P["gamma"], epochs=P["epochs"], milestones=P["milestones"],
+                control_batch_sizes=P["control_batch_sizes"])
+    long_cfgs = []
+    if P["long_model"]:
+        spec = REDUCED[P["long_model"]] if P["reduced"] else P["long_model"]
+        long_cfgs = grid(base, models=[spec], lams=[0.0, max(P["lams"])],
+                         batch_sizes=[min(P["batch_sizes"])], lrs=[max(P["lrs"])],
+                         seeds=P["seeds"], steps=P["long_steps"], drop_at=P["long_drop_at"],
+                         gamma=P["gamma"])
+    return {"grid": cfgs, "long arm": long_cfgs}
