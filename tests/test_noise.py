@@ -228,3 +228,95 @@ def test_settle_table_finds_a_loss_spike_and_regime_reads_the_seeds():
     assert noise.regime(q.assign(trend=[0.5, 1.0])) == "differs between seeds"
     assert noise.regime(q.assign(trend=[1.3, 2.0])) == "still rising"
     assert noise.regime(q.assign(collapsed=True)) == "collapses (W → 0)"
+
+
+# --- Chapter 4's plan: what it trains, one source for the chapter and its cost estimate ------
+def _chapter_table():
+    """The settings table of chapters/04_sgd_noise.ipynb (its ``TABLE = {...}`` assignment)."""
+    import ast
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "chapters" / "04_sgd_noise.ipynb"
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and "TABLE = {" in src:
+            tree = ast.parse(src)
+            node = next(n for n in tree.body if isinstance(n, ast.Assign)
+                        and getattr(n.targets[0], "id", None) == "TABLE")
+            ns: dict = {}
+            exec(compile(ast.Module([node], []), str(path), "exec"), ns)
+            return ns["TABLE"], nb
+    raise AssertionError("no settings table in Chapter 4")
+
+
+def test_plan_counts_in_the_book_profile_are_what_the_chapter_ran():
+    import re
+
+    from sgdrank import profiles
+
+    table, nb = _chapter_table()
+    P = profiles.select(table, "book", dry=False)
+    plan = noise.plan(P)
+    assert set(plan) == {"E5", "C6 batch sizes", "E6"}
+    outs = "\n".join(o.get("text", "") if isinstance(o.get("text", ""), str) else
+                     "".join(o["text"]) for c in nb["cells"] if c["cell_type"] == "code"
+                     for o in c.get("outputs", []))
+    e5_runs, b_runs = [int(v) for v in re.findall(r"<sweep.Result: (\d+) runs", outs)][:2]
+    e6_calls = int(re.search(r"E6: (\d+) calls", outs).group(1))
+    assert len(plan["E5"]) == e5_runs == 24
+    # the B-sweep's B = 128 runs are E5 runs (the cache serves them): only the others are new
+    assert len(noise.b_configs(P)) == b_runs == 9 and len(plan["C6 batch sizes"]) == 6
+    assert sum(w.calls for w in plan["E6"]) == e6_calls == 15
+    assert sum(w.runs for w in plan["E6"]) == 3 * (2 * 6 + 3 * 2)  # networks: calls x lambdas
+
+
+def test_book_configs_are_the_committed_ones_and_gpu_paper_record_sparse_float32():
+    from sgdrank import profiles, sweep
+
+    table, _ = _chapter_table()
+    P = profiles.select(table, "book", dry=False)
+    # the configs as the chapter built them before the plan (cache keys of the committed runs)
+    old = []
+    for loss in ("ce", "mse"):
+        base = sweep.Config(model=P.e5_model, dataset="fashion-mnist", n_train=512, n_test=500,
+                            batch_size=128, lr=P.e5_lr[loss], lam=0.0, epochs=1000, loss=loss,
+                            momentum=0.0, seed=0)
+        old += sweep.grid(base, lam=P.e5_lams, seed=P.e5_seeds)
+    assert noise.e5_configs(P) == old
+    for B in (8, 32, 128):
+        c = [c for c in noise.b_configs(P) if c.batch_size == B][0]
+        assert c.epochs == round(1000 * (512 // 128) / (512 // B)) and c.spectra == "all"
+    for name in ("gpu", "paper"):
+        S = profiles.select(table, name, dry=False)
+        cfgs = noise.e5_configs(S) + noise.b_configs(S)
+        assert {(c.spectra[:3], c.svd_dtype) for c in cfgs} == {("log", "float32")}
+        assert S.e5_model == "MLP-5-2000" and S.e6_arch == "paper"
+        assert 0 in S.e5_lams and 0 in S.e6_lams and 0 in S.e6_gd_lams  # the controls stay
+
+
+def test_gpu_profile_fits_an_hour_on_a_t4_by_the_model():
+    from sgdrank import cost
+
+    table, _ = _chapter_table()
+    costs = cost.profile_costs(noise.plan, table)
+    gpu = costs["gpu"][1]
+    assert gpu.seconds <= 3600 and gpu.fits, gpu.text()
+    assert costs["paper"][1].seconds > 20 * gpu.seconds
+
+
+def test_e6_calls_make_gd_take_as_many_steps_as_sgd():
+    from types import SimpleNamespace
+
+    P = SimpleNamespace(e6_dataset="cifar10", e6_classes=(1, 2), e6_n_train=None,
+                        e6_n_test=None, e6_seeds=[0, 1], e6_lr=0.03, e6_ctrl_lr=0.01,
+                        e6_lams=[0, 1e-3, 1e-2], e6_gd_lams=[0, 1e-2], e6_gd_loss="square",
+                        e6_epochs=5, e6_record=2, e6_eval_every=1)
+    assert noise.e6_sizes(P) == (10000, 2000)
+    calls = noise.e6_calls(P)
+    assert len(calls) == 10 and [c["seed"] for c in calls] == [0] * 5 + [1] * 5
+    for c in calls:
+        steps = c["epochs"] * (10000 // c["batch_size"])
+        assert steps == 5 * (10000 // 128)
+        assert len(c["lams"]) == (3 if c["mode"] == "SGD" else 2)

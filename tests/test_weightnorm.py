@@ -305,3 +305,52 @@ def test_decay_eff_is_the_renormalisation_shrinkage_of_the_initialisation():
     s_min = float(torch.linalg.svdvals(V0[0][0].reshape(V0[0].shape[1], -1))[-1])
     assert math.isclose(lay["Dstar"], math.log(s_min / 1e-3), rel_tol=1e-6)  # ||V_T||_F = 1
     assert "top_smallest_upd" in rows[0]
+
+
+def test_run_rows_passes_its_sharpness_iterations_on(monkeypatch):
+    """Chapter 4's dry run sat for over 24 minutes in run_rows: its sharpness always ran 30
+    power iterations (a Hessian-vector product over the data for all K networks each), whatever
+    the run's length, so a two-step run of JANUS's network still cost tens of minutes per call.
+    ``sharp_iters`` must reach :func:`sharpness` (before, it was swallowed as a row key)."""
+    res, x, y = _trained(4, epochs=2)
+    seen = []
+    real = wn.sharpness
+    monkeypatch.setattr(wn, "sharpness",
+                        lambda *a, **kw: seen.append(kw.get("iters", 30)) or real(*a, **kw))
+    rows, _ = wn.run_rows(res, x, y, init_seed=0, probe=2, sharp_iters=2)
+    assert seen == [2] and "sharp_iters" not in rows[0]
+    wn.run_rows(res, x, y, init_seed=0, probe=2)
+    assert seen == [2, 30]  # the default (the book's numbers) is unchanged
+
+
+def test_probes_on_an_explicit_device_equal_the_default():
+    res, x, y = _trained(4, epochs=2)
+    torch.testing.assert_close(wn.probe_steps(res, x, y, steps=2, device="cpu"),
+                               wn.probe_steps(res, x, y, steps=2))
+    torch.testing.assert_close(wn.sharpness(res, x, y, iters=5, device="cpu"),
+                               wn.sharpness(res, x, y, iters=5))
+
+
+def test_work_counts_and_estimate_within_factor_two_of_a_measured_train():
+    import time
+
+    from sgdrank import cost
+
+    torch.set_num_threads(1)
+    arch = wn.Arch((1, 14, 14), ((8, 3, 2, 1), (16, 3, 2, 1)), (64,))
+    x, y = _data(n=512, arch=arch, dtype=torch.float32)
+    kw = dict(batch_size=64, epochs=4, eval_every=2, record_last=1)
+    w = wn.work(arch, n_train=512, n_test=0, k=3, calls=2, device="cpu", **kw)
+    assert w.calls == 2 and w.runs == 6 and w.steps == 4 * 8
+    train_f, fwd_f = wn.flops_per_sample(arch)
+    assert w.step_flops == 64 * 3 * train_f and fwd_f < train_f < 4 * fwd_f
+    est = cost.estimate([w], device="cpu")
+    t = time.perf_counter()
+    for seed in (0, 1):
+        wn.train(x, y, arch=arch, lams=[0.0, 1e-3, 1e-2], seed=seed, device="cpu", **kw)
+    measured = time.perf_counter() - t
+    assert 0.5 <= est.seconds / measured <= 2.0, (est.seconds, measured)
+    # the run_rows analysis is counted when asked for, and grows with its iterations
+    more = wn.work(arch, n_train=512, n_test=0, k=3, calls=2, probe=16, sharp_iters=30, **kw)
+    assert more.eval_flops > w.eval_flops + 3 * 512 * train_f * 60
+    assert more.device_bytes > w.device_bytes

@@ -427,3 +427,116 @@ def regime(q) -> str:
     if lo >= 0.8 and hi <= 1.25:
         return "levelled off"
     return "differs between seeds"
+
+
+# --------------------------------------------------------------------------------------------
+# What Chapter 4 trains: one source for its training cells and its cost estimate
+# --------------------------------------------------------------------------------------------
+def _full_size(dataset: str, classes=None, test: bool = False) -> int:
+    """Training (or test) images of a registered dataset, of ``classes`` only when given (the
+    registered datasets are balanced over 10 classes)."""
+    from .cost import FULL_SIZES
+
+    n = FULL_SIZES[dataset][1 if test else 0]
+    return n * len(classes) // 10 if classes else n
+
+
+def e5_sizes(P) -> dict[str, int]:
+    """Training images of each E5 dataset in profile ``P`` (``e5_n_train``, else all)."""
+    return {name: P.e5_n_train or _full_size(name) for name in P.e5_datasets}
+
+
+def e5_configs(P) -> list:
+    """E5's sweep (GP22 Fig. 1): per dataset, both losses, every ``lambda`` and seed; MLP, B = 128,
+    constant learning rate, no momentum; spectra on ``P.e5_spectra`` in ``P.e5_svd_dtype``."""
+    from . import sweep
+
+    cfgs = []
+    for name in P.e5_datasets:
+        for loss in ("ce", "mse"):
+            base = sweep.Config(model=P.e5_model, dataset=name, n_train=P.e5_n_train,
+                                n_test=P.e5_n_test, batch_size=128, lr=P.e5_lr[loss], lam=0.0,
+                                epochs=P.e5_epochs, loss=loss, momentum=0.0, seed=0,
+                                spectra=P.e5_spectra, svd_dtype=P.e5_svd_dtype)
+            cfgs += sweep.grid(base, lam=P.e5_lams, seed=P.e5_seeds)
+    return cfgs
+
+
+def b_configs(P, sizes: dict[str, int] | None = None) -> list:
+    """C6 at the training batch size: E5's cross-entropy MLP at ``lambda = c6_train_lam`` for each
+    ``B`` of ``c6_train_batch_sizes`` and seed, for as many *steps* as E5 (``sizes``: training
+    images per dataset, default :func:`e5_sizes`). ``B = 128`` is an E5 run when
+    ``c6_train_lam`` is one of E5's lambdas."""
+    from . import sweep
+
+    sizes = e5_sizes(P) if sizes is None else sizes
+    cfgs = []
+    for name in P.e5_datasets:
+        steps = P.e5_epochs * (sizes[name] // 128)
+        for B in P.c6_train_batch_sizes:
+            base = sweep.Config(model=P.e5_model, dataset=name, n_train=P.e5_n_train,
+                                n_test=P.e5_n_test, batch_size=B, lr=P.e5_lr["ce"],
+                                lam=P.c6_train_lam,
+                                epochs=max(1, round(steps / (sizes[name] // B))), loss="ce",
+                                momentum=0.0, seed=0, spectra=P.e5_spectra,
+                                svd_dtype=P.e5_svd_dtype)
+            cfgs += sweep.grid(base, seed=P.e5_seeds)
+    return cfgs
+
+
+def e6_sizes(P) -> tuple[int, int]:
+    """``(n_train, n_test)`` of E6's two-class data in profile ``P``."""
+    return (P.e6_n_train or _full_size(P.e6_dataset, P.e6_classes),
+            P.e6_n_test or _full_size(P.e6_dataset, P.e6_classes, test=True))
+
+
+def e6_calls(P, n_train: int | None = None) -> list[dict]:
+    """E6's :func:`sgdrank.weightnorm.train` calls, in the chapter's order: per seed, JANUS's SGD
+    runs (square and logistic loss, all ``e6_lams``), GD (``B = N``) at the same learning rate
+    and a control pair (SGD and GD at ``e6_ctrl_lr``) on ``e6_gd_lams``. GD makes one step per
+    epoch, so it runs ``N // B`` times the epochs (and records) of SGD: equal step counts.
+    Each dict has the keyword arguments of ``train`` (``lams``, ``loss``, ``batch_size``,
+    ``lr``, ``epochs``, ``record_last``, ``eval_every``, ``seed``) and ``mode``."""
+    n = e6_sizes(P)[0] if n_train is None else int(n_train)
+    B = min(128, n)
+    spe = n // B
+    out = []
+    for seed in P.e6_seeds:
+        for loss, mode, lr in [("square", "SGD", P.e6_lr), ("logistic", "SGD", P.e6_lr),
+                               (P.e6_gd_loss, "GD", P.e6_lr),
+                               (P.e6_gd_loss, "SGD low-lr", P.e6_ctrl_lr),
+                               (P.e6_gd_loss, "GD low-lr", P.e6_ctrl_lr)]:
+            gd = mode.startswith("GD")
+            k = spe if gd else 1
+            out.append(dict(mode=mode, loss=loss, lams=list(P.e6_lams if mode == "SGD"
+                                                            else P.e6_gd_lams),
+                            batch_size=n if gd else B, lr=lr, epochs=P.e6_epochs * k,
+                            record_last=P.e6_record * k, eval_every=P.e6_eval_every * k,
+                            seed=seed))
+    return out
+
+
+def plan(P) -> dict[str, list]:
+    """Every training of Chapter 4 in profile ``P``: ``{"E5": [Config], "C6 batch sizes":
+    [Config] (those not already in E5), "E6": [cost.Work]}`` -- E6's weight-normalised
+    networks as :func:`sgdrank.weightnorm.work` (one per kind of call, with its
+    :func:`sgdrank.weightnorm.run_rows` analysis: ``2 N/B`` probe steps and
+    ``e6_sharp_iters`` power iterations). The input of :func:`sgdrank.cost.show_profiles`."""
+    from . import weightnorm
+
+    e5 = e5_configs(P)
+    seen = set(e5)
+    cb = [c for c in dict.fromkeys(b_configs(P)) if c not in seen]
+    arch = weightnorm.BOOK_ARCH if P.e6_arch == "book" else weightnorm.PAPER_ARCH
+    n, n_test = e6_sizes(P)
+    spe = n // min(128, n)
+    kinds: dict = {}
+    for c in e6_calls(P, n):
+        kinds.setdefault((c["mode"], c["loss"]), []).append(c)
+    e6 = [weightnorm.work(arch, n_train=n, n_test=n_test, k=len(cs[0]["lams"]), calls=len(cs),
+                          batch_size=cs[0]["batch_size"], epochs=cs[0]["epochs"],
+                          eval_every=cs[0]["eval_every"], record_last=cs[0]["record_last"],
+                          probe=2 * spe, sharp_iters=P.e6_sharp_iters,
+                          label=f"E6 {loss} {mode}")
+          for (mode, loss), cs in kinds.items()]
+    return {"E5": e5, "C6 batch sizes": cb, "E6": e6}

@@ -442,21 +442,22 @@ def layer_ranks(V: Sequence[torch.Tensor], arch: Arch, atol: float = metrics.DEF
 # --------------------------------------------------------------------------------------------
 def probe_steps(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, steps: int,
                 batch_size: int | None = None, lr: float | None = None, seed: int = 0,
-                v_scale: float | None = 0.1) -> torch.Tensor:
+                v_scale: float | None = 0.1, device=None) -> torch.Tensor:
     """Continue the K trained networks of ``res`` for ``steps`` more steps (batch size
     ``res.batch_size`` unless given, learning rate ``res.lr`` unless given, fresh random batches
     from ``seed``) and return their margins after every step, ``(steps + 1, K, N)`` (entry 0: the
     trained state). With these, :func:`margin_fluctuation` at ``lag=1`` is the change per *step*,
     for GD and SGD alike; at ``lag=2`` it shows a period-2 oscillation (small at lag 2, large at lag
-    1)."""
-    dtype = res.V[0].dtype
-    x = x.to(dtype).reshape(x.shape[0], *res.arch.in_shape)
-    yy = signs(y).to(dtype)
+    1). ``device``: where to compute (default: where ``res`` is, the CPU); margins come back on
+    the CPU."""
+    dtype, dev = res.V[0].dtype, _device(device, res)
+    x = x.to(dev, dtype).reshape(x.shape[0], *res.arch.in_shape)
+    yy = signs(y).to(dev, dtype)
     n = x.shape[0]
     B = min(batch_size or res.batch_size, n)
     lr = res.lr if lr is None else lr
-    lam = torch.tensor(res.lams, dtype=dtype)
-    V, r = [v.clone() for v in res.V], res.r.clone()
+    lam = torch.tensor(res.lams, dtype=dtype, device=dev)
+    V, r = [v.to(dev).clone() for v in res.V], res.r.to(dev).clone()
     lr_V = layer_lrs(res.arch, lr, v_scale)
     gen = torch.Generator().manual_seed(seed)
     out = [evaluate(V, res.rho0 * r, res.arch, x, yy, res.loss)[0].T]
@@ -464,16 +465,22 @@ def probe_steps(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, steps: int,
     for _ in range(steps):
         if pos + B > n:
             perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + B]
+        idx = perm[pos:pos + B].to(dev)
         pos += B
         g_V, g_r, _ = batch_gradients(V, r, res.arch, x[idx], yy[idx], lam, res.loss, res.rho0)
         V, r = sgd_step(V, r, g_V, g_r, lr, lr_V)
         out.append(evaluate(V, res.rho0 * r, res.arch, x, yy, res.loss)[0].T)
-    return torch.stack(out)
+    return torch.stack(out).cpu()
+
+
+def _device(device, res: WNResult) -> torch.device:
+    """``device`` if given, else the device of ``res``'s weights."""
+    return res.V[0].device if device is None else torch.device(device)
 
 
 def sharpness(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, lr: float | None = None,
-              iters: int = 30, seed: int = 0, v_scale: float | None = 0.1) -> torch.Tensor:
+              iters: int = 30, seed: int = 0, v_scale: float | None = 0.1,
+              device=None) -> torch.Tensor:
     """``lr * lambda_max`` for each of the K trained networks: the top eigenvalue of the Hessian
     of the full-set objective ``L(r, v) = mean_n ell(rho0 r fbar_n(v / ||v||)) + lambda r^2``,
     preconditioned by the step sizes, ``D^{1/2} H D^{1/2}`` with ``D = diag(lr, lr_k)``
@@ -481,15 +488,18 @@ def sharpness(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, lr: float | No
     below 2; gradient descent at the *edge of stability* (Cohen et al. 2021) hovers at 2 and
     oscillates with period 2 along the top eigenvector. Power iteration with Hessian-vector products
     (``iters`` steps; a second, shifted pass when the largest-magnitude eigenvalue is negative).
-    Returns ``(K,)``."""
-    dtype = res.V[0].dtype
-    x = x.to(dtype).reshape(x.shape[0], *res.arch.in_shape)
-    yy = signs(y).to(dtype)
-    lam = torch.tensor(res.lams, dtype=dtype)
+    Cost: ``iters`` (up to ``2 iters``) Hessian-vector products over the whole of ``x``, each
+    about two forward-and-backward passes of the K networks. ``device``: where to compute
+    (default: where ``res`` is); returns ``(K,)`` on the CPU."""
+    dtype, dev = res.V[0].dtype, _device(device, res)
+    x = x.to(dev, dtype).reshape(x.shape[0], *res.arch.in_shape)
+    yy = signs(y).to(dev, dtype)
+    lam = torch.tensor(res.lams, dtype=dtype, device=dev)
     lr = res.lr if lr is None else lr
     K = len(res.lams)
     scales = [math.sqrt(lr)] + [math.sqrt(a) for a in layer_lrs(res.arch, lr, v_scale)]
-    params = [res.r.clone().requires_grad_(True)] + [v.clone().requires_grad_(True) for v in res.V]
+    params = [res.r.to(dev).clone().requires_grad_(True)] + [
+        v.to(dev).clone().requires_grad_(True) for v in res.V]
 
     def objective(ps):
         fbar = f_normalised([_unit(v) for v in ps[1:]], res.arch, x) * yy.view(-1, 1)
@@ -508,8 +518,8 @@ def sharpness(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, lr: float | No
 
     def power(shift):
         g = torch.Generator().manual_seed(seed)
-        u = [torch.randn(p.shape, generator=g, dtype=dtype) for p in params]
-        ev = torch.zeros(K, dtype=dtype)
+        u = [torch.randn(p.shape, generator=g, dtype=dtype).to(dev) for p in params]
+        ev = torch.zeros(K, dtype=dtype, device=dev)
         for _ in range(iters):
             nrm = per_copy(u, u).sqrt()
             u = [w / nrm.view(-1, *[1] * (w.ndim - 1)) for w in u]
@@ -518,14 +528,15 @@ def sharpness(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, lr: float | No
             u = hu
         return ev + shift
 
-    ev = power(torch.zeros(K, dtype=dtype))
+    ev = power(torch.zeros(K, dtype=dtype, device=dev))
     if (ev < 0).any():  # the largest |eigenvalue| is negative: shift it to the bottom
         ev = torch.where(ev < 0, power(torch.where(ev < 0, ev, torch.zeros_like(ev))), ev)
-    return ev.detach()
+    return ev.detach().cpu()
 
 
 def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
-             probe: int = 8, lag: int = 1, **keys) -> tuple[list[dict], list[dict]]:
+             probe: int = 8, lag: int = 1, sharp_iters: int = 30, device=None,
+             **keys) -> tuple[list[dict], list[dict]]:
     """The rows that Chapter 4 tabulates for one :func:`train` call (``keys``, e.g. loss, mode,
     seed, are copied into every row): per network (one per ``lambda``) the final training loss and
     accuracy, ``rho``, the mean and sd of the margins, the margin change ``fluct`` between records
@@ -537,13 +548,17 @@ def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
     ranks, and the decomposition ``V_T = exp(-D_eff) V_0 + DeltaV`` (``D_eff``, the budget
     ``Dstar`` at ``1e-3`` and the ranks of ``DeltaV``: :func:`sgdrank.decomposition.parts`).
     ``top_smallest`` / ``top_smallest_upd``: the top layer has the smallest ``v_batch`` /
-    ``upd``."""
+    ``upd``. ``sharp_iters``: power iterations of :func:`sharpness` -- with ``probe`` the cost
+    of this function, which can exceed the training's: each iteration is a Hessian-vector
+    product over all of ``x`` for the K networks, so a run shortened to a few steps must
+    shorten these too (Chapter 4's dry run spent hours here). ``device``: where
+    the probes and the sharpness run (default: the CPU, where ``res`` is)."""
     from . import decomposition
     names = res.arch.names()
     fl = margin_fluctuation(res.margins, lag=lag)
-    m = probe_steps(res, x, y, steps=probe, seed=10_000 + init_seed)
+    m = probe_steps(res, x, y, steps=probe, seed=10_000 + init_seed, device=device)
     s1, s2 = margin_fluctuation(m, 1), margin_fluctuation(m, 2)
-    sharp = sharpness(res, x, y, seed=init_seed)
+    sharp = sharpness(res, x, y, seed=init_seed, iters=sharp_iters, device=device)
     rk = layer_ranks(res.V, res.arch)
     V0 = init_weights(res.arch, 1, seed=init_seed, dtype=torch.float64)
     rk0 = layer_ranks(V0, res.arch)
@@ -579,3 +594,111 @@ def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
                                "stable0": float(rk0["stable_rank"][li, 0]),
                                "rank": int(rk["rank"][li, j]), "rank0": int(rk0["rank"][li, 0])})
     return rows, layer_rows
+
+
+# --------------------------------------------------------------------------------------------
+# Cost: a train call (and its run_rows analysis) described for sgdrank.cost
+# --------------------------------------------------------------------------------------------
+_FLOPS: dict = {}
+
+
+def flops_per_sample(arch: Arch) -> tuple[float, float]:
+    """``(train, forward)`` FLOPs per sample of one network (one of the K copies): a
+    :func:`batch_gradients` call (forward and backward) and a forward pass, counted by
+    ``torch.utils.flop_counter`` on two samples (matrix products and convolutions; the
+    elementwise projection and normalisation are not counted). Cached per architecture."""
+    if arch not in _FLOPS:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        V = init_weights(arch, 1, seed=0)
+        x = torch.randn(2, *arch.in_shape)
+        y = torch.ones(2)
+        with FlopCounterMode(display=False) as fc:
+            batch_gradients(V, torch.ones(1), arch, x, y, 0.0, "square")
+        train = fc.get_total_flops() / 2
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            f_normalised(V, arch, x)
+        _FLOPS[arch] = (float(train), float(fc.get_total_flops() / 2))
+    return _FLOPS[arch]
+
+
+def activations_per_sample(arch: Arch) -> int:
+    """Floats of the layer outputs of one sample through one network (before and after each
+    ReLU): what a forward pass keeps for the backward pass."""
+    convs = sum(c_out * h * w for (c_out, *_), (h, w) in zip(arch.convs, arch.conv_shapes()))
+    return 2 * (convs + sum(arch.hidden)) + 1
+
+
+def work(arch: Arch, *, n_train: int, n_test: int, k: int, calls: int, batch_size: int,
+         epochs: int, eval_every: int = 1, record_last: int = 10, probe: int = 0,
+         sharp_iters: int = 0, label: str = "weightnorm.train", dtype=torch.float32,
+         device=None):
+    """:class:`sgdrank.cost.Work` for ``calls`` calls of :func:`train` with ``k = len(lams)``
+    networks each, on ``n_train`` training and ``n_test`` test images, and (``probe``,
+    ``sharp_iters`` > 0) each followed by :func:`run_rows` with those settings.
+
+    Per call: ``epochs * (n_train // B)`` steps of ``B * k`` samples forward and backward
+    (:func:`flops_per_sample`); evaluation: the records of :func:`train` (every
+    ``eval_every`` epochs, the last ``record_last`` and the start: a forward pass over the
+    training and test sets), its final full-set gradient, and run_rows' work -- ``probe`` further
+    steps each with a forward pass over the training set, and ``sharp_iters`` power iterations
+    (one Hessian-vector product over the training set, about two forward-and-backward passes,
+    twice when the top eigenvalue is negative: counted once). No SVD runs on the device (the
+    ranks are taken on the host). Device memory: data, ``k`` copies of the weights (weights,
+    gradients, the next weights and the autograd copies: 4), and the largest of the training
+    batch's activations (twice: forward and backward), an evaluation chunk of 4096 samples and
+    the sharpness graph over the training set (activations four times: double backward).
+    Host: margins of the last ``record_last`` epochs and the final weights. ``probe(n)`` times
+    ``n`` steps of one call on ``device`` (default ``$SGDRANK_DEVICE``, else the CPU) with
+    synthetic inputs of the right shape."""
+    from . import cost, sweep
+
+    n_train, n_test, k = int(n_train), int(n_test), int(k)
+    B = min(int(batch_size), n_train)
+    steps = int(epochs) * (n_train // B)
+    train_f, fwd_f = flops_per_sample(arch)
+    records = 1 + sum(1 for ep in range(1, int(epochs) + 1)
+                      if ep % eval_every == 0 or ep > epochs - record_last or ep == epochs)
+    evals = k * (records * (n_train + n_test) * fwd_f + n_train * train_f)
+    evals += k * (probe * (B * train_f + n_train * fwd_f) + n_train * fwd_f)
+    if sharp_iters:
+        evals += k * n_train * train_f * (1 + 2 * sharp_iters)
+    P = arch.n_params()
+    acts = 4.0 * activations_per_sample(arch) * k
+    data_b = 4.0 * (n_train + n_test) * (math.prod(arch.in_shape) + 1)
+    peak = max(2 * B * acts, min(4096, n_train + n_test) * acts,
+               4 * n_train * acts if sharp_iters else 0.0)
+    device_bytes = data_b + 4.0 * 4 * k * P + peak
+    host_bytes = 4.0 * k * (record_last * n_train + 2 * P)
+
+    def timed(n: int) -> float:
+        import time
+
+        dev = sweep.resolve_device(device)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(B, *arch.in_shape, generator=g, dtype=dtype).to(dev)
+        y = torch.where(torch.rand(B, generator=g) > 0.5, 1.0, -1.0).to(dev, dtype)
+        V = [v.to(dev) for v in init_weights(arch, k, seed=0, dtype=dtype)]
+        r = torch.ones(k, dtype=dtype, device=dev)
+        lam = torch.full((k,), 1e-3, dtype=dtype, device=dev)
+        lr_V = layer_lrs(arch, 1e-6)
+
+        def step(V, r):
+            g_V, g_r, _ = batch_gradients(V, r, arch, x, y, lam, "square")
+            return sgd_step(V, r, g_V, g_r, 1e-6, lr_V)
+
+        V, r = step(V, r)  # warm-up
+        best = math.inf
+        for _ in range(2):  # the faster of two repetitions
+            cost._sync(dev)
+            t = time.perf_counter()
+            for _ in range(max(1, n)):
+                V, r = step(V, r)
+            cost._sync(dev)
+            best = min(best, (time.perf_counter() - t) / max(1, n))
+        return best
+
+    return cost.Work(label, runs=int(calls) * k, k=k, steps=steps,
+                     step_flops=B * k * train_f, batch_size=B, eval_flops=evals, svds={},
+                     device_bytes=device_bytes, host_bytes=host_bytes, probe=timed,
+                     kernels=12 * len(arch.shapes()))
