@@ -132,10 +132,15 @@ def test_work_estimate_counts_calls_and_times_by_its_probe():
     est = cost.estimate([w], device="cpu")
     assert est.runs == 6 and est.steps == 2 * 50 and est.svds == 2 * 2 * 3
     assert est.flops == pytest.approx(2 * 50 * w.step_flops)
-    t = time.perf_counter()
-    w.probe(2 * 50)  # what the two calls' training takes, measured
-    measured = time.perf_counter() - t + 12 * cost._svd_seconds(256, 64, "float64", "cpu")
-    assert measured / 2 < est.seconds < 2 * measured
+
+    def within_two(est):
+        t = time.perf_counter()
+        w.probe(2 * 50)  # what the two calls' training takes, measured
+        measured = time.perf_counter() - t + 12 * cost._svd_seconds(256, 64, "float64", "cpu")
+        return measured / 2 < est.seconds < 2 * measured
+
+    # timing on a shared machine: a second probe and measurement before calling it a miss
+    assert within_two(est) or within_two(cost.estimate([w], device="cpu"))
     assert math.isnan(cost.estimate([_work(probe=False)], device="cpu").seconds)
 
 
@@ -200,3 +205,55 @@ def test_show_profiles_tables_the_full_profiles_even_in_a_dry_run(monkeypatch):
     assert rec["paper"]["seconds"] == pytest.approx(10 * rec["gpu"]["seconds"])
     assert "| `gpu` | 30 |" in shown[0]["text/markdown"]
     assert max(len(line) for line in shown[0]["text/plain"].splitlines()) <= 77
+
+
+def test_the_t4_model_constants_are_the_stated_ones():
+    """The constants every chapter's T4 figures rest on (the spec sheet: 8.1 TFLOPS float32,
+    0.25 float64, 15 GB; Colab's host 12.7 GB; the stated assumptions), pinned: a change must
+    be made here too, on purpose."""
+    t4, worse = cost.COLAB_T4, cost.PESSIMISTIC_T4
+    assert (t4.fp32_flops, t4.fp64_flops, t4.memory, t4.host_memory) == (
+        8.1e12, 0.25e12, 15e9, 12.7e9)
+    assert (t4.efficiency, t4.svd_efficiency, t4.svd_floor, t4.launch_seconds) == (
+        0.35, 0.01, 2e-3, 8e-6)
+    assert (cost.KERNELS_BATCHED, cost.KERNELS_LOOP_PER_MATRIX) == (180, 25)
+    assert (worse.efficiency, worse.svd_efficiency, worse.launch_seconds) == (0.2, 0.005, 16e-6)
+    text = cost.assumptions()
+    for part in ("35%", "8.1 TFLOPS", "0.25", "180", "25", "8 µs", "1%", "2 ms", "20%", "16 µs"):
+        assert part in text, part
+
+
+def test_flops_and_t4_time_against_a_hand_count():
+    # MLP-BN-10-100 on CIFAR-10 by hand: 2 (3072*100 + 9*100^2 + 100*10) FLOPs forward per
+    # image (batch norms are not matrix products); training counted as 3x forward
+    prof = cost.model_profile(sweep.Arch("MLP-BN-10-100", (3, 32, 32), 10))
+    fwd = 2 * (3072 * 100 + 9 * 100**2 + 100 * 10)
+    assert prof["fwd_flops"] == fwd and prof["train_flops"] == 3 * fwd
+    cfg = sweep.Config(model="MLP-BN-10-100", dataset="cifar10", n_train=3200, n_test=800,
+                       batch_size=32, epochs=1, lr=0.1, lam=1e-3)
+    est = cost.estimate(cfg, device="cpu", probe=False)
+    assert est.steps == 100 and est.svds == 11 * 2  # 10 hidden + head, at epochs 0 and 1
+    t4 = cost.COLAB_T4
+    # 32 images of 3 fwd: 2.3e8 FLOPs, 28 us at 35% of 8.1 TFLOPS < 180 launches of 8 us
+    step = max(32 * 3 * fwd / (0.35 * 8.1e12), 180 * 8e-6)
+    assert step == 180 * 8e-6
+    evals = 2 * (3200 + 800) * fwd / (0.35 * 8.1e12)  # train and test sets at epochs 0 and 1
+    assert est.on().train_seconds == pytest.approx(100 * step + evals, rel=1e-12)
+    assert est.on(cost.PESSIMISTIC_T4).seconds > est.on(t4).seconds
+
+
+def test_two_layer_step_flops_are_the_matrix_products_torch_counts():
+    """twolayer.work's FLOPs per step against torch's own count of the same step's matrix
+    products (torch.utils.flop_counter) plus the 4 m n of the update, which it does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sgdrank import twolayer as tl
+
+    K, B, n, m, k = 3, 8, 5, 7, 2
+    p = tl.init_params(list(range(K)), n, m, k)
+    xb, yb = torch.randn(K, B, n), torch.randn(K, B, k)
+    with FlopCounterMode(display=False) as fc:
+        tl.loss_grads(p, xb, yb)
+    w = tl.work("hand", N=64, n=n, k=k, width=m, runs=K, batch_size=B, epochs=1)
+    assert w.step_flops == fc.get_total_flops() + K * 4 * m * n
+    assert w.steps == 64 // B and w.k == K == w.runs

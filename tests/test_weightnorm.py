@@ -354,3 +354,28 @@ def test_work_counts_and_estimate_within_factor_two_of_a_measured_train():
     more = wn.work(arch, n_train=512, n_test=0, k=3, calls=2, probe=16, sharp_iters=30, **kw)
     assert more.eval_flops > w.eval_flops + 3 * 512 * train_f * 60
     assert more.device_bytes > w.device_bytes
+
+
+def test_train_with_a_cache_is_kept_and_reloaded(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 2, 7, 7, generator=g)
+    y = (torch.rand(12, generator=g) > 0.5).long()
+    kw = dict(arch=TINY, lams=[0.0, 0.1], batch_size=4, lr=0.03, epochs=2, record_last=1,
+              device="cpu")
+    fresh = wn.train(x, y, **kw)
+    calls = []
+    real = wn.init_weights
+
+    def counting(*a, **k):  # every training starts by drawing its initialisation
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(wn, "init_weights", counting)
+    first = wn.train(x, y, cache=tmp_path, **kw)
+    again = wn.train(x, y, cache=tmp_path, progress="a label", **kw)  # loaded
+    assert len(calls) == 1
+    for a, b in zip(again.V, fresh.V):
+        assert torch.equal(a, b)
+    assert first.lams == fresh.lams
+    wn.train(x, y, cache=tmp_path, **{**kw, "lams": [0.0, 0.2]})  # another call: trains
+    assert len(calls) == 2

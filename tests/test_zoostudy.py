@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sgdrank import cost, profiles, sweep, zoo, zoostudy
+from sgdrank import cost, decomposition, profiles, sweep, zoo, zoostudy
 
 VGG = "VGG16-BN:width=4"
 VIT = "VIT:dim=16,depth=1,heads=2,mlp=32,patch=7"
@@ -264,9 +264,25 @@ def test_plan_gpu_differs_from_paper_only_as_documented(chapter):
     # drop, one worker, and the recording (every epoch; spectra at every epoch)
     assert differ == {"n_train", "n_test", "lrs", "lams", "batch_sizes", "epochs",
                       "milestones", "record_every", "spectra"}
-    assert gpu.lams == [0.0, max(paper.lams)] and gpu.lrs == [max(paper.lrs)]
+    assert gpu.lrs == [max(paper.lrs)]
     assert gpu.batch_sizes == [min(paper.batch_sizes), max(paper.batch_sizes)]
     g, p = zoostudy.plan(gpu), zoostudy.plan(paper)
+    # the decayed arm keeps the paper's total decay D (at its largest lambda), not its lambda:
+    # within 2% at both batch sizes, where the paper's lambda would give a D 50x smaller
+    assert gpu.lams[0] == 0.0 and len(gpu.lams) == 2
+
+    def total_decay(c):
+        lrs = decomposition.step_lrs(c, sweep.steps_per_epoch(c.n_train, c.batch_size))
+        return decomposition.total_decay(lrs, c.lam)
+
+    lam_p, lr = max(paper.lams), max(paper.lrs)
+    for B in gpu.batch_sizes:
+        dg = [total_decay(c) for c in g["grid"] if c.batch_size == B and c.lam > 0]
+        dp = [total_decay(c) for c in p["grid"]
+              if c.batch_size == B and c.lam == lam_p and c.lr == lr and c.model == "VGG16-BN"]
+        assert max(abs(d / dp[0] - 1) for d in dg) < 0.02
+        arm = next(c for c in g["grid"] if c.batch_size == B and c.lam > 0)
+        assert total_decay(sweep.replace(arm, lam=lam_p)) < dp[0] / 20
     assert len(g["grid"]) == 3 * 2 * 2 * 3 and len(p["grid"]) == 3 * 2 * 3 * 3 * 3
     assert g["long arm"] == p["long arm"] == []
     assert {c.model for c in g["grid"]} == {c.model for c in p["grid"]} == set(paper.models)

@@ -170,6 +170,9 @@ def prepare(base: Path) -> dict[str, str]:
         # the gpu and paper profiles train on CUDA by default (runtime.profile_device): here the
         # CPU, explicitly
         "SGDRANK_DEVICE": "cpu",
+        # small chunks, so that Chapter 5's chunked evaluations and SVDs (twolayer.CHUNK) run
+        # their loops on the dry run's small problems, as they do at the papers' sizes
+        "SGDRANK_CHUNK": str(2**16),
     }
 
 

@@ -5,7 +5,7 @@
 # (another OpenBLAS kernel, PyTorch's non-vectorised CPU kernels, one thread), so that a checked
 # output that depends on the CPU fails here and not on the next machine --, the web book built
 # with warnings as errors, then a headless-Chromium check of every page and a Colab-alone run of
-# every chapter, and last the dry run of every chapter's paper and gpu profiles (tools/dryrun.py). Assumes
+# every chapter, and last the dry run of every chapter's gpu profile (tools/dryrun.py). Assumes
 # tools/setup.sh has run (make test does that).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,6 @@ rm -rf _build/html
 jupyter-book build . -W -n --keep-going -q
 echo "== 4/5 built pages in headless Chromium; each chapter alone in a fresh environment =="
 python -m pytest -q -p no:cacheprovider -m slow tests --ignore=tests/test_dryrun.py
-echo "== 5/5 dry run: every chapter's paper and gpu profiles in miniature (tools/dryrun.py) =="
+echo "== 5/5 dry run: every chapter's gpu profile in miniature (tools/dryrun.py; both profiles: make dryrun) =="
 python -m pytest -q -p no:cacheprovider -m slow tests/test_dryrun.py
 echo "tests finished in $((SECONDS - t0)) s"

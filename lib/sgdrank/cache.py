@@ -126,14 +126,15 @@ def _digest(obj, h) -> None:
         h.update(f"{type(obj).__name__}:{obj!r}".encode())
 
 
-def memo(cache, fn, *args, files: Sequence[str] = (), **kwargs):
+def memo(cache, fn, *args, files: Sequence[str] = (), ignore: Sequence[str] = (), **kwargs):
     """``fn(*args, **kwargs)``, kept in the cache folder ``cache`` (:func:`folder`) and loaded
     from there when the same call was made before: training outside ``sweep.run`` (Chapter 4's
     weight-normalised network, Chapter 5's two-layer networks) survives a lost Colab runtime.
 
     The key hashes ``fn``'s qualified name, the arguments (tensors by value), the sources of
     :data:`ENGINE_FILES` and of the library ``files`` named (e.g. ``("twolayer.py",)``, the
-    module that holds ``fn``). ``cache=None`` just calls ``fn``. The result is stored with
+    module that holds ``fn``); the keyword arguments named in ``ignore`` (progress text) are
+    passed on but left out of the key. ``cache=None`` just calls ``fn``. The result is stored with
     ``torch.save`` (it must pickle) and loaded with ``weights_only=False``: the cache is a
     folder of this book's own results, not a file from elsewhere."""
     where = folder(cache)
@@ -144,7 +145,7 @@ def memo(cache, fn, *args, files: Sequence[str] = (), **kwargs):
     here = Path(__file__).resolve().parent
     for name in files:
         h.update((here / name).read_bytes())
-    _digest([list(args), kwargs], h)
+    _digest([list(args), {k: v for k, v in kwargs.items() if k not in ignore}], h)
     path = where / f"memo_{fn.__name__}_{h.hexdigest()[:20]}.pt"
     if path.exists():
         try:

@@ -660,6 +660,22 @@ class Reference:
 #: Google Colab's free GPU: NVIDIA Tesla T4 (8.1 TFLOPS float32, 0.25 float64, 15 GB) on a host
 #: with 12.7 GB of RAM
 COLAB_T4 = Reference("Colab T4", 8.1e12, 0.25e12, 15.0 * GB, 12.7 * GB)
+#: the same T4 with every assumption made worse (20% of peak, launches twice as slow, SVDs at
+#: half the rate): the upper end of the range the chapters show next to the model's estimate
+PESSIMISTIC_T4 = Reference("Colab T4", 8.1e12, 0.25e12, 15.0 * GB, 12.7 * GB, efficiency=0.20,
+                           svd_efficiency=0.005, launch_seconds=16e-6)
+
+
+def assumptions(ref: Reference = COLAB_T4, worse: Reference = PESSIMISTIC_T4) -> str:
+    """Every constant of the spec-sheet model, for the footnote under a cost table."""
+    return (f"FLOPs at {ref.efficiency:.0%} of its {ref.fp32_flops / 1e12:.1f} TFLOPS "
+            f"(float64: {ref.fp64_flops / 1e12:.2f}); no step faster than its kernel launches, "
+            f"{KERNELS_BATCHED} per step of the batched engine and {KERNELS_LOOP_PER_MATRIX} per "
+            f"matrix of the loop engine, at {ref.launch_seconds * 1e6:.0f} µs each; SVDs at "
+            f"{ref.svd_efficiency:.0%} of peak, at least {ref.svd_floor * 1e3:.0f} ms each. "
+            f"Pessimistic: {worse.efficiency:.0%} of peak, "
+            f"{worse.launch_seconds * 1e6:.0f} µs per launch, SVDs at "
+            f"{worse.svd_efficiency:.1%} of peak")
 
 
 @dataclass
@@ -756,6 +772,13 @@ def profile_costs(plan, table, names=SHOWN, ref: Reference = COLAB_T4) -> dict:
     return out
 
 
+def _minutes_range(lo: float, hi: float) -> str:
+    """``39-70 GPU-minutes`` (both ends in the unit of the larger)."""
+    if hi < 5400:
+        return f"{lo / 60:.0f}–{hi / 60:.0f} GPU-minutes"
+    return f"{lo / 3600:,.1f}–{hi / 3600:,.1f} GPU-hours"
+
+
 def show_profiles(plan, table, P, cache=None, *, data: Any = None, device=None,
                   names=SHOWN, ref: Reference = COLAB_T4) -> Estimate:
     """The cost block under a training chapter's settings table, before its first step.
@@ -776,12 +799,14 @@ def show_profiles(plan, table, P, cache=None, *, data: Any = None, device=None,
     rows, rec = [], {"this": {"profile": P.label, "device": this.device,
                               "seconds": this.seconds, "fits": this.fits}}
     for name, (est, rc) in profile_costs(plan, table, names, ref).items():
+        worse = on_reference(est, PESSIMISTIC_T4).seconds
         rows.append(f"| `{name}` | {est.runs:,} | {est.steps:,} | {est.flops:.1e} | "
-                    f"{est.svds:,} | {_duration(rc.seconds, 'GPU')} | "
+                    f"{est.svds:,} | {_minutes_range(rc.seconds, worse)} | "
                     f"{_gb(rc.peak_device_bytes)} of {_gb(ref.memory)}"
                     f"{'' if rc.fits else ' (does not fit)'} |")
         rec[name] = {"runs": est.runs, "steps": est.steps, "flops": est.flops,
-                     "svds": est.svds, "seconds": rc.seconds, "train_seconds": rc.train_seconds,
+                     "svds": est.svds, "seconds": rc.seconds, "seconds_pessimistic": worse,
+                     "train_seconds": rc.train_seconds,
                      "svd_seconds": rc.svd_seconds, "peak_device_bytes": rc.peak_device_bytes,
                      "peak_host_bytes": rc.peak_host_bytes, "fits": rc.fits}
     head = ("*This run* (" + P.label + "): " + (this.text() if not P.dry else
@@ -791,10 +816,9 @@ def show_profiles(plan, table, P, cache=None, *, data: Any = None, device=None,
         head, "",
         f"| profile | runs | SGD steps | FLOPs | SVDs | {ref.name}, by model | peak memory |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-        f"*{ref.name} by a spec-sheet model, not a measurement*: FLOPs at "
-        f"{ref.efficiency:.0%} of its {ref.fp32_flops / 1e12:.1f} TFLOPS, no step faster than "
-        f"its kernel launches, SVDs at {ref.svd_efficiency:.0%} of peak "
-        f"(`sgdrank.cost.Reference`). Measured GPU timings: `benchmarks/README.md`."])
+        f"*{ref.name} by a spec-sheet model, not a measurement* (the model's estimate, then "
+        f"the pessimistic one; `sgdrank.cost.Reference`): {assumptions(ref)}. No GPU has "
+        f"measured these yet: `benchmarks/gpu_check.sh`, `benchmarks/README.md`."])
     try:
         from IPython.display import display
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -67,8 +68,10 @@ ORDER_OFFSET = (
 #: element); the per-sample factors of :func:`grad_stats` into chunks of hidden units. At the
 #: paper's E12 scale (MNIST, width 32768, K = 18) the unchunked forward would build an
 #: 18 x 9000 x 32768 float32 tensor (21 GB). A problem that fits one chunk (the book profile)
-#: runs the unchunked arithmetic exactly. Override per call (``chunk=``) or here.
-CHUNK = 2**27
+#: runs the unchunked arithmetic exactly. Override per call (``chunk=``), here, or with
+#: ``$SGDRANK_CHUNK`` (the dry run sets a small one, so that its small problems run the chunk
+#: loops the paper's sizes need).
+CHUNK = int(os.environ.get("SGDRANK_CHUNK") or 2**27)
 
 
 def chunk_sizes(K: int, N: int, per: int, budget: int | None = None) -> tuple[int, int]:
@@ -363,9 +366,8 @@ def train(
     """
     if cache is not None:
         call = {k: v for k, v in locals().items() if k not in ("cache", "x", "y")}
-        desc_, quiet_ = call.pop("desc"), call.pop("quiet")
-        return _cache.memo(cache, _train_labelled, x, y, files=("twolayer.py",),
-                           label=_Label((desc_, quiet_)), **call)
+        return _cache.memo(cache, train, x, y, files=("twolayer.py",), ignore=("desc", "quiet"),
+                           **call)
     lams = [float(v) for v in lams]
     seeds = [int(s) for s in seeds]
     K = len(lams)
@@ -506,20 +508,6 @@ def train(
     )
 
 
-
-class _Label:
-    """The progress text of a cached call, left out of its cache key (equal to every label)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "_Label"
-
-
-def _train_labelled(x, y, *, label, **kw) -> Result:
-    desc, quiet = label.value if isinstance(label, _Label) else label
-    return train(x, y, desc=desc, quiet=quiet, **kw)
 
 # --------------------------------------------------------------------------------------------
 # Per-sample and batch gradients at one parameter point (Theorems 2.4 / 2.6)
@@ -1368,8 +1356,9 @@ def work(label: str, *, N: int, n: int, k: int, width: int, runs: int, batch_siz
       :func:`grad_stats` unless the records are float64; one per initialisation;
     - ``fp64_flops`` (analysis): the Gram matrix of :func:`grad_stats` (``2 N^2 m`` and
       ``6 N n m`` per run) and the truncation's ``V^T V`` and eigenvectors, in float64;
-    - device bytes: data, weights, their gradients and the last epoch's gradient norms
-      (three ``(K, m, n)`` blocks), plus the largest chunk: a batch's activations, an
+    - device bytes: data, weights, their gradients and, in the last epoch, the two
+      temporaries of the full-gradient norm ``||dV + 2 lambda V||`` (four ``(K, m, n)``
+      blocks), plus the largest chunk: a batch's activations, an
       evaluation chunk (:func:`chunk_sizes`), an SVD chunk (:func:`spectra`) or the analysis
       (one run in float64, the ``N x N`` Gram and a chunk of factors);
     - host bytes: what the :class:`Result` keeps (spectra, history, last epoch's norms);
@@ -1397,7 +1386,7 @@ def work(label: str, *, N: int, n: int, k: int, width: int, runs: int, batch_siz
     el = 4
     mn = m * n + m * k + m
     data_b = el * (N + n_test) * (n + k)
-    params_b = el * K * mn * 3
+    params_b = el * K * mn * 4
     batch_b = el * K * B * (n + 3 * m)
     kc, nc = chunk_sizes(K, max(N, n_test), m, budget)
     eval_b = el * kc * nc * m * 2

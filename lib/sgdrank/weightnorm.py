@@ -319,7 +319,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
           batch_size: int = 128, lr: float = 0.03, epochs: int = 100, seed: int = 0,
           v_scale: float | None = 0.1, rho0_scale: float = 0.1, record_last: int = 10,
           eval_every: int = 1, x_test=None, y_test=None, dtype=torch.float32,
-          device: str | torch.device | None = None, progress: bool | str = False) -> WNResult:
+          device: str | torch.device | None = None, progress: bool | str = False,
+          cache=None) -> WNResult:
     """Train ``len(lams)`` copies of the weight-normalised net on ``(x, y)`` (labels 0/1 or +-1),
     copy ``j`` with weight decay ``lams[j]`` (on ``r``), by the dynamics of the module docstring.
 
@@ -329,8 +330,19 @@ def train(x: torch.Tensor, y: torch.Tensor, *, arch: Arch, lams: Sequence[float]
     ``rho0_scale / RMS_n f_V(x_n)`` at initialisation; ``r`` starts at 1. Per-layer learning rates:
     :func:`layer_lrs` (``v_scale``). Metrics are recorded every ``eval_every`` epochs and at the
     last ``record_last`` epochs (whose margins are kept). ``device``: default
-    :func:`sgdrank.runtime.pick_device`; results come back on the CPU."""
+    :func:`sgdrank.runtime.pick_device`; results come back on the CPU. ``cache``: a results
+    folder (``"ch04"``) that keeps the result of this exact call (:func:`sgdrank.cache.memo`,
+    keyed by every argument but ``progress``, tensors by value, and this module's source), so
+    that a run lost with its runtime is not repeated."""
     import time
+
+    if cache is not None:
+        from . import cache as _cache
+
+        call = {k: v for k, v in locals().items()
+                if k not in ("cache", "x", "y", "time", "_cache")}
+        return _cache.memo(cache, train, x, y, files=("weightnorm.py",), ignore=("progress",),
+                           **call)
 
     from . import runtime
     from .progress import progress as _progress
