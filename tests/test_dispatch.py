@@ -15,7 +15,7 @@ BASE = sweep.Config(model="MLP-BN-3-32", dataset="fashion-mnist", n_train=512, n
                     batch_size=32, lr=0.1, lam=1e-3, epochs=5)
 
 
-EPOCHS_LONG = 150
+EPOCHS_LONG = 60
 
 
 def _final(res):
@@ -46,14 +46,16 @@ def test_groups_follow_the_engine_grouping():
 
 
 def test_jobs_equal_in_process_and_resume_after_a_kill(tmp_path):
-    # long enough (about 10 s alone) that a loaded machine's polling cannot miss the window
-    # between the first checkpoint and the end of the group (a failure seen at load 10 with 30)
-    cfgs = sweep.grid(sweep.replace(BASE, epochs=EPOCHS_LONG), seed=[0, 1])
+    # long enough (about 7,700 steps, seconds) that polling on a loaded machine cannot miss the
+    # window between the first checkpoint and the end of the group (missed at load 10 with 480
+    # steps), and cancelled as soon as the checkpoint appears (an idle machine finished 2,400
+    # steps within the second the test used to wait)
+    cfgs = sweep.grid(sweep.replace(BASE, epochs=EPOCHS_LONG, n_train=4096), seed=[0, 1])
     cfgs += [sweep.replace(BASE, batch_size=64)]
     spec = dispatch.ExecutorSpec("local", tmp_path / "jobs")
     cache = tmp_path / "cache"
     jobs = dispatch.submit(cfgs, cache, spec, checkpoint_every=0)
-    assert len(jobs) == 2  # two groups: B=32 (2 runs, 30 epochs) and B=64 (1 run)
+    assert len(jobs) == 2  # two groups: B=32 (2 runs, 60 epochs) and B=64 (1 run)
     long = next(j for j in jobs if len(j.group) == 2)
     ckpt = cache_mod.checkpoint_path(cache, [sweep.run_key(c) for c in long.group])
     t0 = time.time()
@@ -62,7 +64,6 @@ def test_jobs_equal_in_process_and_resume_after_a_kill(tmp_path):
         assert not long.done(), ("the long group ended before a checkpoint was seen: "
                                  f"{long.exception() if hasattr(long, 'exception') else ''}")
         time.sleep(0.2)
-    time.sleep(1.0)
     long.cancel()
     while not long.done():
         time.sleep(0.2)
