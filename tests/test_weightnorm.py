@@ -344,12 +344,17 @@ def test_work_counts_and_estimate_within_factor_two_of_a_measured_train():
     assert w.calls == 2 and w.runs == 6 and w.steps == 4 * 8
     train_f, fwd_f = wn.flops_per_sample(arch)
     assert w.step_flops == 64 * 3 * train_f and fwd_f < train_f < 4 * fwd_f
-    est = cost.estimate([w], device="cpu")
-    t = time.perf_counter()
-    for seed in (0, 1):
-        wn.train(x, y, arch=arch, lams=[0.0, 1e-3, 1e-2], seed=seed, device="cpu", **kw)
-    measured = time.perf_counter() - t
-    assert 0.5 <= est.seconds / measured <= 2.0, (est.seconds, measured)
+
+    def ratio():
+        est = cost.estimate([w], device="cpu")
+        t = time.perf_counter()
+        for seed in (0, 1):
+            wn.train(x, y, arch=arch, lams=[0.0, 1e-3, 1e-2], seed=seed, device="cpu", **kw)
+        return est.seconds / (time.perf_counter() - t)
+
+    # timing on a shared machine: a second estimate and measurement before calling it a miss
+    first = ratio()
+    assert 0.5 <= first <= 2.0 or 0.5 <= ratio() <= 2.0, first
     # the run_rows analysis is counted when asked for, and grows with its iterations
     more = wn.work(arch, n_train=512, n_test=0, k=3, calls=2, probe=16, sharp_iters=30, **kw)
     assert more.eval_flops > w.eval_flops + 3 * 512 * train_f * 60
