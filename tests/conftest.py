@@ -38,3 +38,19 @@ def float32_default():
 def float64_default():
     with default_dtype(torch.float64):
         yield
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name)`` wraps ``module.name`` so that each call is counted; returns
+    the list that grows by one entry per call (undone after the test)."""
+    def wrap(module, name):
+        calls, real = [], getattr(module, name)
+
+        def counting(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+    return wrap

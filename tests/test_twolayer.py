@@ -750,20 +750,13 @@ def test_float64_analysis_flops_are_timed_at_the_float64_peak():
     assert gram > 10 * other  # float64 on a T4: 1/32 of the float32 rate
 
 
-def test_train_with_a_cache_is_kept_and_reloaded(tmp_path, monkeypatch):
+def test_train_with_a_cache_is_kept_and_reloaded(tmp_path, count_calls):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 5, generator=g), torch.randn(32, 1, generator=g)
     kw = dict(width=6, lams=[0.0, 0.1], seeds=[0, 1], lr=0.05, batch_size=8, epochs=3,
               quiet=True)
     fresh = tl.train(x, y, **kw)
-    calls = []
-    real = tl.init_params
-
-    def counting(*a, **k):  # every training starts by drawing its initialisation
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(tl, "init_params", counting)
+    calls = count_calls(tl, "init_params")  # every training starts by drawing its init
     first = tl.train(x, y, cache=tmp_path, **kw)
     assert len(calls) == 1 and torch.equal(first.params.V, fresh.params.V)
     again = tl.train(x, y, cache=tmp_path, **{**kw, "quiet": False, "desc": "other"})

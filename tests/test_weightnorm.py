@@ -361,21 +361,14 @@ def test_work_counts_and_estimate_within_factor_two_of_a_measured_train():
     assert more.device_bytes > w.device_bytes
 
 
-def test_train_with_a_cache_is_kept_and_reloaded(tmp_path, monkeypatch):
+def test_train_with_a_cache_is_kept_and_reloaded(tmp_path, count_calls):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 2, 7, 7, generator=g)
     y = (torch.rand(12, generator=g) > 0.5).long()
     kw = dict(arch=TINY, lams=[0.0, 0.1], batch_size=4, lr=0.03, epochs=2, record_last=1,
               device="cpu")
     fresh = wn.train(x, y, **kw)
-    calls = []
-    real = wn.init_weights
-
-    def counting(*a, **k):  # every training starts by drawing its initialisation
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(wn, "init_weights", counting)
+    calls = count_calls(wn, "init_weights")  # every training starts by drawing its init
     first = wn.train(x, y, cache=tmp_path, **kw)
     again = wn.train(x, y, cache=tmp_path, progress="a label", **kw)  # loaded
     assert len(calls) == 1

@@ -271,10 +271,7 @@ def test_plan_gpu_differs_from_paper_only_as_documented(chapter):
     # within 2% at both batch sizes, where the paper's lambda would give a D 50x smaller
     assert gpu.lams[0] == 0.0 and len(gpu.lams) == 2
 
-    def total_decay(c):
-        lrs = decomposition.step_lrs(c, sweep.steps_per_epoch(c.n_train, c.batch_size))
-        return decomposition.total_decay(lrs, c.lam)
-
+    total_decay = decomposition.config_decay
     lam_p, lr = max(paper.lams), max(paper.lrs)
     for B in gpu.batch_sizes:
         dg = [total_decay(c) for c in g["grid"] if c.batch_size == B and c.lam > 0]

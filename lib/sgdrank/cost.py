@@ -104,6 +104,8 @@ class Estimate:
     host_total_bytes: float
     probe_seconds: float
     groups: list = field(default_factory=list)
+    #: :func:`show_profiles` keeps its table here: ``{profile: (Estimate, RefCost)}``
+    profiles: dict = field(default_factory=dict)
 
     @property
     def fits(self) -> bool:
@@ -791,14 +793,16 @@ def show_profiles(plan, table, P, cache=None, *, data: Any = None, device=None,
        T4) by the spec-sheet model of :class:`Reference` -- a model, not a measurement.
 
     Stores a :data:`COST_MIME` record (per profile: seconds, peak bytes, fits) for the tests.
-    Returns this run's estimate."""
+    Returns this run's estimate, with the table's ``{profile: (Estimate, RefCost)}`` in its
+    ``profiles`` (for the chapter's prose: nothing is estimated twice)."""
     import json
 
     this = estimate(plan(P), cache, device=device, data=data, probe=not P.dry,
                     check=not P.dry)
     rows, rec = [], {"this": {"profile": P.label, "device": this.device,
                               "seconds": this.seconds, "fits": this.fits}}
-    for name, (est, rc) in profile_costs(plan, table, names, ref).items():
+    this.profiles = profile_costs(plan, table, names, ref)
+    for name, (est, rc) in this.profiles.items():
         worse = on_reference(est, PESSIMISTIC_T4).seconds
         rows.append(f"| `{name}` | {est.runs:,} | {est.steps:,} | {est.flops:.1e} | "
                     f"{est.svds:,} | {_minutes_range(rc.seconds, worse)} | "

@@ -85,6 +85,16 @@ def step_lrs(cfg, steps_per_epoch: int, epochs: int | None = None) -> np.ndarray
     return np.repeat([cfg.lr_at(e) for e in range(1, E + 1)], steps_per_epoch).astype(float)
 
 
+def config_decay(cfg) -> float:
+    """``D = -ln c_T`` of a whole run of ``cfg`` (plain SGD, its schedule, ``n_train // B``
+    steps per epoch): :func:`total_decay` of :func:`step_lrs`. For a planned run, before it
+    trains (a profile's settings)."""
+    from .runconfig import steps_per_epoch
+
+    spe = steps_per_epoch(cfg.n_train, cfg.batch_size, cfg.drop_last)
+    return total_decay(step_lrs(cfg, spe), cfg.lam)
+
+
 def init_factor(lrs: Iterable[float], lam: float, momentum: float = 0.0) -> float:
     """``c_T``: the coefficient of ``W_0`` in ``W_T`` (see the module docstring). Plain SGD:
     :func:`decay_factor`. Momentum ``m``: the homogeneous recursion ``b = m b + 2 lam W``,

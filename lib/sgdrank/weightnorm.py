@@ -473,11 +473,12 @@ def probe_steps(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, steps: int,
     lr_V = layer_lrs(res.arch, lr, v_scale)
     gen = torch.Generator().manual_seed(seed)
     out = [evaluate(V, res.rho0 * r, res.arch, x, yy, res.loss)[0].T]
-    perm, pos = torch.randperm(n, generator=gen), 0
+    # the orders are drawn on the CPU (the same on every device) and moved once per epoch
+    perm, pos = torch.randperm(n, generator=gen).to(dev), 0
     for _ in range(steps):
         if pos + B > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + B].to(dev)
+            perm, pos = torch.randperm(n, generator=gen).to(dev), 0
+        idx = perm[pos:pos + B]
         pos += B
         g_V, g_r, _ = batch_gradients(V, r, res.arch, x[idx], yy[idx], lam, res.loss, res.rho0)
         V, r = sgd_step(V, r, g_V, g_r, lr, lr_V)
