@@ -15,7 +15,10 @@ sets), the singular values / ranks of every hidden matrix and the convergence di
   at every evaluation. Its time for K configurations is K x the median time of one
   configuration (``--baseline-runs`` configurations are timed per repeat).
 - **engine**: ``sgdrank.sweep.run(configs, cache=None)``: the K configurations as one batched
-  computation (whole call timed: init, training, evaluation, SVDs, result tables).
+  computation (whole call timed: init, training, evaluation, SVDs, result tables), in each of
+  the step modes ``--modes`` (:mod:`sgdrank.stepgraph`: ``eager``, the default; ``graph``,
+  CUDA graphs, on a CUDA device only; ``static``, the graphs' buffers without a graph). With
+  more than one mode the final weights of each mode are compared with ``eager``'s.
 
 Model-steps = configurations x SGD steps. Repeats are interleaved (baseline and engine
 alternate inside each repeat), medians are reported. Run from the repository root:
@@ -39,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-from sgdrank import conventions, data, metrics, models, sweep  # noqa: E402
+from sgdrank import conventions, data, metrics, models, stepgraph, sweep  # noqa: E402
 
 LRS = (0.05, 0.1, 0.2)
 LAMS = (1e-4, 5e-4)
@@ -170,6 +173,8 @@ def main(argv=None):
                          "--engine-threads 2 gives each side its best setting on a 2-core CPU")
     ap.add_argument("--device", default="cpu",
                     help="cpu (default) or cuda: both sides train there")
+    ap.add_argument("--modes", nargs="+", default=["eager"], choices=list(stepgraph.MODES),
+                    help="the engine's step modes to time (graph: CUDA graphs, cuda only)")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat, n_train 1000, K 6")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
@@ -187,12 +192,14 @@ def main(argv=None):
     t_start = time.perf_counter()
     # seconds per configuration
     base_t = {(bl, B): [] for bl in args.baselines for B in args.batch}
-    eng_t = {(B, K): [] for B in args.batch for K in args.K}
+    eng_t = {(B, K, md): [] for B in args.batch for K in args.K for md in args.modes}
+    weights = {}  # (B, K, mode) -> final state of run 0 (the modes must agree)
     sanity = {}
     for rep in range(args.repeats):
         for B in args.batch:
             cf = configs(max(args.K), B, args)
-            jobs = [("base", bl) for bl in args.baselines] + [("eng", K) for K in args.K]
+            jobs = [("base", bl) for bl in args.baselines] + [
+                ("eng", (K, md)) for K in args.K for md in args.modes]
             if rep % 2:
                 jobs = jobs[::-1]
             for kind, what in jobs:
@@ -208,17 +215,21 @@ def main(argv=None):
                     base_t[(what, B)].append(statistics.mean(ts))
                     took = base_t[(what, B)][-1]
                 else:
+                    K, md = what
+                    os.environ[stepgraph.ENV] = md
                     t0 = time.perf_counter()
-                    res = sweep.run(cf[:what], cache=None, progress=False, device=device,
+                    res = sweep.run(cf[:K], cache=None, progress=False, device=device,
                                     data={"fashion-mnist": ds}, engine="batched")
                     took = time.perf_counter() - t0
-                    eng_t[(B, what)].append(took)
+                    os.environ.pop(stepgraph.ENV)
+                    eng_t[(B, K, md)].append(took)
+                    weights[(B, K, md)] = res.state_dict(0)
                     last = res.epochs[res.epochs.epoch == args.epochs].iloc[0]
                     sanity[("engine", B)] = {k: float(last[k]) for k in
                                              ("train_acc", "batch_acc", "test_acc", "avg_rank")}
                 loads.append(os.getloadavg()[0])
                 print(f"  repeat {rep + 1}/{args.repeats} B={B} {kind} "
-                      f"{what if kind == 'base' else f'K={what}'}: {took:.2f} s   "
+                      f"{what if kind == 'base' else f'K={what[0]} {what[1]}'}: {took:.2f} s   "
                       f"load {loads[-1]:.2f}", flush=True)
     total = time.perf_counter() - t_start
     load1 = os.getloadavg()
@@ -226,12 +237,12 @@ def main(argv=None):
     rows = []
     for B in args.batch:
         steps = args.epochs * (args.n_train // B)
-        for K in args.K:
-            te = statistics.median(eng_t[(B, K)])
-            row = dict(B=B, K=K, eng_sps=K * steps / te, eng_s=te)
+        for K, md in [(K, md) for K in args.K for md in args.modes]:
+            te = statistics.median(eng_t[(B, K, md)])
+            row = dict(B=B, K=K, mode=md, eng_sps=K * steps / te, eng_s=te)
             for bl in args.baselines:
                 tb = statistics.median(base_t[(bl, B)])
-                paired = [K * b / e for b, e in zip(base_t[(bl, B)], eng_t[(B, K)])]  # same repeat
+                paired = [K * b / e for b, e in zip(base_t[(bl, B)], eng_t[(B, K, md)])]
                 row[bl] = dict(sps=steps / tb, ratio=K * tb / te, s=K * tb, lo=min(paired),
                                hi=max(paired))
             rows.append(row)
@@ -261,18 +272,25 @@ def main(argv=None):
         f"{args.repeats} interleaved repeats, medians",
         f"- command: `{cmd}`; total wall time {total / 60:.1f} min",
         "",
-        "| B | K | engine model-steps/s | " + " | ".join(
+        "| B | K | steps | engine model-steps/s | " + " | ".join(
             f"baseline {bl}: model-steps/s | speed-up vs {bl} (range over repeats)"
             for bl in args.baselines) + " |",
-        "|---:|---:|---:|" + "---:|---:|" * len(args.baselines),
+        "|---:|---:|---|---:|" + "---:|---:|" * len(args.baselines),
     ]
     for r in rows:
-        lines.append(f"| {r['B']} | {r['K']} | {r['eng_sps']:.0f} | " + " | ".join(
+        lines.append(f"| {r['B']} | {r['K']} | {r['mode']} | {r['eng_sps']:.0f} | " + " | ".join(
             f"{r[bl]['sps']:.0f} | **{r[bl]['ratio']:.1f}x** ({r[bl]['lo']:.1f}-{r[bl]['hi']:.1f})"
             for bl in args.baselines) + " |")
     lines.append("")
     lines.append("Baselines: "
                  + "; ".join(f"`{bl}` = {BASELINES[bl]}" for bl in args.baselines) + ".")
+    lines.append("")
+    for (B, K, md), st in weights.items():
+        if md != "eager" and (B, K, "eager") in weights:
+            ref = weights[(B, K, "eager")]
+            diff = max(float((st[k].float() - ref[k].float()).abs().max()) for k in ref)
+            lines.append(f"- {md} against eager (B={B}, K={K}, run 0): largest difference of "
+                         f"a final weight {diff:.1e} (0: bit for bit)")
     lines.append("")
     for (kind, B), v in sorted(sanity.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         tr = v.get("train_acc")

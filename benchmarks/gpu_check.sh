@@ -7,7 +7,10 @@
 #   OUT=benchmarks/gpu_check_h100.md benchmarks/gpu_check.sh
 #
 # Steps (each prints a Markdown section; everything is also written to $OUT):
-#   1. the sweep benchmark (benchmarks/bench_sweep.py) against the one-at-a-time loop, K = 6, 24
+#   1. the sweep benchmark (benchmarks/bench_sweep.py) against the one-at-a-time loop, K = 6, 24,
+#      the engine's steps launched one by one and (on a GPU) replayed as CUDA graphs
+#      (sgdrank.stepgraph), with the largest weight difference between the two; on the CPU the
+#      graphs' fixed buffers without a graph ("static")
 #      (needs Fashion-MNIST: $SGDRANK_DATA or Debian's dataset-fashion-mnist; skipped otherwise)
 #   2. the cost estimate (sgdrank.cost, with its timed probe) of a representative configuration
 #      of chapters 3, 4, 6 at the papers' scale; then every training chapter's own cost block
@@ -31,9 +34,9 @@ if $PY -c "from sgdrank import data; data.load_dataset('fashion-mnist', n_train=
         >/dev/null 2>&1; then
     if [ "$DEVICE" = cpu ]; then
         BENCH=(--batch 128 --K 6 24 --epochs 1 --repeats 1 --n-train 1000 --n-test 500
-               --baselines torch)
+               --baselines torch --modes eager static)
     else
-        BENCH=(--batch 16 128 --K 6 24 --epochs 1 --repeats 2)
+        BENCH=(--batch 16 128 --K 6 24 --epochs 1 --repeats 2 --modes eager graph)
     fi
     $PY benchmarks/bench_sweep.py --device "$DEVICE" "${BENCH[@]}" 2>&1 | tee -a "$OUT"
 else

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import conventions, record
+from . import conventions, record, stepgraph
 from .batched import Arch, BatchedNet
 from .cache import atomic_save, group_id
 from .inputs import GroupData
@@ -39,6 +39,7 @@ class _Group:
                        for n in self.net.tracked]
         self.alive = list(range(len(cfgs)))
         self.prev = self.net.mat.clone()
+        self._runner: stepgraph.Steps | None = None  # the step launcher (train_epoch)
         self.id = group_id(keys)
         N, B = d.x.shape[0], c0.batch_size
         self.n_full = N // B
@@ -71,7 +72,7 @@ class _Group:
     def train_epoch(self, epoch: int) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
         """The SGD steps of epoch ``epoch`` for every run alive; returns the learning rates used
         and the sums of the batch losses (weighted by batch size) and of correct predictions."""
-        net, d, B, N = self.net, self.d, self.c0.batch_size, self.d.x.shape[0]
+        net, B, N = self.net, self.c0.batch_size, self.d.x.shape[0]
         cfgs = [self.cfgs[r] for r in self.alive]
         lr_now = [c.lr_at(epoch) for c in cfgs]
         net.set_hyper(lr_now, [conventions.torch_weight_decay(c.lam) for c in cfgs],
@@ -79,23 +80,24 @@ class _Group:
         K = net.K
         perm = on_device(torch.stack([batch_order(c.seed, epoch, N) for c in cfgs]), self.device)
         order = perm[:, :self.n_full * B].reshape(K, self.n_full, B).transpose(0, 1).contiguous()
-        pieces = [order[s] for s in range(self.n_full)]
-        if self.rem:
-            pieces.append(perm[:, self.n_full * B:].contiguous())
-        bsum = torch.zeros(K, dtype=torch.float32, device=self.device)
-        bcor = torch.zeros(K, dtype=torch.float32, device=self.device) if d.y is not None else None
+        runner = self._steps()
+        runner.begin()
         with torch.inference_mode():  # no autograd bookkeeping: the backward pass is by hand
-            for idx in pieces:
-                b = idx.shape[1]
-                flat = idx.reshape(-1)
-                xb = d.x.index_select(0, flat).view(K, b, -1)
-                yb = d.y.index_select(0, flat).view(K, b) if d.y is not None else None
-                tb = d.t.index_select(0, flat).view(K, b, -1) if d.t is not None else None
-                lval, corr = net.train_step(xb, tb, yb, self.c0.loss, update=True)
-                bsum.add_(lval, alpha=b)
-                if corr is not None:
-                    bcor.add_(corr)
+            for s in range(self.n_full):
+                runner.step(order[s])
+            if self.rem:
+                runner.step(perm[:, self.n_full * B:].contiguous(), full=False)
+        bsum, bcor = runner.sums()
         return lr_now, bsum, bcor
+
+    def _steps(self) -> stepgraph.Steps:
+        """The step launcher of the net alive and its coefficients (:mod:`sgdrank.stepgraph`:
+        eager, or a CUDA graph's fixed buffers), kept from epoch to epoch while they last."""
+        d, st = self.d, self._runner
+        if st is None or not st.serves(self.net, d.x):
+            st = self._runner = stepgraph.Steps(self.net, d.x, d.t, d.y, self.c0.loss,
+                                                stepgraph.mode(self.device))
+        return st
 
     # ------------------------------------------------------------------ one measurement
     def _evaluate(self, x, t, y) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -112,6 +114,26 @@ class _Group:
         self.net = self.net.select(keep)
         self.alive = [self.alive[j] for j in keep]
         return keep
+
+    def _spectra(self, mats: dict, first: bool) -> dict[str, torch.Tensor]:
+        """:func:`record.spectra` of the runs alive (on the host). At epoch 0 the runs of one
+        seed hold the same matrices (``Arch.build(seed)``: the lambdas, batch orders and learning
+        rates of a group differ, the initialisation does not), so each initialisation is
+        decomposed once and its spectrum given to every run of that seed; checked with
+        ``torch.equal`` first (all runs are decomposed if any pair differs). Per matrix the SVD
+        is the same call either way: the records are those of decomposing every run."""
+        dt = self.c0.svd_dtype
+        seeds = [self.cfgs[r].seed for r in self.alive]
+        uniq = list(dict.fromkeys(seeds))
+        if first and len(uniq) < len(seeds):
+            rep = torch.as_tensor([seeds.index(s) for s in uniq], device=self.device)
+            inv = torch.as_tensor([uniq.index(s) for s in seeds], device=self.device)
+            one = {n: v.index_select(0, rep) for n, v in mats.items()}
+            if all(torch.equal(v, one[n].index_select(0, inv)) for n, v in mats.items()):
+                inv = inv.cpu()
+                return {n: s.cpu().index_select(0, inv)
+                        for n, s in record.spectra(one, dt).items()}
+        return {n: s.cpu() for n, s in record.spectra(mats, dt).items()}
 
     def measure(self, epoch: int, lr_now: list[float], bsum=None, bcor=None) -> None:
         """Record epoch ``epoch`` for every run alive; runs that diverged are recorded as such
@@ -146,8 +168,7 @@ class _Group:
         cpu = lambda v: None if v is None else v.detach().cpu()  # noqa: E731
         m = record.Measurement(
             epoch=epoch, step=self.steps * epoch, lr_now=lr_now,
-            sv=({n: s.cpu() for n, s in record.spectra(mats, c0.svd_dtype).items()}
-                if c0.spectra_at(epoch) else None), delta=delta,
+            sv=self._spectra(mats, first) if c0.spectra_at(epoch) else None, delta=delta,
             train_loss=cpu(tl), train_acc=cpu(tc), test_loss=cpu(vl), test_acc=cpu(vc),
             batch_loss=cpu(bl), batch_acc=cpu(bc), bn_var_min=bn_min)
         record.append([self.recs[r] for r in self.alive], self.layers, m)

@@ -1,0 +1,147 @@
+"""How the batched engine launches its SGD steps: one by one (``eager``), through fixed buffers
+(``static``), or as a replayed CUDA graph (``graph``).
+
+**Why.** One step of :class:`sgdrank.batched.BatchedNet` is about 180 kernels whatever the
+number ``K`` of runs (:data:`sgdrank.cost.KERNELS_BATCHED`). Launched one by one from Python,
+each costs the host a few microseconds, so on a GPU a step of the book's small networks is bound
+by the launches, not by the arithmetic. A CUDA graph records the kernels of one step once and
+replays them with a single launch (``torch.cuda.CUDAGraph``).
+
+**What a replay sees.** A graph replays its kernels on the *addresses* it captured. Everything a
+step reads must therefore sit in a buffer that is written in place before each replay, and
+everything it returns must be added into fixed buffers:
+
+- the step's batch indices: ``idx``, a ``(K B,)`` long buffer, copied (device to device) from
+  the epoch's order before each step; the inputs, targets and labels are gathered from the
+  group's data *inside* the step, so they need no buffer of their own;
+- the learning rates, weight decays and momenta: :meth:`BatchedNet.set_hyper` writes them in
+  place when their layout is unchanged (a new layout makes a new coefficient dict, and the
+  graph is captured again);
+- the weights, batch-norm statistics and momentum buffers: updated in place by the step;
+- the sums of the batch losses and of the correct predictions: ``bsum``, ``bcor``.
+
+A graph is captured for one net (the runs alive) and one coefficient dict, at the full batch
+size; a run dropped for divergence, a resumed checkpoint or a new coefficient layout captures
+again, and a last, smaller batch of an epoch (``drop_last=False``) runs eagerly on the same
+buffers. Before the capture, ``WARMUP`` real steps of the epoch run eagerly on a side stream
+(CUDA's rule for capturing work that allocates); they are steps of the run, not extra ones.
+
+**Modes** (:func:`mode`, from ``$SGDRANK_CUDA_GRAPHS``): ``eager`` (default: every step launched
+from Python, the engine's path since the start), ``static`` (the graph's protocol -- fixed
+buffers, in-place copies -- without a graph, on any device: the CPU test that the protocol gives
+exactly the eager numbers), ``graph`` (CUDA only). The three do the same arithmetic in the same
+order; on the CPU ``static`` is tested bit for bit against ``eager``. ``graph`` is **prepared,
+not measured**: no GPU has run it yet; ``benchmarks/gpu_check.sh`` times it against ``eager`` and
+compares their weights (``benchmarks/README.md``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+#: eager steps (on a side stream) before a graph is captured
+WARMUP = 3
+MODES = ("eager", "static", "graph")
+ENV = "SGDRANK_CUDA_GRAPHS"
+
+
+def mode(device, environ=None) -> str:
+    """The step mode for ``device`` from ``$SGDRANK_CUDA_GRAPHS``: unset, ``0`` or ``eager``:
+    ``eager``; ``1`` or ``graph``: ``graph`` (a CUDA device only); ``static``: ``static``."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV, "").strip().lower()
+    name = {"": "eager", "0": "eager", "1": "graph"}.get(raw, raw)
+    if name not in MODES:
+        raise ValueError(f"{ENV}={raw!r}: use 0 (eager, the default), 1 (CUDA graphs) or "
+                         f"'static' (the graphs' fixed buffers without a graph, any device)")
+    if name == "graph" and torch.device(device).type != "cuda":
+        raise ValueError(f"{ENV}=1 asks for CUDA graphs, but the runs train on "
+                         f"{torch.device(device)}: unset {ENV} (or set it to 'static' to test "
+                         f"the graphs' buffers on this device)")
+    return name
+
+
+class Steps:
+    """The SGD steps of one epoch of a batched group: :meth:`begin` (zero the sums), :meth:`step`
+    per batch, :meth:`sums` at the end.
+
+    ``net``: the :class:`~sgdrank.batched.BatchedNet` (coefficients already set for the epoch);
+    ``x`` ``(N, d)``, ``t`` ``(N, C)`` or None, ``y`` ``(N,)`` or None: the group's training
+    data on the net's device; ``loss``: ``"ce"`` or ``"mse"``; ``kind``: one of :data:`MODES`.
+    """
+
+    def __init__(self, net, x, t, y, loss: str, kind: str = "eager"):
+        if kind not in MODES:
+            raise ValueError(f"unknown step mode {kind!r}: one of {MODES}")
+        self.net, self.x, self.t, self.y, self.loss, self.kind = net, x, t, y, loss, kind
+        self.coef = net._coef
+        dev = net.device
+        self.bsum = torch.zeros(net.K, dtype=torch.float32, device=dev)
+        self.bcor = torch.zeros(net.K, dtype=torch.float32, device=dev) if y is not None else None
+        self.idx = None  # (K B,) long: the static batch indices (static and graph)
+        self.graph = None
+        self.warm = 0
+
+    def serves(self, net, x) -> bool:
+        """True while this object's buffers (and graph) belong to ``net``, its current
+        coefficients and the training inputs ``x``: the engine builds a new one otherwise."""
+        return self.net is net and self.coef is net._coef and self.x is x
+
+    def begin(self) -> None:
+        """Zero the sums of the batch losses and correct predictions (in place)."""
+        self.bsum.zero_()
+        if self.bcor is not None:
+            self.bcor.zero_()
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of ``(sum over batches of B x batch loss, number correct)``, each ``(K,)``."""
+        return self.bsum.clone(), (self.bcor.clone() if self.bcor is not None else None)
+
+    def _run(self, flat: torch.Tensor, b: int) -> None:
+        """One SGD step of every run on the batches ``flat`` ``(K b,)``, the sums added in."""
+        K = self.net.K
+        xb = self.x.index_select(0, flat).view(K, b, -1)
+        yb = self.y.index_select(0, flat).view(K, b) if self.y is not None else None
+        tb = self.t.index_select(0, flat).view(K, b, -1) if self.t is not None else None
+        lval, corr = self.net.train_step(xb, tb, yb, self.loss, update=True)
+        self.bsum.add_(lval, alpha=b)
+        if corr is not None:
+            self.bcor.add_(corr)
+
+    def step(self, idx: torch.Tensor, full: bool = True) -> None:
+        """One SGD step on the index batch ``idx`` ``(K, b)`` (on the net's device). ``full``:
+        the epoch's full batch size (a graph is captured and replayed for these only)."""
+        b = idx.shape[1]
+        if self.kind == "eager" or not full:
+            self._run(idx.reshape(-1), b)
+            return
+        if self.idx is None:
+            self.idx = torch.empty(idx.numel(), dtype=torch.long, device=idx.device)
+        self.idx.copy_(idx.reshape(-1))
+        if self.kind == "static":
+            self._run(self.idx, b)
+        elif self.graph is not None:
+            self.graph.replay()
+            self.net.train_steps += 1  # the Python counter of train_step, not in the graph
+        elif self.warm < WARMUP:
+            self._warm_step(b)
+        else:
+            self._capture(b)
+
+    def _warm_step(self, b: int) -> None:
+        side = torch.cuda.Stream(device=self.net.device)
+        side.wait_stream(torch.cuda.current_stream(self.net.device))
+        with torch.cuda.stream(side):
+            self._run(self.idx, b)
+        torch.cuda.current_stream(self.net.device).wait_stream(side)
+        self.warm += 1
+
+    def _capture(self, b: int) -> None:
+        """Capture one step (capturing runs nothing), then replay it: this call's step."""
+        torch.cuda.synchronize(self.net.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._run(self.idx, b)  # (counts this step in net.train_steps: the replay below)
+        self.graph = graph
+        graph.replay()

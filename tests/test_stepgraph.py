@@ -1,0 +1,149 @@
+"""The batched engine's step launchers (sgdrank.stepgraph) and its epoch-0 spectra.
+
+On the CPU: the ``static`` mode (a CUDA graph's fixed buffers, without the graph) gives exactly
+the ``eager`` numbers, through runs that diverge, carry momentum and end an epoch on a smaller
+batch; a launcher that forgot to refresh its buffers (the bug a graph invites) is caught by the
+same comparison. The ``graph`` mode itself needs CUDA: its test is skipped elsewhere.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sgdrank import engine_batched, record, stepgraph, sweep
+
+from test_sweep import DATA, rel
+
+pytestmark = pytest.mark.usefixtures("float32_default")
+
+BASE = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=20, epochs=3, lr=0.05,
+                    lam=1e-3, drop_last=False)  # 96 = 4 x 20 + 16: a last, smaller batch
+CFGS = [BASE, sweep.replace(BASE, lam=1e-2), sweep.replace(BASE, seed=5),
+        sweep.replace(BASE, lr=1e6)]  # the last run diverges: the group shrinks (a new net)
+
+
+def _run(monkeypatch, mode: str, cfgs=CFGS, device="cpu"):
+    monkeypatch.setenv(stepgraph.ENV, mode)
+    return sweep.run(cfgs, data=DATA, progress=False, device=device, engine="batched")
+
+
+def _same(a: sweep.Result, b: sweep.Result) -> bool:
+    """Bit-for-bit equal final weights and recorded losses of every run that did not diverge."""
+    for i in range(len(a)):
+        if a.records[i]["state"] is None or b.records[i]["state"] is None:
+            if (a.records[i]["state"] is None) != (b.records[i]["state"] is None):
+                return False
+            continue
+        sa, sb = a.state_dict(i), b.state_dict(i)
+        if any(not torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    cols = ["train_loss", "batch_loss", "test_loss", "avg_rank"]
+    return bool(a.epochs[cols].fillna(-1).equals(b.epochs[cols].fillna(-1)))
+
+
+def test_mode_from_the_environment():
+    assert stepgraph.mode("cpu", {}) == "eager"
+    assert stepgraph.mode("cpu", {stepgraph.ENV: "0"}) == "eager"
+    assert stepgraph.mode("cpu", {stepgraph.ENV: "static"}) == "static"
+    assert stepgraph.mode("cuda", {stepgraph.ENV: "1"}) == "graph"
+    with pytest.raises(ValueError, match="CUDA graphs, but the runs train on cpu"):
+        stepgraph.mode("cpu", {stepgraph.ENV: "1"})
+    with pytest.raises(ValueError, match="use 0 .* 1 .* 'static'"):
+        stepgraph.mode("cpu", {stepgraph.ENV: "yes please"})
+
+
+def test_static_buffers_give_the_eager_numbers_bit_for_bit(monkeypatch):
+    eager = _run(monkeypatch, "0")
+    assert eager.records[3]["diverged_epoch"] == 1  # the group did shrink
+    static = _run(monkeypatch, "static")
+    assert _same(eager, static)
+    mom = [sweep.replace(c, momentum=0.9) for c in CFGS[:3]]  # the momentum path of sgd_step
+    assert _same(_run(monkeypatch, "0", mom), _run(monkeypatch, "static", mom))
+
+
+def test_a_launcher_with_stale_buffers_is_caught(monkeypatch):
+    """Negative control: a static launcher that copies the batch indices only once (as a graph
+    replaying a buffer nobody refreshes would) trains on one batch over and over; the same
+    comparison that passes above fails."""
+    eager = _run(monkeypatch, "0")
+    step = stepgraph.Steps.step
+
+    def stale(self, idx, full=True):
+        if self.idx is not None and full and self.kind == "static":
+            self._run(self.idx, idx.shape[1])
+            return
+        step(self, idx, full)
+
+    monkeypatch.setattr(stepgraph.Steps, "step", stale)
+    assert not _same(eager, _run(monkeypatch, "static"))
+
+
+def test_one_launcher_per_net_and_coefficients(monkeypatch):
+    """The engine keeps its launcher from epoch to epoch and builds a new one when the net
+    (a run dropped) or the coefficients' layout (momentum switched on) changes."""
+    made = []
+    init = stepgraph.Steps.__init__
+
+    def counting(self, net, *a, **kw):
+        made.append(net.K)
+        init(self, net, *a, **kw)
+
+    monkeypatch.setattr(stepgraph.Steps, "__init__", counting)
+    _run(monkeypatch, "static")
+    assert made == [4, 3]  # 3 epochs; one new launcher after the divergence at epoch 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replays_give_the_eager_numbers(monkeypatch):
+    cfgs = [sweep.replace(c, epochs=8) for c in CFGS]  # more steps than the warm-up
+    eager = _run(monkeypatch, "0", cfgs, "cuda")
+    graph = _run(monkeypatch, "1", cfgs, "cuda")
+    for i in range(3):
+        sa, sb = eager.state_dict(i), graph.state_dict(i)
+        assert all(rel(sa[k], sb[k]) < 1e-6 for k in sa)
+
+
+# ------------------------------------------------------------------ spectra at epoch 0
+def _count_spectra(monkeypatch) -> list[int]:
+    seen = []
+    spectra = record.spectra
+
+    def counting(mats, dtype=torch.float64):
+        seen.append(next(iter(mats.values())).shape[0])
+        return spectra(mats, dtype)
+
+    monkeypatch.setattr(record, "spectra", counting)
+    return seen
+
+
+def test_epoch0_spectra_once_per_initialisation(monkeypatch):
+    """Four runs of two seeds: epoch 0 decomposes two initialisations, later epochs all four
+    runs; the epoch-0 records equal those of each run trained alone, bit for bit."""
+    cfgs = [BASE, sweep.replace(BASE, lam=1e-2), sweep.replace(BASE, seed=5),
+            sweep.replace(BASE, seed=5, lr=0.1)]
+    seen = _count_spectra(monkeypatch)
+    res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
+    assert seen == [2, 4, 4, 4]
+    for i, c in enumerate(cfgs):
+        alone = sweep.run([c], data=DATA, progress=False, device="cpu", engine="batched")
+        a = res.layers[(res.layers.run_id == i) & (res.layers.epoch == 0)]
+        b = alone.layers[alone.layers.epoch == 0]
+        assert len(a) == 3 and a.drop(columns="run_id").reset_index(drop=True).equals(
+            b.drop(columns="run_id").reset_index(drop=True)), i
+
+
+def test_epoch0_spectra_of_unequal_matrices_are_each_computed(monkeypatch):
+    """Negative control: if runs of one seed did not hold the same matrices at epoch 0, every
+    run is decomposed (the check, not the seed, decides)."""
+    cfgs = [BASE, sweep.replace(BASE, lam=1e-2)]
+    load = engine_batched.BatchedNet.load_module
+
+    def perturbed(self, k, module):
+        load(self, k, module)
+        if k == 1:
+            self.P[self.tracked[0]][1].view(-1)[0] += 1.0  # one entry of the second run
+
+    monkeypatch.setattr(engine_batched.BatchedNet, "load_module", perturbed)
+    seen = _count_spectra(monkeypatch)
+    sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
+    assert seen[0] == 2
