@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -171,3 +172,25 @@ def test_show_validates_and_stores_a_record(monkeypatch):
     assert rec["experiment"] == "E7 MLP" and rec["rows"][0]["rank_dW"] == 40.0
     with pytest.raises(ValueError, match="lacks"):
         decomposition.show("x", [{"arm": "a"}], "ch3-sec")
+
+
+def test_decomposition_takes_the_runs_svd_precision():
+    """A float32-recording run is decomposed in float32 (its ``W_rank`` is the rank its record
+    reads); the float64 run of the same training in float64. The smallest singular values and
+    ``||DeltaW||_2`` are those of the parts' own spectra."""
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=2, lr=0.1,
+                        lam=0.05)
+    cfgs = [base, sweep.replace(base, svd_dtype="float32")]
+    res = sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
+    t64, t32 = (pd.DataFrame(decomposition.run_parts(res, i)) for i in (0, 1))
+    sd0, sd1 = res.state_dict(0), res.state_dict(1)
+    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)  # the same weights ...
+    assert not np.array_equal(t64.W_smin, t32.W_smin)  # ... decomposed in two precisions
+    assert np.allclose(t64.W_smin, t32.W_smin, rtol=1e-4)
+    for col in ("W_rank@0.001", "dW_rank@0.001", "W0_rank@0.001"):
+        assert (t64[col] == t32[col]).all(), col
+    s_T = metrics.singular_values(res.model(0).rank_layers()[0][1].weight)  # W_T, first matrix
+    assert t64.W_smin.iloc[0] == pytest.approx(float(s_T[-1]), rel=1e-12)
+    p = decomposition.parts(torch.randn(6, 4, dtype=torch.float64),
+                            torch.randn(6, 4, dtype=torch.float64), 0.3)
+    assert p["dW_smax"] >= p["dW_smin"] > 0

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 
@@ -208,6 +209,11 @@ def test_smallest_parts(tiny_sweep):
     # and the upper Weyl bound s_min(W_T) <= c s_min(W_0) + ||dW||_2 (= 2 s_cW0 - weyl)
     assert (t.s_W <= 2 * t.s_cW0 - t.weyl + 1e-9).all()
     assert (t.s_W <= 1).all() and (t.s_cW0 > 0).all()
+    # the decomposition table's rows give the same numbers without decomposing W_T again
+    tab = decomposition.table(res)
+    again = zoostudy.smallest(res, run, tab[tab.run_id == run])
+    assert np.allclose(again[["s_W", "s_cW0", "s_dW", "weyl"]], t[["s_W", "s_cW0", "s_dW", "weyl"]],
+                       rtol=1e-12, atol=0)
 
 
 def test_linear_baseline():

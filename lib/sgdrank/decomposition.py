@@ -141,7 +141,8 @@ def _ranks(s: torch.Tensor, eps: Sequence[float]) -> dict:
 
 
 def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
-          eps: Sequence[float] = EPS, s0: torch.Tensor | None = None) -> dict:
+          eps: Sequence[float] = EPS, s0: torch.Tensor | None = None,
+          dtype: str = "float64") -> dict:
     """Ranks of the three matrices of the decomposition of one trained matrix.
 
     Keys: ``{part}_rank@{eps}`` (threshold rank of the part over its *own* Frobenius norm, for
@@ -153,18 +154,26 @@ def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
     would leave at the trained matrix's scale if no gradient had touched ``W_0``'s directions
     (0 means the whole threshold rank of ``W_T`` is carried by the learned part; compare it with
     ``W_rank@{eps}``, rather than comparing ``D`` with the smallest ``D*``, which says only
-    whether *one* direction could fall); ``d_out``, ``d_in``. ``s0``: the singular values of
-    ``W_0`` if already known (runs that share an initialisation share them: three SVDs per
-    matrix become two)."""
+    whether *one* direction could fall); ``{part}_smin``: the smallest of the ``min(m, n)``
+    singular values, and ``dW_smax = ||DeltaW||_2``; ``d_out``, ``d_in``. ``s0``: the singular
+    values of ``W_0`` if already known (runs that share an initialisation share them: three SVDs
+    per matrix become two). ``dtype``: the SVDs' precision (:func:`sgdrank.record.
+    singular_values`: the matrices are split in float64, then decomposed in ``dtype``; a run's
+    ``svd_dtype``, so that ``W_rank`` is the rank its own record reads)."""
+    from .record import singular_values
+
     cw0, dw = split(W_T, W_0, c)
     w = _mat(W_T)
     out = {"d_out": int(w.shape[0]), "d_in": int(w.shape[1]), "c": float(c)}
     if s0 is None:
-        s0 = metrics.batch_singular_values(_mat(W_0))
-    for name, s in (("W", metrics.batch_singular_values(w)), ("W0", s0),
-                    ("dW", metrics.batch_singular_values(dw))):
+        s0 = singular_values(_mat(W_0), dtype)
+    for name, s in (("W", singular_values(w, dtype)), ("W0", s0),
+                    ("dW", singular_values(dw, dtype))):
         for k, v in _ranks(s, eps).items():
             out[f"{name}_{k}"] = v
+        out[f"{name}_smin"] = float(s[-1])
+        if name == "dW":
+            out["dW_smax"] = float(s[0])
     s0_min = float(s0[-1])
     for e in eps:
         out[f"Dstar@{e:g}"] = (math.log(s0_min / (e * out["W_fro"])) if s0_min > 0
@@ -187,12 +196,14 @@ def run_parts(res, run, eps: Sequence[float] = EPS, init_spectra: dict | None = 
     """:func:`parts` of every rank-tracked matrix of run ``run`` of a sweep ``res``
     (:class:`sgdrank.results.Result`): ``W_T`` from the stored final weights, ``W_0`` rebuilt
     from the run's seed (``Arch.build(seed)``, as both engines build it), ``c_T`` from the run's
-    schedule (:func:`step_lrs`, :func:`init_factor`, momentum included), ``D = -ln c_T``. Each
-    dict also has ``run_id``, ``layer``, ``index`` and ``D``. A diverged run gives ``[]``.
+    schedule (:func:`step_lrs`, :func:`init_factor`, momentum included), ``D = -ln c_T``; the
+    SVDs in the run's ``svd_dtype``. Each dict also has ``run_id``, ``layer``, ``index`` and
+    ``D``. A diverged run gives ``[]``.
     ``init_spectra``: a dict shared between calls that keeps the singular values of each
     rebuilt ``W_0`` (by architecture, seed and layer), so that runs of one initialisation
     decompose it once."""
     from .batched import Arch
+    from .record import singular_values
 
     i = res._index(run)
     cfg, rec = res.configs[i], res.records[i]
@@ -207,11 +218,12 @@ def run_parts(res, run, eps: Sequence[float] = EPS, init_spectra: dict | None = 
     known = {} if init_spectra is None else init_spectra
     rows = []
     for idx, ((label, m0), (_, m1)) in enumerate(zip(init.rank_layers(), final.rank_layers())):
-        key = (arch, cfg.seed, idx)
+        key = (arch, cfg.seed, idx, cfg.svd_dtype)
         if key not in known:
-            known[key] = metrics.singular_values(m0.weight)
+            known[key] = singular_values(_mat(m0.weight), cfg.svd_dtype)
         rows.append({"run_id": i, "layer": label, "index": idx, "D": D,
-                     **parts(m1.weight, m0.weight, c, eps, s0=known[key])})
+                     **parts(m1.weight, m0.weight, c, eps, s0=known[key],
+                             dtype=cfg.svd_dtype)})
     return rows
 
 

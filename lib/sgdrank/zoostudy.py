@@ -393,32 +393,36 @@ def zero_rows(model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict[str, int
     return out
 
 
-def smallest(res: sweep.Result, run: int) -> pd.DataFrame:
+def smallest(res: sweep.Result, run: int, parts: pd.DataFrame | None = None) -> pd.DataFrame:
     """For every rank-tracked matrix of run ``run``: the smallest singular value of ``W_T``, of
     the decayed initialisation ``c_T W_0`` and of the learned part ``DeltaW_T`` (the split of
     :mod:`sgdrank.decomposition`), each over ``||W_T||_F`` (so comparable with a threshold
     ``eps``), and ``weyl`` = ``(c_T s_min(W_0) - ||DeltaW_T||_2) / ||W_T||_F``, Weyl's lower
-    bound on ``s_min(W_T)`` (informative only where positive)."""
-    from . import decomposition as dec
+    bound on ``s_min(W_T)`` (informative only where positive).
 
-    rows = {r["layer"]: r for r in dec.run_parts(res, run)}
-    i = res._index(run)
-    cfg = res.configs[i]
+    ``parts``: the run's rows of :func:`sgdrank.decomposition.table` if already computed (else
+    :func:`~sgdrank.decomposition.run_parts`), which give ``W_T``'s and ``DeltaW_T``'s values.
+    ``c_T W_0`` is decomposed here, independently of the decomposition's SVD of ``W_0`` (the
+    chapter checks the two against each other), in the run's ``svd_dtype``."""
+    from . import decomposition as dec
     from .batched import Arch
-    rec = res.records[i]
+    from .metrics import as_matrix
+    from .record import singular_values
+
+    rows = ({r["layer"]: r for r in dec.run_parts(res, run)} if parts is None
+            else {r["layer"]: r for r in parts.to_dict("records")})
+    i = res._index(run)
+    cfg, rec = res.configs[i], res.records[i]
     arch = Arch(cfg.model, tuple(rec["arch"]["in_shape"]), rec["arch"]["out_dim"], cfg.bias,
                 cfg.detach_var, cfg.activation)
-    init, final = arch.build(seed=cfg.seed).float(), res.model(i)
     out = []
-    for (label, m0), (_, m1) in zip(init.rank_layers(), final.rank_layers()):
-        c = rows[label]["c"]
-        cw0, dw = dec.split(m1.weight, m0.weight, c)
-        w = cw0 + dw
-        fro = float(torch.linalg.matrix_norm(w))
-        s_w, s_c, s_d = (torch.linalg.svdvals(a) for a in (w, cw0, dw))
-        out.append(dict(run_id=i, layer=label, s_W=float(s_w[-1]) / fro,
-                        s_cW0=float(s_c[-1]) / fro, s_dW=float(s_d[-1]) / fro,
-                        weyl=(float(s_c[-1]) - float(s_d[0])) / fro))
+    for label, m0 in arch.build(seed=cfg.seed).float().rank_layers():
+        r = rows[label]
+        fro = r["W_fro"]
+        cw0 = r["c"] * as_matrix(m0.weight.detach()).double()
+        s_c = float(singular_values(cw0, cfg.svd_dtype)[-1])
+        out.append(dict(run_id=i, layer=label, s_W=r["W_smin"] / fro, s_cW0=s_c / fro,
+                        s_dW=r["dW_smin"] / fro, weyl=(s_c - r["dW_smax"]) / fro))
     return pd.DataFrame(out)
 
 
