@@ -10,14 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sgdrank import engine_batched, record, stepgraph, sweep
+from sgdrank import batched, engine_batched, record, stepgraph, sweep
 
 from test_sweep import DATA, rel
 
 pytestmark = pytest.mark.usefixtures("float32_default")
 
 BASE = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=20, epochs=3, lr=0.05,
-                    lam=1e-3, drop_last=False)  # 96 = 4 x 20 + 16: a last, smaller batch
+                    lam=1e-3, drop_last=False,  # 96 = 4 x 20 + 16: a last, smaller batch
+                    lr_milestones=(2,), lr_gamma=0.5)  # new learning rates between epochs
 CFGS = [BASE, sweep.replace(BASE, lam=1e-2), sweep.replace(BASE, seed=5),
         sweep.replace(BASE, lr=1e6)]  # the last run diverges: the group shrinks (a new net)
 
@@ -76,6 +77,37 @@ def test_a_launcher_with_stale_buffers_is_caught(monkeypatch):
 
     monkeypatch.setattr(stepgraph.Steps, "step", stale)
     assert not _same(eager, _run(monkeypatch, "static"))
+
+
+def test_a_rebound_coefficient_is_caught(monkeypatch):
+    """Negative control of the address guard: a ``set_hyper`` that puts new learning-rate
+    tensors into the same dict (which a captured graph would never see) passes the eager run
+    and fails the static one, naming the tensor."""
+    set_hyper = batched.BatchedNet.set_hyper
+
+    def rebinding(self, *a, **kw):
+        set_hyper(self, *a, **kw)
+        self._coef["neg_lr_t"] = self._coef["neg_lr_t"].clone()
+
+    monkeypatch.setattr(batched.BatchedNet, "set_hyper", rebinding)
+    _run(monkeypatch, "0")
+    with pytest.raises(RuntimeError, match="coefficient neg_lr_t replaced"):
+        _run(monkeypatch, "static")
+
+
+def test_new_coefficients_or_data_need_a_new_launcher():
+    """Momentum switched on gives a new coefficient dict, new training inputs new tensors: the
+    launcher no longer serves (the engine builds another); new values written in place do."""
+    arch = batched.Arch("MLP-BN-3-8", (20,), 3)
+    net = batched.BatchedNet(arch, 2)
+    x, y = DATA.x_train.reshape(len(DATA.x_train), -1), DATA.y_train
+    net.set_hyper([0.1, 0.2], [1e-3, 1e-2], [0.0, 0.0])
+    st = stepgraph.Steps(net, x, None, y, "ce", "static")
+    net.set_hyper([0.05, 0.1], [1e-3, 1e-2], [0.0, 0.0])
+    assert st.serves(net, x)
+    assert not st.serves(net, x.clone())
+    net.set_hyper([0.05, 0.1], [1e-3, 1e-2], [0.9, 0.9])
+    assert not st.serves(net, x)
 
 
 def test_one_launcher_per_net_and_coefficients(monkeypatch):
@@ -147,3 +179,16 @@ def test_epoch0_spectra_of_unequal_matrices_are_each_computed(monkeypatch):
     seen = _count_spectra(monkeypatch)
     sweep.run(cfgs, data=DATA, progress=False, device="cpu", engine="batched")
     assert seen[0] == 2
+
+
+def test_graph_runs_are_cached_apart(monkeypatch):
+    """A run with CUDA graphs requested has its own cache key (a replay is not shown to give
+    the eager numbers bit for bit); the static mode, tested bit for bit, shares eager's."""
+    from sgdrank import cache
+
+    keys = {}
+    for mode in ("0", "static", "1"):
+        monkeypatch.setenv(stepgraph.ENV, mode)
+        keys[mode] = cache.run_key(BASE)
+    assert keys["0"] == keys["static"] != keys["1"]
+    assert "stepgraph.py" in cache.ENGINE_FILES

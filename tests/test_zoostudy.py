@@ -209,11 +209,23 @@ def test_smallest_parts(tiny_sweep):
     # and the upper Weyl bound s_min(W_T) <= c s_min(W_0) + ||dW||_2 (= 2 s_cW0 - weyl)
     assert (t.s_W <= 2 * t.s_cW0 - t.weyl + 1e-9).all()
     assert (t.s_W <= 1).all() and (t.s_cW0 > 0).all()
-    # the decomposition table's rows give the same numbers without decomposing W_T again
+    # against SVDs done here: s_min(W_T) / ||W_T||_F of the stored weights, and c_T s_min(W_0)
     tab = decomposition.table(res)
-    again = zoostudy.smallest(res, run, tab[tab.run_id == run])
-    assert np.allclose(again[["s_W", "s_cW0", "s_dW", "weyl"]], t[["s_W", "s_cW0", "s_dW", "weyl"]],
-                       rtol=1e-12, atol=0)
+    rows = tab[tab.run_id == run].set_index("layer")
+    for (label, m0), (_, m1), s_w, s_c in zip(
+            zoo.build(VIT, (1, 28, 28), seed=cfgs[run].seed).rank_layers(),
+            res.model(run).rank_layers(), t.s_W, t.s_cW0):
+        sv = np.linalg.svd(m1.weight.detach().double().reshape(len(m1.weight), -1).numpy(),
+                           compute_uv=False)
+        assert s_w == pytest.approx(sv[-1] / np.linalg.norm(sv), rel=1e-9), label
+        sv0 = np.linalg.svd(m0.weight.detach().double().reshape(len(m0.weight), -1).numpy(),
+                            compute_uv=False)
+        assert s_c == pytest.approx(rows.c[label] * sv0[-1] / np.linalg.norm(sv), rel=1e-6)
+    # a table with a wrong ||W_T||_F or c_T does not pass into the result unseen: s_cW0 moves
+    # with c_T, and s_W does not follow the table's norm
+    bad = tab[tab.run_id == run].assign(c=lambda d: 2 * d.c, W_fro=lambda d: 3 * d.W_fro)
+    t2 = zoostudy.smallest(res, run, bad)
+    assert np.allclose(t2.s_cW0, 2 * t.s_cW0) and np.allclose(t2.s_W, t.s_W)
 
 
 def test_linear_baseline():

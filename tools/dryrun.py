@@ -172,9 +172,9 @@ def prepare(base: Path) -> dict[str, str]:
         "SGDRANK_DEVICE": "cpu",
         # small chunks, so that Chapter 5's chunked evaluations and SVDs (twolayer.CHUNK) run
         # their loops on the dry run's small problems, as they do at the papers' sizes: at width
-        # 32768 and 356 images, 2^22 elements cut the forwards into 6-12 chunks, the SVDs into
-        # one run each and the per-sample factors into 3 (2^16 took one image per chunk,
-        # reading all of W per image: 35 s more of Chapter 5's dry run)
+        # 32768, 2^22 elements cut the forwards into chunks of 128 images of one run, the SVDs
+        # into one run each, the residuals into 4 and the per-sample factors into 4 (2^16 took
+        # one image per chunk, reading all of W per image: 35 s more of Chapter 5's dry run)
         "SGDRANK_CHUNK": str(2**22),
     }
 

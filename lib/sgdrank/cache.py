@@ -18,13 +18,13 @@ from typing import Sequence
 
 import torch
 
-from . import runtime
+from . import runtime, stepgraph
 from .record import FORMAT
 from .runconfig import Config
 
 ENGINE_FILES = ("sweep.py", "runconfig.py", "inputs.py", "record.py", "engine_batched.py",
-                "engine_loop.py", "batched.py", "models.py", "zoo.py", "metrics.py",
-                "conventions.py", "data.py")
+                "engine_loop.py", "batched.py", "stepgraph.py", "models.py", "zoo.py",
+                "metrics.py", "conventions.py", "data.py")
 _CODE_HASH: str | None = None
 
 
@@ -43,10 +43,12 @@ def code_hash() -> str:
 
 
 def run_key(cfg: Config, data_fingerprint: str | None = None) -> str:
-    """Cache key of a run: sha256 of the config (JSON), :func:`code_hash` and, for data passed
-    in by hand, a fingerprint of the tensors. 20 hex digits."""
+    """Cache key of a run: sha256 of the config (JSON), :func:`code_hash`, for data passed in by
+    hand a fingerprint of the tensors, and whether the steps are replayed CUDA graphs
+    (:func:`sgdrank.stepgraph.requested`: graph runs are cached apart from eager ones, since a
+    replay is not shown to give the eager numbers bit for bit). 20 hex digits."""
     payload = (json.dumps(cfg.to_dict(), sort_keys=True) + "|" + code_hash() + "|"
-               + (data_fingerprint or ""))
+               + (data_fingerprint or "") + ("|cuda-graphs" if stepgraph.requested() else ""))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -119,20 +119,22 @@ class _Group:
         """:func:`record.spectra` of the runs alive (on the host). At epoch 0 the runs of one
         seed hold the same matrices (``Arch.build(seed)``: the lambdas, batch orders and learning
         rates of a group differ, the initialisation does not), so each initialisation is
-        decomposed once and its spectrum given to every run of that seed; checked with
-        ``torch.equal`` first (all runs are decomposed if any pair differs). Per matrix the SVD
-        is the same call either way: the records are those of decomposing every run."""
+        decomposed once and its spectrum given to every run of that seed; checked first with
+        ``torch.equal`` against the seed's first run, matrix by matrix (every run is decomposed
+        if any pair differs). On the CPU (LAPACK: one call per matrix) the records are those of
+        decomposing every run, bit for bit (tested); a GPU's batched SVD may differ in the last
+        bits with the size of the batch."""
         dt = self.c0.svd_dtype
         seeds = [self.cfgs[r].seed for r in self.alive]
-        uniq = list(dict.fromkeys(seeds))
-        if first and len(uniq) < len(seeds):
-            rep = torch.as_tensor([seeds.index(s) for s in uniq], device=self.device)
-            inv = torch.as_tensor([uniq.index(s) for s in seeds], device=self.device)
+        first_of = [seeds.index(s) for s in seeds]  # the first run alive with the same seed
+        if first and len(set(seeds)) < len(seeds) and all(
+                torch.equal(v[j], v[f]) for v in mats.values()
+                for j, f in enumerate(first_of) if f != j):
+            uniq = list(dict.fromkeys(first_of))
+            rep = torch.as_tensor(uniq, device=self.device)
+            inv = torch.as_tensor([uniq.index(f) for f in first_of])
             one = {n: v.index_select(0, rep) for n, v in mats.items()}
-            if all(torch.equal(v, one[n].index_select(0, inv)) for n, v in mats.items()):
-                inv = inv.cpu()
-                return {n: s.cpu().index_select(0, inv)
-                        for n, s in record.spectra(one, dt).items()}
+            return {n: s.cpu().index_select(0, inv) for n, s in record.spectra(one, dt).items()}
         return {n: s.cpu() for n, s in record.spectra(mats, dt).items()}
 
     def measure(self, epoch: int, lr_now: list[float], bsum=None, bcor=None) -> None:

@@ -29,10 +29,13 @@ buffers. Before the capture, ``WARMUP`` real steps of the epoch run eagerly on a
 **Modes** (:func:`mode`, from ``$SGDRANK_CUDA_GRAPHS``): ``eager`` (default: every step launched
 from Python, the engine's path since the start), ``static`` (the graph's protocol -- fixed
 buffers, in-place copies -- without a graph, on any device: the CPU test that the protocol gives
-exactly the eager numbers), ``graph`` (CUDA only). The three do the same arithmetic in the same
-order; on the CPU ``static`` is tested bit for bit against ``eager``. ``graph`` is **prepared,
-not measured**: no GPU has run it yet; ``benchmarks/gpu_check.sh`` times it against ``eager`` and
-compares their weights (``benchmarks/README.md``).
+exactly the eager numbers), ``graph`` (CUDA only). Both fixed-buffer modes check before every
+step that no tensor a step touches has been replaced since the first (``data_ptr``), so a
+rebinding that a replay would not see fails loudly on the CPU too. The three do the same
+arithmetic in the same order; on the CPU ``static`` is tested bit for bit against ``eager``.
+``graph`` is **prepared, not measured**: no GPU has run it yet; ``benchmarks/gpu_check.sh`` times
+it against ``eager`` and compares their weights (``benchmarks/README.md``), and runs with graphs
+requested are cached apart (:func:`requested`).
 """
 from __future__ import annotations
 
@@ -62,6 +65,13 @@ def mode(device, environ=None) -> str:
     return name
 
 
+def requested(environ=None) -> bool:
+    """True when ``$SGDRANK_CUDA_GRAPHS`` asks for CUDA graphs (``1`` or ``graph``): the cache
+    keeps such runs apart (:func:`sgdrank.cache.run_key`)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV, "").strip().lower() in ("1", "graph")
+
+
 class Steps:
     """The SGD steps of one epoch of a batched group: :meth:`begin` (zero the sums), :meth:`step`
     per batch, :meth:`sums` at the end.
@@ -82,11 +92,40 @@ class Steps:
         self.idx = None  # (K B,) long: the static batch indices (static and graph)
         self.graph = None
         self.warm = 0
+        self.addresses: dict[str, int] | None = None  # of the first fixed-buffer step
 
     def serves(self, net, x) -> bool:
         """True while this object's buffers (and graph) belong to ``net``, its current
         coefficients and the training inputs ``x``: the engine builds a new one otherwise."""
         return self.net is net and self.coef is net._coef and self.x is x
+
+    def _addresses(self) -> dict[str, int]:
+        """``data_ptr`` of every tensor a step reads or writes, by name: the data, the index and
+        sum buffers, the flat weights, gradients, momentum and BN statistics, every coefficient
+        tensor and every tensor of the net's forward plan (views into those)."""
+        net = self.net
+        named = {"x": self.x, "t": self.t, "y": self.y, "idx": self.idx, "bsum": self.bsum,
+                 "bcor": self.bcor, "mat": net.mat, "gmat": net.gmat, "vec": net.vec,
+                 "gvec": net.gvec, "mom_mat": net.mom_mat, "mom_vec": net.mom_vec}
+        named.update({f"coefficient {k}": v for k, v in (net._coef or {}).items()})
+        named.update({f"statistic {k}": v for k, v in net.S.items()})
+        for i, u in enumerate([*net._plan, net._head]):
+            named.update({f"unit {i} {k}": v for k, v in u.items()})
+        return {k: v.data_ptr() for k, v in named.items() if isinstance(v, torch.Tensor)}
+
+    def _check_addresses(self) -> None:
+        """The fixed-buffer modes' guard: a replay reads the tensors of its capture, so every
+        tensor must still be where it was at the first step (``static`` checks exactly what a
+        graph would need). Raises ``RuntimeError`` naming a tensor that was replaced."""
+        now = self._addresses()
+        if self.addresses is None:
+            self.addresses = now
+            return
+        moved = [k for k, v in self.addresses.items() if now.get(k) != v]
+        if moved:
+            raise RuntimeError(f"{self.kind} steps: {', '.join(moved[:4])} replaced since the "
+                               f"first step (write it in place, or build a new Steps): a "
+                               f"captured CUDA graph would not see the new tensor")
 
     def begin(self) -> None:
         """Zero the sums of the batch losses and correct predictions (in place)."""
@@ -119,6 +158,7 @@ class Steps:
         if self.idx is None:
             self.idx = torch.empty(idx.numel(), dtype=torch.long, device=idx.device)
         self.idx.copy_(idx.reshape(-1))
+        self._check_addresses()
         if self.kind == "static":
             self._run(self.idx, b)
         elif self.graph is not None:

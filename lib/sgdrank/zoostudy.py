@@ -401,9 +401,10 @@ def smallest(res: sweep.Result, run: int, parts: pd.DataFrame | None = None) -> 
     bound on ``s_min(W_T)`` (informative only where positive).
 
     ``parts``: the run's rows of :func:`sgdrank.decomposition.table` if already computed (else
-    :func:`~sgdrank.decomposition.run_parts`), which give ``W_T``'s and ``DeltaW_T``'s values.
-    ``c_T W_0`` is decomposed here, independently of the decomposition's SVD of ``W_0`` (the
-    chapter checks the two against each other), in the run's ``svd_dtype``."""
+    :func:`~sgdrank.decomposition.run_parts`), which give ``s_min(W_T)``, ``s_min(DeltaW_T)``,
+    ``||DeltaW_T||_2`` and ``c_T``. Computed here, independently of the decomposition: the
+    singular values of ``c_T W_0`` (in the run's ``svd_dtype``) and ``||W_T||_F`` (from the
+    stored weights, no SVD), which the chapter checks against the decomposition's budget."""
     from . import decomposition as dec
     from .batched import Arch
     from .metrics import as_matrix
@@ -416,9 +417,10 @@ def smallest(res: sweep.Result, run: int, parts: pd.DataFrame | None = None) -> 
     arch = Arch(cfg.model, tuple(rec["arch"]["in_shape"]), rec["arch"]["out_dim"], cfg.bias,
                 cfg.detach_var, cfg.activation)
     out = []
-    for label, m0 in arch.build(seed=cfg.seed).float().rank_layers():
+    for (label, m0), (_, m1) in zip(arch.build(seed=cfg.seed).float().rank_layers(),
+                                    res.model(i).rank_layers()):
         r = rows[label]
-        fro = r["W_fro"]
+        fro = float(torch.linalg.matrix_norm(as_matrix(m1.weight.detach()).double()))
         cw0 = r["c"] * as_matrix(m0.weight.detach()).double()
         s_c = float(singular_values(cw0, cfg.svd_dtype)[-1])
         out.append(dict(run_id=i, layer=label, s_W=r["W_smin"] / fro, s_cW0=s_c / fro,
