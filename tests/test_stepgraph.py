@@ -79,20 +79,53 @@ def test_a_launcher_with_stale_buffers_is_caught(monkeypatch):
     assert not _same(eager, _run(monkeypatch, "static"))
 
 
-def test_a_rebound_coefficient_is_caught(monkeypatch):
-    """Negative control of the address guard: a ``set_hyper`` that puts new learning-rate
-    tensors into the same dict (which a captured graph would never see) passes the eager run
+def _rebind_coefficient(net):
+    net._coef["neg_lr_t"] = net._coef["neg_lr_t"].clone()
+
+
+def _rebind_weight_view(net):
+    name = next(iter(net.P))
+    net.P[name] = net.P[name].clone()
+
+
+def _rebind_gradient_view(net):
+    name = next(iter(net.G))
+    net.G[name] = net.G[name].clone()
+
+
+@pytest.mark.parametrize("rebind, named", [
+    (_rebind_coefficient, "coefficient neg_lr_t"), (_rebind_weight_view, "weight "),
+    (_rebind_gradient_view, "gradient ")])
+def test_a_rebound_tensor_is_caught(monkeypatch, rebind, named):
+    """Negative controls of the address guard: a ``set_hyper`` that puts a new tensor where a
+    step reads one (a learning-rate tensor in the same dict, a per-matrix weight or gradient
+    view that the update reads), which a captured graph would never see, passes the eager run
     and fails the static one, naming the tensor."""
     set_hyper = batched.BatchedNet.set_hyper
 
     def rebinding(self, *a, **kw):
         set_hyper(self, *a, **kw)
-        self._coef["neg_lr_t"] = self._coef["neg_lr_t"].clone()
+        rebind(self)
 
     monkeypatch.setattr(batched.BatchedNet, "set_hyper", rebinding)
     _run(monkeypatch, "0")
-    with pytest.raises(RuntimeError, match="coefficient neg_lr_t replaced"):
+    with pytest.raises(RuntimeError, match=f"{named}.*replaced"):
         _run(monkeypatch, "static")
+
+
+def test_addresses_are_checked_once_per_epoch(monkeypatch):
+    """The guard runs at the first full step of each epoch (4 full steps per epoch here), not
+    at every step: host time a replayed graph is meant to save."""
+    calls = []
+    check = stepgraph.Steps._check_addresses
+
+    def counting(self):
+        calls.append(self.net.K)
+        check(self)
+
+    monkeypatch.setattr(stepgraph.Steps, "_check_addresses", counting)
+    _run(monkeypatch, "static")
+    assert len(calls) == 3  # 3 epochs (the divergence builds a new launcher, checked anew)
 
 
 def test_new_coefficients_or_data_need_a_new_launcher():
@@ -125,14 +158,30 @@ def test_one_launcher_per_net_and_coefficients(monkeypatch):
     assert made == [4, 3]  # 3 epochs; one new launcher after the divergence at epoch 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_replays_give_the_eager_numbers(monkeypatch):
+def _graphs_match_eager(monkeypatch, device):
     cfgs = [sweep.replace(c, epochs=8) for c in CFGS]  # more steps than the warm-up
-    eager = _run(monkeypatch, "0", cfgs, "cuda")
-    graph = _run(monkeypatch, "1", cfgs, "cuda")
+    eager = _run(monkeypatch, "0", cfgs, device)
+    graph = _run(monkeypatch, "1", cfgs, device)
     for i in range(3):
         sa, sb = eager.state_dict(i), graph.state_dict(i)
         assert all(rel(sa[k], sb[k]) < 1e-6 for k in sa)
+    init = sweep.run(sweep.replace(CFGS[0], epochs=0), data=DATA, progress=False,
+                     device=device, engine="batched")
+    assert any(not torch.equal(init.state_dict(0)[k], graph.state_dict(0)[k])
+               for k in init.state_dict(0))  # the replays moved the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_replays_give_the_eager_numbers(monkeypatch):
+    _graphs_match_eager(monkeypatch, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graphs_on_a_second_device(monkeypatch):
+    """A local job on a multi-GPU machine trains on cuda:1 while the current device is cuda:0:
+    the capture must be on the net's device (else it records nothing and raises)."""
+    assert torch.cuda.current_device() == 0
+    _graphs_match_eager(monkeypatch, "cuda:1")
 
 
 # ------------------------------------------------------------------ spectra at epoch 0

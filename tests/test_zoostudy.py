@@ -221,9 +221,12 @@ def test_smallest_parts(tiny_sweep):
         sv0 = np.linalg.svd(m0.weight.detach().double().reshape(len(m0.weight), -1).numpy(),
                             compute_uv=False)
         assert s_c == pytest.approx(rows.c[label] * sv0[-1] / np.linalg.norm(sv), rel=1e-6)
-    # a table with a wrong ||W_T||_F or c_T does not pass into the result unseen: s_cW0 moves
-    # with c_T, and s_W does not follow the table's norm
-    bad = tab[tab.run_id == run].assign(c=lambda d: 2 * d.c, W_fro=lambda d: 3 * d.W_fro)
+    # a table with a wrong ||W_T||_F, s_min(W_0) or budget does not pass into the result
+    # unseen: s_cW0 moves with c_T only (it decomposes c_T W_0 itself, so a copy of the table's
+    # c W0_smin would fail here), and s_W does not follow the table's norm
+    bad = tab[tab.run_id == run].assign(
+        c=lambda d: 2 * d.c, W_fro=lambda d: 3 * d.W_fro, W0_smin=lambda d: 5 * d.W0_smin,
+        **{k: (lambda d, k=k: d[k] + 1.0) for k in tab.columns if k.startswith("Dstar@")})
     t2 = zoostudy.smallest(res, run, bad)
     assert np.allclose(t2.s_cW0, 2 * t.s_cW0) and np.allclose(t2.s_W, t.s_W)
 

@@ -45,8 +45,10 @@ def code_hash() -> str:
 def run_key(cfg: Config, data_fingerprint: str | None = None) -> str:
     """Cache key of a run: sha256 of the config (JSON), :func:`code_hash`, for data passed in by
     hand a fingerprint of the tensors, and whether the steps are replayed CUDA graphs
-    (:func:`sgdrank.stepgraph.requested`: graph runs are cached apart from eager ones, since a
-    replay is not shown to give the eager numbers bit for bit). 20 hex digits."""
+    (:func:`sgdrank.stepgraph.requested`: graph runs are cached apart from eager ones, since no
+    GPU has yet compared a replay with the eager numbers; the flag follows the environment, so
+    loop-engine runs, which never replay, also get their own keys then and train again).
+    20 hex digits."""
     payload = (json.dumps(cfg.to_dict(), sort_keys=True) + "|" + code_hash() + "|"
                + (data_fingerprint or "") + ("|cuda-graphs" if stepgraph.requested() else ""))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

@@ -29,9 +29,14 @@ buffers. Before the capture, ``WARMUP`` real steps of the epoch run eagerly on a
 **Modes** (:func:`mode`, from ``$SGDRANK_CUDA_GRAPHS``): ``eager`` (default: every step launched
 from Python, the engine's path since the start), ``static`` (the graph's protocol -- fixed
 buffers, in-place copies -- without a graph, on any device: the CPU test that the protocol gives
-exactly the eager numbers), ``graph`` (CUDA only). Both fixed-buffer modes check before every
-step that no tensor a step touches has been replaced since the first (``data_ptr``), so a
-rebinding that a replay would not see fails loudly on the CPU too. The three do the same
+exactly the eager numbers), ``graph`` (CUDA only). Both fixed-buffer modes check at the first
+full step of every epoch that no tensor a step reads or writes (data, index and sum buffers,
+flat weights and gradients and their per-matrix views, momentum buffers and views, coefficients,
+batch-norm statistics, the forward plan, cached constants) has been replaced since it was first
+seen (``data_ptr``), so a rebinding that a replay would not see fails loudly on the CPU too
+(``set_hyper``, the only code that rebinds between steps, runs between epochs). A graph is
+captured on a stream of the net's own device (``cuda:1`` in a local job on a multi-GPU
+machine), and an empty capture raises. The three do the same
 arithmetic in the same order; on the CPU ``static`` is tested bit for bit against ``eager``.
 ``graph`` is **prepared, not measured**: no GPU has run it yet; ``benchmarks/gpu_check.sh`` times
 it against ``eager`` and compares their weights (``benchmarks/README.md``), and runs with graphs
@@ -40,6 +45,7 @@ requested are cached apart (:func:`requested`).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -92,7 +98,9 @@ class Steps:
         self.idx = None  # (K B,) long: the static batch indices (static and graph)
         self.graph = None
         self.warm = 0
-        self.addresses: dict[str, int] | None = None  # of the first fixed-buffer step
+        self.addresses: dict[str, int] = {}  # data_ptr of each tensor when first seen
+        self.checked = False  # the addresses were checked in this epoch
+        self.side = None  # the CUDA side stream of the warm-up and the capture
 
     def serves(self, net, x) -> bool:
         """True while this object's buffers (and graph) belong to ``net``, its current
@@ -101,34 +109,42 @@ class Steps:
 
     def _addresses(self) -> dict[str, int]:
         """``data_ptr`` of every tensor a step reads or writes, by name: the data, the index and
-        sum buffers, the flat weights, gradients, momentum and BN statistics, every coefficient
-        tensor and every tensor of the net's forward plan (views into those)."""
+        sum buffers, the flat weights, gradients, momentum and BN statistics, their per-matrix
+        views (``P``, ``G``, the momentum views the update reads), every coefficient tensor, the
+        cached constants (``_neg_ones``) and every tensor of the net's forward plan."""
         net = self.net
         named = {"x": self.x, "t": self.t, "y": self.y, "idx": self.idx, "bsum": self.bsum,
                  "bcor": self.bcor, "mat": net.mat, "gmat": net.gmat, "vec": net.vec,
                  "gvec": net.gvec, "mom_mat": net.mom_mat, "mom_vec": net.mom_vec}
         named.update({f"coefficient {k}": v for k, v in (net._coef or {}).items()})
         named.update({f"statistic {k}": v for k, v in net.S.items()})
+        named.update({f"weight {k}": v for k, v in net.P.items()})
+        named.update({f"gradient {k}": v for k, v in net.G.items()})
+        named.update({f"momentum {k}": v
+                      for k, v in (getattr(net, "_mom_views", None) or {}).items()})
+        named.update({f"constant {k}": v for k, v in net._neg_ones.items()})
         for i, u in enumerate([*net._plan, net._head]):
             named.update({f"unit {i} {k}": v for k, v in u.items()})
         return {k: v.data_ptr() for k, v in named.items() if isinstance(v, torch.Tensor)}
 
     def _check_addresses(self) -> None:
         """The fixed-buffer modes' guard: a replay reads the tensors of its capture, so every
-        tensor must still be where it was at the first step (``static`` checks exactly what a
-        graph would need). Raises ``RuntimeError`` naming a tensor that was replaced."""
+        tensor must still be where it was when first seen (``static`` checks exactly what a
+        graph would need; a tensor made later, as a cached constant, is recorded then). Raises
+        ``RuntimeError`` naming a tensor that was replaced."""
         now = self._addresses()
-        if self.addresses is None:
-            self.addresses = now
-            return
         moved = [k for k, v in self.addresses.items() if now.get(k) != v]
+        for k, v in now.items():
+            self.addresses.setdefault(k, v)
         if moved:
             raise RuntimeError(f"{self.kind} steps: {', '.join(moved[:4])} replaced since the "
                                f"first step (write it in place, or build a new Steps): a "
                                f"captured CUDA graph would not see the new tensor")
 
     def begin(self) -> None:
-        """Zero the sums of the batch losses and correct predictions (in place)."""
+        """Zero the sums of the batch losses and correct predictions (in place); the next full
+        fixed-buffer step checks the addresses."""
+        self.checked = False
         self.bsum.zero_()
         if self.bcor is not None:
             self.bcor.zero_()
@@ -158,19 +174,29 @@ class Steps:
         if self.idx is None:
             self.idx = torch.empty(idx.numel(), dtype=torch.long, device=idx.device)
         self.idx.copy_(idx.reshape(-1))
-        self._check_addresses()
+        if not self.checked:  # once per epoch: set_hyper, between epochs, is what rebinds
+            self._check_addresses()
+            self.checked = True
         if self.kind == "static":
             self._run(self.idx, b)
-        elif self.graph is not None:
-            self.graph.replay()
-            self.net.train_steps += 1  # the Python counter of train_step, not in the graph
-        elif self.warm < WARMUP:
-            self._warm_step(b)
-        else:
-            self._capture(b)
+            return
+        with torch.cuda.device(self.net.device):  # the net's device, not the current one
+            if self.graph is not None:
+                self.graph.replay()
+                self.net.train_steps += 1  # the Python counter of train_step, not in the graph
+            elif self.warm < WARMUP:
+                self._warm_step(b)
+            else:
+                self._capture(b)
+
+    def _side(self):
+        """The side stream (on the net's device) of the warm-up steps and the capture."""
+        if self.side is None:
+            self.side = torch.cuda.Stream(device=self.net.device)
+        return self.side
 
     def _warm_step(self, b: int) -> None:
-        side = torch.cuda.Stream(device=self.net.device)
+        side = self._side()
         side.wait_stream(torch.cuda.current_stream(self.net.device))
         with torch.cuda.stream(side):
             self._run(self.idx, b)
@@ -178,10 +204,19 @@ class Steps:
         self.warm += 1
 
     def _capture(self, b: int) -> None:
-        """Capture one step (capturing runs nothing), then replay it: this call's step."""
+        """Capture one step on the side stream (capturing runs nothing), then replay it: this
+        call's step. A capture that recorded no kernel (work sent to another device or stream;
+        PyTorch only warns) raises ``RuntimeError``."""
         torch.cuda.synchronize(self.net.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run(self.idx, b)  # (counts this step in net.train_steps: the replay below)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with torch.cuda.graph(graph, stream=self._side()):
+                self._run(self.idx, b)  # (counts this step in net.train_steps: the replay)
+        for w in seen:
+            if "empty" in str(w.message).lower():
+                raise RuntimeError(f"the CUDA graph of a step on {self.net.device} captured "
+                                   f"nothing ({w.message}): unset {ENV} and report it")
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self.graph = graph
         graph.replay()
