@@ -216,12 +216,14 @@ def main(argv=None):
                     took = base_t[(what, B)][-1]
                 else:
                     K, md = what
-                    os.environ[stepgraph.ENV] = md
-                    t0 = time.perf_counter()
-                    res = sweep.run(cf[:K], cache=None, progress=False, device=device,
-                                    data={"fashion-mnist": ds}, engine="batched")
-                    took = time.perf_counter() - t0
-                    os.environ.pop(stepgraph.ENV)
+                    os.environ[stepgraph.ENV] = md  # the engine reads its step mode here
+                    try:
+                        t0 = time.perf_counter()
+                        res = sweep.run(cf[:K], cache=None, progress=False, device=device,
+                                        data={"fashion-mnist": ds}, engine="batched")
+                        took = time.perf_counter() - t0
+                    finally:
+                        os.environ.pop(stepgraph.ENV, None)
                     eng_t[(B, K, md)].append(took)
                     weights[(B, K, md)] = res.state_dict(0)
                     last = res.epochs[res.epochs.epoch == args.epochs].iloc[0]

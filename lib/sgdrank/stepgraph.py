@@ -55,14 +55,20 @@ MODES = ("eager", "static", "graph")
 ENV = "SGDRANK_CUDA_GRAPHS"
 
 
+def _name(environ=None) -> str:
+    """``$SGDRANK_CUDA_GRAPHS`` as a mode name (unset and ``0``: ``eager``; ``1``: ``graph``),
+    not yet validated."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV, "").strip().lower()
+    return {"": "eager", "0": "eager", "1": "graph"}.get(raw, raw)
+
+
 def mode(device, environ=None) -> str:
     """The step mode for ``device`` from ``$SGDRANK_CUDA_GRAPHS``: unset, ``0`` or ``eager``:
     ``eager``; ``1`` or ``graph``: ``graph`` (a CUDA device only); ``static``: ``static``."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV, "").strip().lower()
-    name = {"": "eager", "0": "eager", "1": "graph"}.get(raw, raw)
+    name = _name(environ)
     if name not in MODES:
-        raise ValueError(f"{ENV}={raw!r}: use 0 (eager, the default), 1 (CUDA graphs) or "
+        raise ValueError(f"{ENV}={name!r}: use 0 (eager, the default), 1 (CUDA graphs) or "
                          f"'static' (the graphs' fixed buffers without a graph, any device)")
     if name == "graph" and torch.device(device).type != "cuda":
         raise ValueError(f"{ENV}=1 asks for CUDA graphs, but the runs train on "
@@ -74,8 +80,7 @@ def mode(device, environ=None) -> str:
 def requested(environ=None) -> bool:
     """True when ``$SGDRANK_CUDA_GRAPHS`` asks for CUDA graphs (``1`` or ``graph``): the cache
     keeps such runs apart (:func:`sgdrank.cache.run_key`)."""
-    env = os.environ if environ is None else environ
-    return env.get(ENV, "").strip().lower() in ("1", "graph")
+    return _name(environ) == "graph"
 
 
 class Steps:
