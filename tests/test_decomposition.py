@@ -194,3 +194,65 @@ def test_decomposition_takes_the_runs_svd_precision():
     p = decomposition.parts(torch.randn(6, 4, dtype=torch.float64),
                             torch.randn(6, 4, dtype=torch.float64), 0.3)
     assert p["dW_smax"] >= p["dW_smin"] > 0
+
+
+@pytest.mark.parametrize("engine", ["batched", "loop"])
+def test_recorded_final_spectra_replace_an_svd_of_w_t(engine, monkeypatch):
+    """``Result.final_spectra`` holds the singular values of the weights ``Result.model`` returns
+    (epoch 0's do not match them), and ``run_parts`` reads them and epoch 0's instead of
+    decomposing W_T and W_0 again: only DeltaW is decomposed, and the rows are the same."""
+    from sgdrank import record
+
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=3, lr=0.1,
+                        spectra="ends")
+    res = sweep.run(sweep.grid(base, lam=[0.0, 0.05]), data=DATA, progress=False,
+                    device="cpu", engine=engine)
+    for i in range(len(res)):
+        sv, mats = res.final_spectra(i), dict(res.model(i).rank_layers())
+        assert list(sv) == list(mats)
+        for label, m in mats.items():
+            torch.testing.assert_close(sv[label], metrics.singular_values(m.weight),
+                                       rtol=1e-10, atol=1e-12)
+            s_init = res.layers[(res.layers.run_id == i) & (res.layers.epoch == 0)
+                                & (res.layers.layer == label)].sv.iloc[0]
+            with pytest.raises(ValueError, match="not those of"):  # control: epoch 0's values
+                decomposition.known_spectrum(s_init, m.weight)
+    calls = []
+    real = record.singular_values
+    monkeypatch.setattr(record, "singular_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    known = [r for i in range(len(res)) for r in decomposition.run_parts(res, i)]
+    n_known = len(calls)
+    assert n_known == len(known)  # one SVD per matrix: DeltaW's
+    monkeypatch.setattr(type(res), "spectra_at", lambda self, run, epoch: None)
+    monkeypatch.setattr(type(res), "final_spectra", lambda self, run: None)
+    fresh = [r for i in range(len(res)) for r in decomposition.run_parts(res, i)]
+    # afresh (each call with its own init_spectra): W_T, W_0 and DeltaW of every matrix
+    assert len(calls) - n_known == 3 * len(known)
+    assert pd.DataFrame(known).columns.tolist() == pd.DataFrame(fresh).columns.tolist()
+    for a, b in zip(known, fresh):
+        for k, v in a.items():
+            assert v == b[k] if isinstance(v, (int, str)) else v == pytest.approx(b[k], rel=1e-9)
+
+
+def test_final_spectra_of_a_run_without_final_weights_is_none():
+    base = sweep.Config(model="MLP-BN-3-8", dataset="toy", batch_size=16, epochs=2, lr=0.1)
+    res = sweep.run([base], data=DATA, progress=False, device="cpu", engine="batched")
+    assert res.final_spectra(0) is not None
+    res.records[0] = {**res.records[0], "state": None}  # as a diverged run stores it
+    assert res.final_spectra(0) is None and decomposition.run_parts(res, 0) == []
+
+
+def test_known_spectrum_refuses_another_matrix():
+    g = torch.Generator().manual_seed(0)
+    w, other = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    s = metrics.singular_values(w)
+    assert torch.equal(decomposition.known_spectrum(s.float(), w), s.float().double())
+    for bad in (metrics.singular_values(other), s[:-1], 1.001 * s):
+        with pytest.raises(ValueError, match="not those of"):
+            decomposition.known_spectrum(bad, w)
+    conv = torch.randn(4, 3, 3, 3, generator=g)  # a filter bank, read as a 4 x 27 matrix
+    decomposition.known_spectrum(metrics.singular_values(conv), conv)
+    p = decomposition.parts(w, other, 0.5, s=s)
+    assert p == decomposition.parts(w, other, 0.5)
+    with pytest.raises(ValueError, match="not those of"):
+        decomposition.parts(w, other, 0.5, s=metrics.singular_values(other))

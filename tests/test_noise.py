@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sgdrank import gradients, models, noise
+from sgdrank import gradients, metrics, models, noise
 
 
 def _mlp(seed=0, d_in=6, width=7, depth=2, k=3, bias=True):
@@ -134,6 +134,14 @@ def test_c6_table_on_a_small_trained_net():
         assert r["lhs"] <= r["fro"] + 1e-12
     with pytest.raises(ValueError):
         noise.c6_table(facs, 0.0, [1])
+    # W's singular values given (as a run's record holds them): the same rows; those of another
+    # layer, or of W perturbed by 0.1%, are refused
+    sv = {k: metrics.singular_values(f.W) for k, f in facs.items()}
+    kw = dict(n_batches=100, search_iters=30)
+    assert noise.c6_table(facs, lam, [1, 2, 4, 8], spectra=sv, **kw) == rows
+    for bad in ({"W1": sv["W1"], "W2": 1.001 * sv["W2"]}, {"W1": sv["W2"], "W2": sv["W2"]}):
+        with pytest.raises(ValueError, match="not those of"):
+            noise.c6_table(facs, lam, [1], spectra=bad, **kw)
 
 
 def test_factors_refuse_batch_coupled_models():

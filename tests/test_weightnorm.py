@@ -203,6 +203,8 @@ def test_layer_ranks_of_known_matrices_and_of_the_init():
     eye = torch.eye(3, dtype=torch.float64)[None]
     out = wn.layer_ranks([a / a.norm(), eye / eye.norm()], TINY)
     assert out["rank"].tolist() == [[2], [3]]
+    torch.testing.assert_close(out["sv"][0][0], torch.tensor([0.8, 0.6, 0.0, 0.0],
+                                                             dtype=torch.float64))
     torch.testing.assert_close(out["stable_rank"],
                                torch.tensor([[25 / 16], [3.0]], dtype=torch.float64))
     V = wn.init_weights(TINY, 2, seed=1, dtype=torch.float64)

@@ -131,6 +131,23 @@ def budget(W_0: torch.Tensor, fro_T: float, eps: float = 1e-3) -> float:
     return math.log(smin / (eps * float(fro_T)))
 
 
+def known_spectrum(s: torch.Tensor, w: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
+    """``s`` (singular values computed elsewhere, e.g. by the recorder:
+    :meth:`sgdrank.results.Result.final_spectra`) as float64, after checking that they belong to
+    the matrix ``w`` (conv filters as :func:`sgdrank.metrics.as_matrix`): as many values as
+    ``min(m, n)`` and ``||s||_2 = ||w||_F`` within ``rtol`` (a float32 SVD errs by about 1e-7
+    of ``||w||_F``). Raises ``ValueError`` otherwise: the spectrum of another matrix (another
+    epoch, layer or run) must not enter a table silently."""
+    m = metrics.as_matrix(w.detach())
+    s = torch.as_tensor(s).double().reshape(-1)
+    fro, norm = float(torch.linalg.vector_norm(m.double())), float(torch.linalg.vector_norm(s))
+    if s.numel() != min(m.shape) or not abs(norm - fro) <= rtol * max(fro, 1e-300):
+        raise ValueError(f"the singular values given ({s.numel()} values, 2-norm {norm:.6g}) "
+                         f"are not those of this {tuple(m.shape)} matrix (Frobenius norm "
+                         f"{fro:.6g}): pass the spectrum of these weights, or None to compute it")
+    return s
+
+
 def _ranks(s: torch.Tensor, eps: Sequence[float]) -> dict:
     out = {}
     for e in eps:
@@ -142,7 +159,7 @@ def _ranks(s: torch.Tensor, eps: Sequence[float]) -> dict:
 
 def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
           eps: Sequence[float] = EPS, s0: torch.Tensor | None = None,
-          dtype: str = "float64") -> dict:
+          dtype: str = "float64", s: torch.Tensor | None = None) -> dict:
     """Ranks of the three matrices of the decomposition of one trained matrix.
 
     Keys: ``{part}_rank@{eps}`` (threshold rank of the part over its *own* Frobenius norm, for
@@ -157,23 +174,25 @@ def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
     whether *one* direction could fall); ``{part}_smin``: the smallest of the ``min(m, n)``
     singular values, and ``dW_smax = ||DeltaW||_2``; ``d_out``, ``d_in``. ``s0``: the singular
     values of ``W_0`` if already known (runs that share an initialisation share them: three SVDs
-    per matrix become two). ``dtype``: the SVDs' precision (:func:`sgdrank.record.
-    singular_values`: the matrices are split in float64, then decomposed in ``dtype``; a run's
-    ``svd_dtype``, so that ``W_rank`` is the rank its own record reads)."""
+    per matrix become two). ``s``: the singular values of ``W_T`` if already known (the run's
+    record at its last epoch, :meth:`sgdrank.results.Result.final_spectra`; checked by
+    :func:`known_spectrum`): then only ``DeltaW`` is decomposed here. ``dtype``: the SVDs'
+    precision (:func:`sgdrank.record.singular_values`: the matrices are split in float64, then
+    decomposed in ``dtype``; a run's ``svd_dtype``, so that ``W_rank`` is the rank its own
+    record reads)."""
     from .record import singular_values
 
     cw0, dw = split(W_T, W_0, c)
     w = _mat(W_T)
     out = {"d_out": int(w.shape[0]), "d_in": int(w.shape[1]), "c": float(c)}
-    if s0 is None:
-        s0 = singular_values(_mat(W_0), dtype)
-    for name, s in (("W", singular_values(w, dtype)), ("W0", s0),
-                    ("dW", singular_values(dw, dtype))):
-        for k, v in _ranks(s, eps).items():
+    s0 = singular_values(_mat(W_0), dtype) if s0 is None else known_spectrum(s0, W_0)
+    s_w = singular_values(w, dtype) if s is None else known_spectrum(s, w)
+    for name, sv in (("W", s_w), ("W0", s0), ("dW", singular_values(dw, dtype))):
+        for k, v in _ranks(sv, eps).items():
             out[f"{name}_{k}"] = v
-        out[f"{name}_smin"] = float(s[-1])
+        out[f"{name}_smin"] = float(sv[-1])
         if name == "dW":
-            out["dW_smax"] = float(s[0])
+            out["dW_smax"] = float(sv[0])
     s0_min = float(s0[-1])
     for e in eps:
         out[f"Dstar@{e:g}"] = (math.log(s0_min / (e * out["W_fro"])) if s0_min > 0
@@ -197,8 +216,10 @@ def run_parts(res, run, eps: Sequence[float] = EPS, init_spectra: dict | None = 
     (:class:`sgdrank.results.Result`): ``W_T`` from the stored final weights, ``W_0`` rebuilt
     from the run's seed (``Arch.build(seed)``, as both engines build it), ``c_T`` from the run's
     schedule (:func:`step_lrs`, :func:`init_factor`, momentum included), ``D = -ln c_T``; the
-    SVDs in the run's ``svd_dtype``. Each dict also has ``run_id``, ``layer``, ``index`` and
-    ``D``. A diverged run gives ``[]``.
+    SVDs in the run's ``svd_dtype``, those of ``W_T`` and ``W_0`` read from the run's record
+    (:meth:`~sgdrank.results.Result.spectra_at` its last epoch and epoch 0) where it holds them,
+    so that only ``DeltaW`` is decomposed here. Each dict also has ``run_id``, ``layer``,
+    ``index`` and ``D``. A diverged run gives ``[]``.
     ``init_spectra``: a dict shared between calls that keeps the singular values of each
     rebuilt ``W_0`` (by architecture, seed and layer), so that runs of one initialisation
     decompose it once."""
@@ -216,14 +237,18 @@ def run_parts(res, run, eps: Sequence[float] = EPS, init_spectra: dict | None = 
     c = init_factor(lrs, cfg.lam, cfg.momentum)
     D = -math.log(c) if c > 0 else math.inf
     known = {} if init_spectra is None else init_spectra
+    read = hasattr(res, "spectra_at")
+    s_T = (res.final_spectra(i) if read else None) or {}
+    s_0 = (res.spectra_at(i, 0) if read else None) or {}
     rows = []
     for idx, ((label, m0), (_, m1)) in enumerate(zip(init.rank_layers(), final.rank_layers())):
         key = (arch, cfg.seed, idx, cfg.svd_dtype)
         if key not in known:
-            known[key] = singular_values(_mat(m0.weight), cfg.svd_dtype)
+            known[key] = (known_spectrum(s_0[label], m0.weight) if label in s_0
+                          else singular_values(_mat(m0.weight), cfg.svd_dtype))
         rows.append({"run_id": i, "layer": label, "index": idx, "D": D,
                      **parts(m1.weight, m0.weight, c, eps, s0=known[key],
-                             dtype=cfg.svd_dtype)})
+                             dtype=cfg.svd_dtype, s=s_T.get(label))})
     return rows
 
 

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import gradients
+from .decomposition import known_spectrum
 from .metrics import as_matrix, batch_singular_values, singular_values
 
 LOSSES = ("ce", "mse")
@@ -273,7 +274,8 @@ def all_batches(n: int, batch_size: int) -> torch.Tensor:
 
 def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int], *,
              n_batches: int = 200,
-             search_iters: int = 0, exhaustive: bool = False, seed: int = 0) -> list[dict]:
+             search_iters: int = 0, exhaustive: bool = False, seed: int = 0,
+             spectra: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Both sides of GP22 Theorem 1 (Frobenius norm) for each layer and each ``B*`` in
     ``batch_sizes``.
 
@@ -283,14 +285,17 @@ def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int]
     batch; equal to ``rhs_min`` when ``search_iters = 0``), ``rhs_median`` (a typical batch),
     ``fro`` (``||W||_F``: the bound is vacuous when the right side exceeds it, since ``V = 0`` has
     rank 0), ``ratio`` (``rhs_search / lhs``), ``holds``, ``n_batches`` (how many batches were
-    evaluated)."""
+    evaluated). ``spectra``: the singular values of each layer's ``W`` by name, if already known
+    (the run's record at its last epoch, :meth:`sgdrank.results.Result.final_spectra`, in the
+    run's ``svd_dtype``; checked against ``W`` by :func:`sgdrank.decomposition.known_spectrum`),
+    instead of a float64 SVD here."""
     if lam <= 0:
         raise ValueError("Theorem 1 needs lambda > 0 (its right side is divided by 2 lambda)")
     g = torch.Generator().manual_seed(seed)
     rows = []
     for name, f in factors.items():
         bn = BatchNorms(f, lam)
-        s = batch_singular_values(f.W)
+        s = batch_singular_values(f.W) if spectra is None else known_spectrum(spectra[name], f.W)
         lhs = tail_distances(s, batch_sizes)
         for B, left in zip(batch_sizes, lhs.tolist()):
             batches = all_batches(f.n, B) if exhaustive else random_batches(f.n, B, n_batches, g)

@@ -140,6 +140,28 @@ class Result:
                              "it has no final weights")
         return {k: v.clone() for k, v in rec["state"].items()}
 
+    def spectra_at(self, run, epoch: int) -> dict[str, torch.Tensor] | None:
+        """Singular values of every rank-tracked matrix of run ``run`` (``run_id`` or its Config)
+        at recorded epoch ``epoch`` (0: the initialisation), by layer label (``"W3"``,
+        ``"stage1.conv1"``): float64, descending, as the recorder computed them (in the run's
+        ``svd_dtype``), so that an analysis need not decompose those matrices again. None when
+        the record holds no spectra at that epoch (:meth:`Config.spectra_at`; a diverged run's
+        epochs after its divergence)."""
+        i = self._index(run)
+        L = self.records[i]["layers"]
+        out = {label: torch.as_tensor(s).double() for e, label, s
+               in zip(L["epoch"], L["layer"], L["sv"]) if e == epoch}
+        return out or None
+
+    def final_spectra(self, run) -> dict[str, torch.Tensor] | None:
+        """:meth:`spectra_at` the last epoch (``cfg.epochs``, which always records spectra):
+        those of the weights :meth:`model` returns. None when the run has no final weights (it
+        diverged)."""
+        i = self._index(run)
+        if self.records[i]["state"] is None:
+            return None
+        return self.spectra_at(i, self.configs[i].epochs)
+
     def model(self, run) -> nn.Module:
         """Final weights of run ``run`` (``run_id`` or its Config) as the ``nn.Module`` of
         :func:`sgdrank.models.build_model`, in eval mode, on the CPU."""

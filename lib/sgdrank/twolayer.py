@@ -991,7 +991,8 @@ def decompose(res: Result) -> list[dict]:
     and the parts of ``V_T = c V_0 + DeltaV`` by :func:`sgdrank.decomposition.parts`, as flat keys
     ``rank_X`` (threshold rank at ``1e-3`` of the part's own norm), ``srank_X``, ``fro_X`` for
     ``X`` in ``W`` (``V_T``), ``W0`` (``V_0``; ``c V_0`` has its ranks), ``dW``, plus ``fro_cW0``
-    and ``Dstar`` (the decay budget at ``1e-3``). ``V_0`` is redrawn from the seed."""
+    and ``Dstar`` (the decay budget at ``1e-3``). ``V_0`` is redrawn from the seed; the singular
+    values of ``V_T`` are the run's own final ones (``res.sv``, in its ``svd_dtype``)."""
     from . import decomposition
 
     cfg = res.config
@@ -1006,7 +1007,8 @@ def decompose(res: Result) -> list[dict]:
         if torch.isfinite(VT).all() and c > 0:
             sd = int(res.seeds[i])
             V0 = init_params([sd], cfg["n"], cfg["width"], cfg["k"], torch.float64).V[0]
-            q = decomposition.parts(VT, V0, c, eps=(1e-3,), s0=init_spectrum(res, sd)[0])
+            q = decomposition.parts(VT, V0, c, eps=(1e-3,), s0=init_spectrum(res, sd)[0],
+                                    s=res.sv[i])  # V_T's spectrum as the run recorded it
             for x in ("W", "W0", "dW"):
                 row.update(
                     {

@@ -440,13 +440,15 @@ def layer_ranks(V: Sequence[torch.Tensor], arch: Arch, atol: float = metrics.DEF
     """Threshold rank (``s_i > atol`` of the unit-norm ``V_k``) and stable rank of every layer of
     the K networks ``V`` (e.g. :func:`init_weights` for the values at initialisation, or
     ``WNResult.V``): ``{"rank": (L, K) long, "stable_rank": (L, K) float64}``, layers in
-    ``arch.names()`` order, conv filters as ``c_out x c_in k k``."""
-    rk, st = [], []
+    ``arch.names()`` order, conv filters as ``c_out x c_in k k``; and ``"sv"``: the singular
+    values themselves, a list of ``(K, min(m, n))`` float64 tensors, one per layer."""
+    rk, st, sv = [], [], []
     for v in V:
         s = metrics.batch_singular_values(v.reshape(v.shape[0], v.shape[1], -1))
         rk.append(torch.as_tensor(metrics.threshold_rank(s, atol=atol)).long().reshape(-1))
         st.append(torch.as_tensor(metrics.stable_rank(s), dtype=torch.float64).reshape(-1))
-    return {"rank": torch.stack(rk), "stable_rank": torch.stack(st)}
+        sv.append(s)
+    return {"rank": torch.stack(rk), "stable_rank": torch.stack(st), "sv": sv}
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,7 +600,8 @@ def run_rows(res: WNResult, x: torch.Tensor, y: torch.Tensor, *, init_seed: int,
             dec = {}
             if res.decay_eff is not None:
                 d_eff = float(res.decay_eff[li, j])
-                p = decomposition.parts(res.V[li][j].double(), V0[li][0], math.exp(-d_eff))
+                p = decomposition.parts(res.V[li][j].double(), V0[li][0], math.exp(-d_eff),
+                                        s=rk["sv"][li][j], s0=rk0["sv"][li][0])
                 dec = {"D_eff": d_eff, "Dstar": p["Dstar@0.001"], "rank_dW": p["dW_rank@0.001"],
                        "srank_dW": p["dW_srank"], "decay_rank": p["decay_rank@0.001"]}
             layer_rows.append({**keys, "lam": lam, "layer": name, "v_batch": float(gb[li]),
