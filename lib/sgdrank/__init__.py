@@ -29,4 +29,4 @@ so that importing the package itself stays cheap and each chapter's dependencies
 ``CITATION.cff``, ``CHANGELOG.md`` and the release archive's name agree with it (tested).
 """
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
