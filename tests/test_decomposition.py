@@ -247,7 +247,10 @@ def test_known_spectrum_refuses_another_matrix():
     w, other = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
     s = metrics.singular_values(w)
     assert torch.equal(decomposition.known_spectrum(s.float(), w), s.float().double())
-    for bad in (metrics.singular_values(other), s[:-1], 1.001 * s):
+    zero = torch.zeros(1, dtype=s.dtype)
+    for bad in (metrics.singular_values(other), s[:-1], 1.001 * s,
+                torch.cat([s, zero]),  # one value too many, the same norm
+                s.flip(0), -s):  # ascending, negative
         with pytest.raises(ValueError, match="not those of"):
             decomposition.known_spectrum(bad, w)
     conv = torch.randn(4, 3, 3, 3, generator=g)  # a filter bank, read as a 4 x 27 matrix
@@ -256,3 +259,5 @@ def test_known_spectrum_refuses_another_matrix():
     assert p == decomposition.parts(w, other, 0.5)
     with pytest.raises(ValueError, match="not those of"):
         decomposition.parts(w, other, 0.5, s=metrics.singular_values(other))
+    with pytest.raises(ValueError, match="not those of"):  # W_0's too
+        decomposition.parts(w, other, 0.5, s0=s)

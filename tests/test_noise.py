@@ -328,3 +328,47 @@ def test_e6_calls_make_gd_take_as_many_steps_as_sgd():
         steps = c["epochs"] * (10000 // c["batch_size"])
         assert steps == 5 * (10000 // 128)
         assert len(c["lams"]) == (3 if c["mode"] == "SGD" else 2)
+
+
+def test_left_spectrum_decomposes_a_small_tail_in_float64():
+    """A float32 spectrum serves the C6 left side only where every tail of the B* grid is at
+    least F32_TAIL_FLOOR ||W||_F; below, W is decomposed in float64. The negative control: the
+    float32 values, taken as they are, miss a tail of 1e-6 ||W||_F by far more than float64."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    for delta, small in ((1e-6, True), (0.3, False)):
+        sig = torch.cat([torch.linspace(10, 5, 4, dtype=torch.float64),
+                         torch.full((196,), delta * 14.0 / 196 ** 0.5, dtype=torch.float64)])
+        W = u[:, :200] @ torch.diag(sig) @ v.T
+        s64 = metrics.batch_singular_values(W)
+        s32 = torch.linalg.svdvals(W.float()).double()
+        got = noise.left_spectrum(W, s32, "float32", [1, 4, 16])
+        exact = noise.tail_distances(s64, [4])
+        if small:
+            assert torch.equal(got, s64)  # decomposed again, in float64
+            err32 = float((noise.tail_distances(s32, [4]) - exact).abs() / exact)
+            err = float((noise.tail_distances(got, [4]) - exact).abs() / exact)
+            assert err32 > 1e-2 and err < 1e-9
+            assert torch.equal(noise.left_spectrum(W, s32, "float64", [4]), s32)  # as told
+        else:
+            assert torch.equal(got, s32)  # a large tail: the float32 values serve
+    with pytest.raises(ValueError, match="spectra_dtype"):
+        noise.left_spectrum(W, s32, "float16", [4])
+
+
+def test_e6_calls_need_every_gd_lambda_in_the_sgd_grid():
+    """Chapter 4 pairs each GD run with the SGD run at its lambda: a GD lambda without one (the
+    paper profile's 1e-4 under a dry run's shortened SGD grid) is refused before training."""
+    from types import SimpleNamespace
+
+    P = SimpleNamespace(e6_lams=[0, 1e-2], e6_gd_lams=[0, 1e-4, 1e-2], e6_n_train=16,
+                        e6_n_test=8, e6_dataset="cifar10", e6_classes=(1, 2), e6_seeds=[0],
+                        e6_lr=0.03, e6_ctrl_lr=0.01, e6_gd_loss="square", e6_epochs=2,
+                        e6_record=2, e6_eval_every=1)
+    with pytest.raises(ValueError, match="1e-04|0.0001"):
+        noise.e6_calls(P)
+    P.e6_gd_lams = [0, 1e-2]
+    calls = noise.e6_calls(P)
+    assert [c["mode"] for c in calls] == ["SGD", "SGD", "GD", "SGD low-lr", "GD low-lr"]
+    assert all(set(c["lams"]) <= set(P.e6_lams) for c in calls)

@@ -133,18 +133,24 @@ def budget(W_0: torch.Tensor, fro_T: float, eps: float = 1e-3) -> float:
 
 def known_spectrum(s: torch.Tensor, w: torch.Tensor, rtol: float = 1e-4) -> torch.Tensor:
     """``s`` (singular values computed elsewhere, e.g. by the recorder:
-    :meth:`sgdrank.results.Result.final_spectra`) as float64, after checking that they belong to
-    the matrix ``w`` (conv filters as :func:`sgdrank.metrics.as_matrix`): as many values as
-    ``min(m, n)`` and ``||s||_2 = ||w||_F`` within ``rtol`` (a float32 SVD errs by about 1e-7
-    of ``||w||_F``). Raises ``ValueError`` otherwise: the spectrum of another matrix (another
-    epoch, layer or run) must not enter a table silently."""
+    :meth:`sgdrank.results.Result.final_spectra`) as float64, after checking that they can be
+    those of the matrix ``w`` (conv filters as :func:`sgdrank.metrics.as_matrix`): ``min(m, n)``
+    values, non-negative and descending, with ``||s||_2 = ||w||_F`` within ``rtol`` (a float32
+    SVD errs by about 6e-7 of ``||w||_F``). Raises ``ValueError`` otherwise. What it cannot
+    catch: another matrix of the same shape and nearly the same norm (the end of a few steps at
+    ``lambda = 0`` against epoch 0: 1e-6 apart; another seed: 1e-5; every unit-norm ``V_k`` of
+    Chapter 4's JANUS network). So the callers take the values of the same run, by layer
+    label and epoch (:meth:`sgdrank.results.Result.spectra_at`), and tests compare them with a
+    fresh SVD."""
     m = metrics.as_matrix(w.detach())
     s = torch.as_tensor(s).double().reshape(-1)
     fro, norm = float(torch.linalg.vector_norm(m.double())), float(torch.linalg.vector_norm(s))
-    if s.numel() != min(m.shape) or not abs(norm - fro) <= rtol * max(fro, 1e-300):
+    if (s.numel() != min(m.shape) or bool((s < 0).any()) or bool((s[1:] > s[:-1]).any())
+            or not abs(norm - fro) <= rtol * max(fro, 1e-300)):
         raise ValueError(f"the singular values given ({s.numel()} values, 2-norm {norm:.6g}) "
                          f"are not those of this {tuple(m.shape)} matrix (Frobenius norm "
-                         f"{fro:.6g}): pass the spectrum of these weights, or None to compute it")
+                         f"{fro:.6g}; min(m, n) values, >= 0, descending): pass the spectrum of "
+                         f"these weights, or None to compute it")
     return s
 
 
@@ -173,8 +179,8 @@ def parts(W_T: torch.Tensor, W_0: torch.Tensor, c: float,
     ``W_rank@{eps}``, rather than comparing ``D`` with the smallest ``D*``, which says only
     whether *one* direction could fall); ``{part}_smin``: the smallest of the ``min(m, n)``
     singular values, and ``dW_smax = ||DeltaW||_2``; ``d_out``, ``d_in``. ``s0``: the singular
-    values of ``W_0`` if already known (runs that share an initialisation share them: three SVDs
-    per matrix become two). ``s``: the singular values of ``W_T`` if already known (the run's
+    values of ``W_0`` if already known (runs that share an initialisation share them; checked
+    by :func:`known_spectrum`). ``s``: the singular values of ``W_T`` if already known (the run's
     record at its last epoch, :meth:`sgdrank.results.Result.final_spectra`; checked by
     :func:`known_spectrum`): then only ``DeltaW`` is decomposed here. ``dtype``: the SVDs'
     precision (:func:`sgdrank.record.singular_values`: the matrices are split in float64, then

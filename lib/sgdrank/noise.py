@@ -272,10 +272,40 @@ def all_batches(n: int, batch_size: int) -> torch.Tensor:
                         dtype=torch.long).reshape(-1, batch_size)
 
 
+#: a float32 spectrum serves the left side of the bound only where every tail distance of the
+#: B* grid is at least this share of ||W||_F (:func:`left_spectrum`)
+F32_TAIL_FLOOR = 1e-3
+
+
+def left_spectrum(W: torch.Tensor, s: torch.Tensor | None, dtype: str,
+                  batch_sizes: Sequence[int]) -> torch.Tensor:
+    """The singular values from which :func:`c6_table` takes the left side of the bound: ``s``
+    (checked by :func:`sgdrank.decomposition.known_spectrum`) if given and computed in float64;
+    if computed in ``"float32"``, ``s`` only while every tail distance ``sqrt(sum_{i > B*}
+    s_i^2)`` with ``B* < min(m, n)`` is at least :data:`F32_TAIL_FLOOR` ``||W||_F``, else a
+    float64 SVD of ``W``. Why: float32 singular values err by about 6e-7 ``||W||_F`` each
+    (2000 x 2000), which a rank at tolerance 1e-3 never notices but a small tail does: on a
+    2000 x 2000 matrix of rank 8 plus a tail of ``delta ||W||_F`` the float32 left side at
+    ``B* = 8`` errs by 1e-6 of itself at ``delta = 1e-2``, 4e-5 at 1e-4, 3e-3 at 1e-5 and 48% at
+    1e-6. ``s = None``: a float64 SVD."""
+    if s is None:
+        return batch_singular_values(W)
+    s = known_spectrum(s, W)
+    if dtype == "float64":
+        return s
+    if dtype != "float32":
+        raise ValueError(f"spectra_dtype must be 'float64' or 'float32', got {dtype!r}")
+    grid = [b for b in batch_sizes if b < s.numel()]
+    if grid and float(tail_distances(s, grid).min()) < F32_TAIL_FLOOR * float(s.norm()):
+        return batch_singular_values(W)
+    return s
+
+
 def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int], *,
              n_batches: int = 200,
              search_iters: int = 0, exhaustive: bool = False, seed: int = 0,
-             spectra: dict[str, torch.Tensor] | None = None) -> list[dict]:
+             spectra: dict[str, torch.Tensor] | None = None,
+             spectra_dtype: str = "float64") -> list[dict]:
     """Both sides of GP22 Theorem 1 (Frobenius norm) for each layer and each ``B*`` in
     ``batch_sizes``.
 
@@ -286,16 +316,17 @@ def c6_table(factors: dict[str, Factors], lam: float, batch_sizes: Sequence[int]
     ``fro`` (``||W||_F``: the bound is vacuous when the right side exceeds it, since ``V = 0`` has
     rank 0), ``ratio`` (``rhs_search / lhs``), ``holds``, ``n_batches`` (how many batches were
     evaluated). ``spectra``: the singular values of each layer's ``W`` by name, if already known
-    (the run's record at its last epoch, :meth:`sgdrank.results.Result.final_spectra`, in the
-    run's ``svd_dtype``; checked against ``W`` by :func:`sgdrank.decomposition.known_spectrum`),
-    instead of a float64 SVD here."""
+    (the run's record at its last epoch, :meth:`sgdrank.results.Result.final_spectra`), computed
+    in ``spectra_dtype`` (the run's ``svd_dtype``): used by :func:`left_spectrum`, which
+    decomposes ``W`` in float64 where float32 values would not resolve a small tail."""
     if lam <= 0:
         raise ValueError("Theorem 1 needs lambda > 0 (its right side is divided by 2 lambda)")
     g = torch.Generator().manual_seed(seed)
     rows = []
     for name, f in factors.items():
         bn = BatchNorms(f, lam)
-        s = batch_singular_values(f.W) if spectra is None else known_spectrum(spectra[name], f.W)
+        s = left_spectrum(f.W, None if spectra is None else spectra[name], spectra_dtype,
+                          batch_sizes)
         lhs = tail_distances(s, batch_sizes)
         for B, left in zip(batch_sizes, lhs.tolist()):
             batches = all_batches(f.n, B) if exhaustive else random_batches(f.n, B, n_batches, g)
@@ -500,8 +531,13 @@ def e6_calls(P, n_train: int | None = None) -> list[dict]:
     runs (square and logistic loss, all ``e6_lams``), GD (``B = N``) at the same learning rate
     and a control pair (SGD and GD at ``e6_ctrl_lr``) on ``e6_gd_lams``. GD makes one step per
     epoch, so it runs ``N // B`` times the epochs (and records) of SGD: equal step counts.
+    ``e6_gd_lams`` must be a subset of ``e6_lams`` (raises otherwise).
     Each dict has the keyword arguments of ``train`` (``lams``, ``loss``, ``batch_size``,
     ``lr``, ``epochs``, ``record_last``, ``eval_every``, ``seed``) and ``mode``."""
+    extra = sorted(set(P.e6_gd_lams) - set(P.e6_lams))
+    if extra:  # the chapter pairs every GD run with the SGD run at its lambda
+        raise ValueError(f"e6_gd_lams {list(P.e6_gd_lams)} has {extra}, not in e6_lams "
+                         f"{list(P.e6_lams)}: every GD lambda needs its SGD run")
     n = e6_sizes(P)[0] if n_train is None else int(n_train)
     B = min(128, n)
     spe = n // B

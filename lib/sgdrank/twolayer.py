@@ -991,13 +991,15 @@ def decompose(res: Result) -> list[dict]:
     and the parts of ``V_T = c V_0 + DeltaV`` by :func:`sgdrank.decomposition.parts`, as flat keys
     ``rank_X`` (threshold rank at ``1e-3`` of the part's own norm), ``srank_X``, ``fro_X`` for
     ``X`` in ``W`` (``V_T``), ``W0`` (``V_0``; ``c V_0`` has its ranks), ``dW``, plus ``fro_cW0``
-    and ``Dstar`` (the decay budget at ``1e-3``). ``V_0`` is redrawn from the seed; the singular
-    values of ``V_T`` are the run's own final ones (``res.sv``, in its ``svd_dtype``)."""
+    and ``Dstar`` (the decay budget at ``1e-3``). ``V_0`` is redrawn from the seed. Every SVD is
+    float64 (as in :func:`analyze`): ``V_T``'s are the run's own final ones (``res.sv``) when it
+    recorded in float64, else computed here."""
     from . import decomposition
 
     cfg = res.config
     if cfg.get("custom_init"):
         raise ValueError("decompose needs runs started from init_params(seeds) (init=None)")
+    f64 = cfg.get("svd_dtype", "float64") == "float64"
     rows = []
     for i, lam in enumerate(res.lams):
         lrs = step_lrs(res, i)
@@ -1008,7 +1010,7 @@ def decompose(res: Result) -> list[dict]:
             sd = int(res.seeds[i])
             V0 = init_params([sd], cfg["n"], cfg["width"], cfg["k"], torch.float64).V[0]
             q = decomposition.parts(VT, V0, c, eps=(1e-3,), s0=init_spectrum(res, sd)[0],
-                                    s=res.sv[i])  # V_T's spectrum as the run recorded it
+                                    s=res.sv[i] if f64 else None)
             for x in ("W", "W0", "dW"):
                 row.update(
                     {
