@@ -243,9 +243,7 @@ def run_parts(res, run, eps: Sequence[float] = EPS, init_spectra: dict | None = 
     c = init_factor(lrs, cfg.lam, cfg.momentum)
     D = -math.log(c) if c > 0 else math.inf
     known = {} if init_spectra is None else init_spectra
-    read = hasattr(res, "spectra_at")
-    s_T = (res.final_spectra(i) if read else None) or {}
-    s_0 = (res.spectra_at(i, 0) if read else None) or {}
+    s_T, s_0 = res.final_spectra(i) or {}, res.spectra_at(i, 0) or {}
     rows = []
     for idx, ((label, m0), (_, m1)) in enumerate(zip(init.rank_layers(), final.rank_layers())):
         key = (arch, cfg.seed, idx, cfg.svd_dtype)

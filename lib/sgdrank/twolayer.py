@@ -747,6 +747,12 @@ def constant_loss(y_train: torch.Tensor, y_eval: torch.Tensor | None = None) -> 
     return float((y_eval.double() - y_train.double().mean(0)).square().sum(1).mean())
 
 
+def _float64_record(res: Result) -> bool:
+    """True when ``res`` recorded its spectra (``res.sv``) in float64: only then do the float64
+    analyses (:func:`analyze`, :func:`decompose`) reuse them instead of decomposing ``V``."""
+    return res.config.get("svd_dtype", "float64") == "float64"
+
+
 def analyze(
     res: Result,
     x: torch.Tensor,
@@ -802,7 +808,7 @@ def analyze(
         if not np.all(np.isfinite(res.sv[i])):
             rows.append(row)
             continue
-        known = res.sv[i] if res.config.get("svd_dtype", "float64") == "float64" else None
+        known = res.sv[i] if _float64_record(res) else None
         st = grad_stats(res.params, i, float(lam), x, y, sv=known)
         nr = st.batch_norms(rb)
         nl = st.batch_norms(res.last_epoch_batches[i])
@@ -999,7 +1005,7 @@ def decompose(res: Result) -> list[dict]:
     cfg = res.config
     if cfg.get("custom_init"):
         raise ValueError("decompose needs runs started from init_params(seeds) (init=None)")
-    f64 = cfg.get("svd_dtype", "float64") == "float64"
+    f64 = _float64_record(res)
     rows = []
     for i, lam in enumerate(res.lams):
         lrs = step_lrs(res, i)
